@@ -1,0 +1,147 @@
+"""The one job config: per-component dataclasses composed into a structured OmegaConf schema.
+
+Order of precedence: schema defaults <- YAML preset <- command-line `key=value` overrides.
+This is the only module that touches OmegaConf; below it plain dataclasses travel.
+Every problem is raised as `ConfigError` before anything starts, naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
+from titanforge.data.config import DataConfig
+from titanforge.models.config import ModelConfig
+from titanforge.parallel.config import ParallelConfig
+from titanforge.trainer.config import CheckpointConfig, OptimConfig, TrainConfig, WandbConfig
+
+
+class ConfigError(ValueError):
+    """A config problem, with the key and the fix in the message."""
+
+
+@dataclass
+class JobConfig:
+    # Where checkpoints, the resolved config, logs and the W&B run directory go.
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        keys.append(name)
+        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.default_factory is not dataclasses.MISSING
+                                                 and dataclasses.is_dataclass(f.default_factory)):
+            keys += _all_keys(f.default_factory, name + ".")
+    return keys
+
+
+def _closest(key: str) -> str:
+    keys = _all_keys(JobConfig)
+    leaf = key.rsplit(".", 1)[-1]
+    parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    siblings = [k for k in keys if k.startswith(parent) and "." not in k[len(parent):]]
+    best = difflib.get_close_matches(key, siblings, n=1, cutoff=0.5) or difflib.get_close_matches(
+        leaf, [k.rsplit(".", 1)[-1] for k in keys], n=1, cutoff=0.6)
+    if not best:
+        return ""
+    match = best[0] if "." in best[0] or not parent else parent + best[0]
+    if match not in keys:
+        match = next((k for k in keys if k.endswith("." + best[0])), best[0])
+    return f"; did you mean '{match}'?"
+
+
+def _translate(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    msg = (getattr(err, "msg", None) or str(err)).strip().splitlines()[0]
+    if isinstance(err, ConfigKeyError):
+        return ConfigError(f"{source}: unknown config key '{key}'{_closest(key)}")
+    if isinstance(err, MissingMandatoryValue):
+        return ConfigError(f"{source}: config key '{key}' has no value; set it with {key}=...")
+    if isinstance(err, ValidationError):
+        return ConfigError(f"{source}: bad value for '{key}': {msg}")
+    return ConfigError(f"{source}: {msg}")
+
+
+def load_config(preset: str | Path | None = None, overrides: Sequence[str] = ()) -> JobConfig:
+    """Schema <- YAML preset <- `key=value` overrides, then cross-field validation."""
+    cfg = OmegaConf.structured(JobConfig)
+    if preset is not None:
+        path = Path(preset)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist; presets live in configs/")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        except OmegaConfBaseException as e:
+            raise _translate(e, str(path)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=10)")
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        job = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _translate(e, "command line" if overrides else str(preset)) from None
+    validate(job)
+    return job
+
+
+def validate(job: JobConfig, world_size: int = 1) -> None:
+    """Cross-field checks; raises ConfigError listing every problem with its fix."""
+    errs = list(job.model.validate())
+    t = job.train
+    par = job.parallel
+    if par.dp != -1 and par.dp < 1:
+        errs.append(f"parallel.dp={par.dp} must be >= 1 (or -1 for world_size / (tp*pp*cp))")
+    model_par = par.tp * par.pp * par.cp
+    if world_size % model_par:
+        errs.append(f"world size {world_size} is not divisible by tp*pp*cp = {model_par}; "
+                    f"launch a multiple of {model_par} processes")
+    dp = par.dp if par.dp != -1 else max(1, world_size // model_par)
+    if par.dp != -1 and dp * model_par != world_size:
+        errs.append(f"parallel.dp*tp*pp*cp = {dp * model_par} != world size {world_size}; "
+                    f"set parallel.dp={world_size // model_par} or parallel.dp=-1")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        fit = t.micro_batch_size * dp
+        errs.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                    f"train.micro_batch_size * dp = {t.micro_batch_size} * {dp}; use a multiple of {fit} "
+                    f"(e.g. train.global_batch_size={max(fit, (t.global_batch_size // fit) * fit)})")
+    if job.model.n_heads % par.tp or job.model.kv_heads % par.tp:
+        errs.append(f"model.n_heads={job.model.n_heads} / n_kv_heads={job.model.kv_heads} not divisible by "
+                    f"parallel.tp={par.tp}; choose tp dividing both")
+    if job.optim.schedule not in ("cosine", "wsd", "constant"):
+        errs.append(f"optim.schedule={job.optim.schedule!r} must be cosine | wsd | constant")
+    if t.dtype not in ("float32", "bfloat16"):
+        errs.append(f"train.dtype={t.dtype!r} must be float32 | bfloat16")
+    if job.data.on_corrupt not in ("skip", "fail"):
+        errs.append(f"data.on_corrupt={job.data.on_corrupt!r} must be skip | fail")
+    if job.wandb.mode not in ("offline", "online", "disabled"):
+        errs.append(f"wandb.mode={job.wandb.mode!r} must be offline | online | disabled")
+    if job.checkpoint.resume not in ("auto", "never"):
+        errs.append(f"checkpoint.resume={job.checkpoint.resume!r} must be auto | never")
+    if job.checkpoint.keep_last < 1:
+        errs.append(f"checkpoint.keep_last={job.checkpoint.keep_last} must be >= 1")
+    if errs:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+
+
+def to_yaml(job: JobConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(job))
+
+
+def to_dict(job: JobConfig) -> dict[str, Any]:
+    return dataclasses.asdict(job)

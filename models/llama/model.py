@@ -1,0 +1,87 @@
+"""Llama-style decoder: the baseline every other family is compared against.
+
+Follows Llama 2/3 (Touvron et al. 2023): pre-norm RMSNorm, rotary position embeddings, SwiGLU
+feed-forward, grouped-query attention through `scaled_dot_product_attention`. Weight layout and
+the rotate-half RoPE convention match Hugging Face `LlamaForCausalLM`, so weights map one to one
+(`models/llama/hf.py`). Differences from Llama: embeddings may be tied (default, small models),
+and output projections of residual branches are initialised with std / sqrt(2 * n_layers).
+
+Axis glossary: B batch, T time, C model width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from titanforge.models.common import Attention, RMSNorm, SwiGLU, depth_scaled_std, rope_frequencies
+from titanforge.models.config import ModelConfig
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attention = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, init_std=cfg.init_std)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_dim, init_std=cfg.init_std)
+        self.out_std = depth_scaled_std(cfg.init_std, cfg.n_layers)
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), freqs)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+    def init_weights(self) -> None:
+        self.attention_norm.init_weights()
+        self.ffn_norm.init_weights()
+        self.attention.init_weights(self.out_std)
+        self.feed_forward.init_weights(self.out_std)
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleDict({str(i): LlamaBlock(cfg) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # Not a buffer in the state dict: it is derived from the config, and checkpoints stay small.
+        self.register_buffer("freqs", rope_frequencies(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta),
+                             persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        # Pipeline stages without the embedding receive hidden states instead of tokens.
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        for layer in self.layers.values():
+            h = layer(h, self.freqs)
+        if self.norm is None:
+            return h
+        h = self.norm(h)
+        weight = self.output.weight if self.output is not None else self.tok_embeddings.weight
+        return h @ weight.t()
+
+    def init_weights(self) -> None:
+        with torch.no_grad():
+            self.freqs.copy_(rope_frequencies(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta,
+                                              device=self.freqs.device))
+        nn.init.normal_(self.tok_embeddings.weight, std=self.cfg.init_std)
+        for layer in self.layers.values():
+            layer.init_weights()
+        self.norm.init_weights()
+        if self.output is not None:
+            nn.init.trunc_normal_(self.output.weight, std=self.cfg.init_std)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """6N for the matmuls (fwd + bwd) plus attention scores: 6 * L * T * C (PaLM appendix B)."""
+        c = self.cfg
+        n_params = sum(p.numel() for name, p in self.named_parameters() if "tok_embeddings" not in name)
+        if self.output is None:
+            n_params += c.vocab_size * c.d_model  # the tied LM head is still a matmul
+        return 6.0 * n_params + 6.0 * c.n_layers * seq_len * c.d_model
+
+
+def build(cfg: ModelConfig) -> Llama:
+    return Llama(cfg)

@@ -1,0 +1,23 @@
+"""Config of the parallel layout (degrees of each kind of parallelism)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ParallelConfig:
+    # Data-parallel degree; -1 means "whatever is left": world_size / (tp * pp * cp).
+    dp: int = -1
+    tp: int = 1
+    pp: int = 1
+    # Context parallel (reserved for the context-parallel issue).
+    cp: int = 1
+    # Expert parallel; experts are spread over ep ranks taken from the dp ranks.
+    ep: int = 1
+    # Data-parallel engine: ddp | fsdp | deepspeed.
+    dp_backend: str = "ddp"
+    # ZeRO stage when dp_backend=deepspeed.
+    zero_stage: int = 1
+    # Process-group backend: auto (nccl on GPU, gloo on CPU) | gloo | nccl.
+    backend: str = "auto"

@@ -1,0 +1,69 @@
+"""Config of the training loop: optimizer and schedule, checkpoints, logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    # The schedule ends at lr * min_lr_ratio.
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    # cosine (warmup then cosine decay) | wsd (warmup, stable, decay) | constant (after warmup).
+    schedule: str = "cosine"
+    warmup_steps: int = 10
+    # WSD: the final fraction of steps over which lr decays linearly to the minimum.
+    decay_fraction: float = 0.2
+    # Clip the global gradient norm to this value; 0 disables clipping.
+    grad_clip: float = 1.0
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    # Save every this many optimizer steps (and at the end and on preemption).
+    every: int = 50
+    # Keep the newest N complete checkpoints; older ones are deleted after a save completes.
+    keep_last: int = 3
+    # Write in a background thread with torch.distributed.checkpoint.async_save.
+    async_save: bool = False
+    # auto: resume from the newest complete checkpoint in output_dir, if any | never.
+    resume: str = "auto"
+
+
+@dataclass
+class WandbConfig:
+    # offline (default; `wandb sync` later) | online | disabled.
+    mode: str = "offline"
+    project: str = "titanforge"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    # Sequences per optimizer step, over all data-parallel ranks.
+    global_batch_size: int = 8
+    # Sequences per forward pass on one rank; accumulation = global / (micro * dp).
+    micro_batch_size: int = 4
+    seed: int = 0
+    # auto (cuda if available, else cpu) | cpu | cuda.
+    device: str = "auto"
+    # Autocast dtype: float32 (no autocast) | bfloat16 (where the device supports it).
+    dtype: str = "float32"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    log_every: int = 1
+    # Validation every this many steps (0 disables) over val_batches micro-batches per rank.
+    val_every: int = 50
+    val_batches: int = 4
+    # Skip steps whose loss or gradient is not finite; stop after this many in a row.
+    max_consecutive_nonfinite: int = 3
