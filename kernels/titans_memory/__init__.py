@@ -1,0 +1,95 @@
+"""Titans neural long-term memory update (Behrouz et al. 2025): public API.
+
+`chunk_titans_memory` is the chunk-parallel op (plain torch today; a Triton kernel with the same
+signature is a later issue), `naive_titans_memory` the token loop it is tested against, and
+`titans_memory_retrieve` the read y = M*(q) without an update. The math is in README.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from titanforge.kernels.titans_memory.chunk import ACTIVATIONS, chunk_titans_memory_fwd, mlp_apply
+from titanforge.kernels.titans_memory.naive import naive_titans_memory
+
+State = tuple[list[torch.Tensor], list[torch.Tensor]]
+
+
+def _check_weights(weights, B: int, H: int, Dk: int, Dv: int, name: str = "weights") -> None:
+    if not isinstance(weights, (list, tuple)) or not weights:
+        raise ValueError(f"{name} must be a non-empty list of per-layer tensors [H, d_in, d_out] or "
+                         f"[B, H, d_in, d_out]; got {type(weights).__name__}")
+    d_in = Dk
+    for i, w in enumerate(weights):
+        if w.dim() not in (3, 4) or w.shape[-3] != H or (w.dim() == 4 and w.shape[0] != B):
+            raise ValueError(f"{name}[{i}] has shape {tuple(w.shape)}; expected [H={H}, d_in, d_out] or "
+                             f"[B={B}, H={H}, d_in, d_out]")
+        if w.shape[-2] != d_in:
+            raise ValueError(f"{name}[{i}] has d_in={w.shape[-2]} but the previous layer (or the key "
+                             f"dim) gives {d_in}; chain layer widths d_in -> d_out")
+        d_in = w.shape[-1]
+    if d_in != Dv:
+        raise ValueError(f"the last memory layer outputs {d_in} features but v has head dim {Dv}; "
+                         f"make the last layer's d_out equal Dv")
+
+
+def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor,
+                        eta: torch.Tensor, alpha: torch.Tensor, *, weights: list[torch.Tensor],
+                        momentum: list[torch.Tensor] | None = None, chunk_size: int = 16,
+                        activation: str = "silu") -> tuple[torch.Tensor, State]:
+    """Run the Titans memory over a sequence, chunk by chunk.
+
+    q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; theta (step size), eta (momentum decay), alpha (forget
+    gate): [B, T, H], per token. weights: initial memory MLP, one tensor per layer, [H, d_in, d_out]
+    (learnable init shared over the batch) or [B, H, d_in, d_out] (a carried state); layer i is
+    followed by `activation` except the last. momentum: like weights ([B, H, ...]) or None (zeros).
+
+    Every token of a chunk takes its gradient at, and retrieves from, the weights at its chunk's
+    start. Returns o [B, T, H, Dv] (the retrievals M_0(q_t)) and the final state
+    (weights, momentum) as lists of [B, H, d_in, d_out]; passing it back as initial state continues
+    the sequence exactly when the first piece's length is a multiple of chunk_size.
+    Computes in float32 (float64 if given); o has q's dtype.
+    """
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q, k must be [B, T, H, Dk] and v [B, T, H, Dv] with equal B, T, H; got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, T, H, Dk = q.shape
+    if T == 0:
+        raise ValueError("empty sequence (T = 0); pass at least one token")
+    for name, g in (("theta", theta), ("eta", eta), ("alpha", alpha)):
+        if g.shape != (B, T, H):
+            raise ValueError(f"{name} has shape {tuple(g.shape)}; gates are per token and head, [B, T, H] = "
+                             f"{(B, T, H)} (broadcast coarser gates before calling)")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
+    _check_weights(weights, B, H, Dk, v.shape[-1])
+    if momentum is not None:
+        if len(momentum) != len(weights):
+            raise ValueError(f"momentum has {len(momentum)} layers but weights has {len(weights)}")
+        for i, (m, w) in enumerate(zip(momentum, weights)):
+            if tuple(m.shape) != (B, H, *w.shape[-2:]):
+                raise ValueError(f"momentum[{i}] has shape {tuple(m.shape)}; expected {(B, H, *w.shape[-2:])}")
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    # [B, H, T, D] so a chunk is a contiguous slice of the matmul batch.
+    q_, k_, v_ = (t.to(dtype).transpose(1, 2) for t in (q, k, v))
+    th, et, al = (g.to(dtype).transpose(1, 2) for g in (theta, eta, alpha))
+    ws = [w.to(dtype) for w in weights]
+    ms = None if momentum is None else [m.to(dtype) for m in momentum]
+    o, state = chunk_titans_memory_fwd(q_, k_, v_, th, et, al, ws, ms, chunk_size, activation)
+    return o.transpose(1, 2).to(q.dtype), state
+
+
+def titans_memory_retrieve(q: torch.Tensor, weights: list[torch.Tensor], activation: str = "silu") -> torch.Tensor:
+    """y = M*(q) (Eq. 15) with no update. q [B, T, H, Dk]; weights as in chunk_titans_memory -> [B, T, H, Dv]."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, T, H, Dk]; got {tuple(q.shape)}")
+    B, T, H, Dk = q.shape
+    _check_weights(weights, B, H, Dk, weights[-1].shape[-1] if weights else 0)
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    y = mlp_apply([w.to(dtype) for w in weights], q.to(dtype).transpose(1, 2), ACTIVATIONS[activation][0])
+    return y.transpose(1, 2).to(q.dtype)
+
+
+__all__ = ["chunk_titans_memory", "naive_titans_memory", "titans_memory_retrieve", "State"]

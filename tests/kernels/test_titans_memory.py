@@ -1,0 +1,122 @@
+"""chunk_titans_memory against the token loop of naive.py (float64): outputs, final state, and the
+gradients with respect to q, k, v, the three gates, the initial weights and the initial momentum."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from titanforge.kernels.titans_memory import chunk_titans_memory, naive_titans_memory, titans_memory_retrieve
+from titanforge.kernels.titans_memory.naive import mlp_forward
+
+
+def rel_rms(a, b):
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def make_inputs(B, T, H, Dk, Dv, widths, dtype=torch.float64, batched_state=False, momentum=False):
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    q, k = F.normalize(r(B, T, H, Dk), dim=-1), F.normalize(r(B, T, H, Dk), dim=-1)
+    v = r(B, T, H, Dv)
+    # Gates as a model makes them: sigmoids of data, theta kept small so a deep memory stays stable.
+    theta = 0.2 * torch.sigmoid(r(B, T, H))
+    eta = torch.sigmoid(r(B, T, H) + 1)
+    alpha = torch.sigmoid(r(B, T, H) - 2)
+    dims = [Dk, *widths, Dv]
+    lead = (B, H) if batched_state else (H,)
+    weights = [r(*lead, i, o) / i ** 0.5 for i, o in zip(dims[:-1], dims[1:])]
+    mom = [0.1 * r(B, H, i, o) for i, o in zip(dims[:-1], dims[1:])] if momentum else None
+    leaves = dict(q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha)
+    leaves.update({f"w{i}": w for i, w in enumerate(weights)})
+    if mom:
+        leaves.update({f"m{i}": m for i, m in enumerate(mom)})
+    for t in leaves.values():
+        t.requires_grad_(True)
+    return leaves, weights, mom
+
+
+def run(fn, leaves, weights, mom, chunk_size, activation="silu"):
+    return fn(leaves["q"], leaves["k"], leaves["v"], leaves["theta"], leaves["eta"], leaves["alpha"],
+              weights=weights, momentum=mom, chunk_size=chunk_size, activation=activation)
+
+
+def flat(o, state):
+    W, S = state
+    return [o, *W, *S]
+
+
+CASES = [
+    # (T, chunk_size, hidden widths (L_M - 1 of them), batched initial state, initial momentum, activation)
+    (63, 1, [6], False, False, "silu"),
+    (63, 8, [6], True, True, "silu"),
+    (100, 16, [], False, True, "silu"),
+    (37, 5, [7, 4], True, False, "gelu"),
+    (30, 64, [6], False, False, "silu"),
+]
+
+
+@pytest.mark.parametrize("T,chunk,widths,batched,mom,act", CASES)
+def test_chunk_matches_naive_forward_and_grads(T, chunk, widths, batched, mom, act):
+    B, H, Dk, Dv = 2, 3, 5, 4
+    leaves, weights, momentum = make_inputs(B, T, H, Dk, Dv, widths, batched_state=batched, momentum=mom)
+    out_c = flat(*run(chunk_titans_memory, leaves, weights, momentum, chunk, act))
+    out_n = flat(*run(naive_titans_memory, leaves, weights, momentum, chunk, act))
+    for a, b in zip(out_c, out_n):
+        assert a.shape == b.shape
+        assert rel_rms(a, b) < 1e-10
+    # A random linear functional of every output reaches every input through both paths.
+    g = torch.Generator().manual_seed(2)
+    probes = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in out_n]
+    names = list(leaves)
+    grads_c = torch.autograd.grad(sum((p * t).sum() for p, t in zip(probes, out_c)), list(leaves.values()))
+    grads_n = torch.autograd.grad(sum((p * t).sum() for p, t in zip(probes, out_n)), list(leaves.values()))
+    for name, a, b in zip(names, grads_c, grads_n):
+        assert b.abs().max() > 0, name
+        assert rel_rms(a, b) < 1e-9, name
+
+
+def test_float32_matches_float64_reference():
+    leaves, weights, _ = make_inputs(2, 63, 3, 8, 8, [16])
+    o64, _ = run(naive_titans_memory, leaves, weights, None, 16)
+    l32 = {n: t.detach().float() for n, t in leaves.items()}
+    o32, (W32, _) = run(chunk_titans_memory, l32, [w.detach().float() for w in weights], None, 16)
+    assert o32.dtype == torch.float32 and W32[0].dtype == torch.float32
+    assert rel_rms(o32.double(), o64) < 1e-5
+
+
+@pytest.mark.parametrize("T,chunk,split", [(63, 8, 24), (100, 1, 37), (70, 10, 40)])
+def test_two_pieces_with_carried_state_equal_one_pass(T, chunk, split):
+    leaves, weights, mom = make_inputs(2, T, 3, 5, 4, [6], momentum=True)
+    o, (W, S) = run(chunk_titans_memory, leaves, weights, mom, chunk)
+    first = {n: (t[:, :split] if t.dim() >= 3 and t.shape[1] == T else t) for n, t in leaves.items()}
+    second = {n: (t[:, split:] if t.dim() >= 3 and t.shape[1] == T else t) for n, t in leaves.items()}
+    o1, state1 = run(chunk_titans_memory, first, weights, mom, chunk)
+    o2, (W2, S2) = run(chunk_titans_memory, second, state1[0], state1[1], chunk)
+    assert rel_rms(torch.cat([o1, o2], 1), o) < 1e-12
+    for a, b in zip(W2 + S2, W + S):
+        assert rel_rms(a, b) < 1e-12
+    # Gradients flow through the carried state into the first piece's inputs.
+    g1 = torch.autograd.grad(o2.sum(), leaves["k"])[0]
+    assert g1[:, :split].abs().max() > 0
+
+
+def test_retrieve_equals_mlp_forward():
+    leaves, weights, _ = make_inputs(2, 30, 3, 5, 4, [6], batched_state=True)
+    y = titans_memory_retrieve(leaves["q"], weights)
+    ref = mlp_forward(weights, leaves["q"].transpose(1, 2)).transpose(1, 2)
+    assert rel_rms(y, ref) < 1e-14
+
+
+def test_bad_inputs_raise_clear_errors():
+    leaves, weights, _ = make_inputs(2, 10, 3, 5, 4, [6])
+    q, k, v, th, et, al = (leaves[n] for n in ("q", "k", "v", "theta", "eta", "alpha"))
+    with pytest.raises(ValueError, match="theta"):
+        chunk_titans_memory(q, k, v, th[:, :, :1], et, al, weights=weights)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_titans_memory(q, k, v, th, et, al, weights=weights, chunk_size=0)
+    with pytest.raises(ValueError, match="d_out"):
+        chunk_titans_memory(q, k, v, th, et, al, weights=weights[:1])
+    with pytest.raises(ValueError, match="activation"):
+        chunk_titans_memory(q, k, v, th, et, al, weights=weights, activation="tanh")
+    with pytest.raises(ValueError, match="momentum"):
+        chunk_titans_memory(q, k, v, th, et, al, weights=weights, momentum=[torch.zeros(1)] * 2)
