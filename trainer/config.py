@@ -67,3 +67,6 @@ class TrainConfig:
     val_batches: int = 4
     # Skip steps whose loss or gradient is not finite; stop after this many in a row.
     max_consecutive_nonfinite: int = 3
+    # Peak FLOP/s per device for MFU, in TFLOP/s; 0 = look up the GPU (bf16 dense) or estimate
+    # the CPU as cores * 2 GHz * 32 FLOP/cycle (AVX2 FMA, fp32).
+    peak_tflops: float = 0.0

@@ -1,0 +1,79 @@
+"""The `titanforge` command.
+
+    titanforge prepare [--out DIR --corpus ... --tokenizer ...]   tokenize a corpus into shards
+    titanforge train CONFIG [key=value ...] [--nproc N] [multi-node flags]
+
+`train` with --nproc 1 on one node runs in this process; otherwise it validates the config for
+the whole world first (so a bad layout fails before anything starts) and then hands over to
+torchrun (`python -m torch.distributed.run`), which starts `titanforge.launch.train` per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _train(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="titanforge train", description="Train from a YAML preset and overrides.")
+    p.add_argument("config", help="YAML preset, e.g. configs/llama-tiny.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
+    p.add_argument("--nproc", type=int, default=1, help="processes per node (GPUs per node on GPU machines)")
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--rdzv-endpoint", default=None, help="host:port of the head node (multi-node)")
+    p.add_argument("--rdzv-id", default="titanforge")
+    p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts after a failure")
+    args = p.parse_args(argv)
+    if args.nproc == 1 and args.nnodes == 1 and args.max_restarts == 0:
+        from titanforge.launch.train import main as train_main
+
+        return train_main([args.config, *args.overrides])
+
+    from titanforge.launch.config import ConfigError, load_config, validate
+    from titanforge.parallel import LayoutError, ParallelDims
+
+    world = args.nproc * args.nnodes
+    try:
+        job = load_config(args.config, args.overrides)
+        validate(job, world_size=world)
+        ParallelDims.from_config(job.parallel, world)
+    except (ConfigError, LayoutError) as e:
+        print(f"titanforge: {e}", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
+           f"--max-restarts={args.max_restarts}"]
+    if args.nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        if not args.rdzv_endpoint:
+            print("titanforge: --nnodes > 1 needs --rdzv-endpoint HOST:PORT (the head node)", file=sys.stderr)
+            return 2
+        cmd += [f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={args.rdzv_endpoint}", f"--rdzv-id={args.rdzv_id}"]
+    cmd += ["-m", "titanforge.launch.train", args.config, *args.overrides]
+    print("+ " + " ".join(cmd), flush=True)
+    sys.stdout.flush()
+    os.execv(sys.executable, cmd)
+
+
+def _prepare(argv: list[str]) -> int:
+    from titanforge.data.cli import prepare_main
+
+    return prepare_main(argv)
+
+
+COMMANDS = {"train": _train, "prepare": _prepare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

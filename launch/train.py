@@ -1,0 +1,36 @@
+"""Training entry point for every rank: `torchrun ... -m titanforge.launch.train CONFIG [key=value ...]`.
+
+Loads and validates the job config (against WORLD_SIZE, before any process group or model
+exists), then runs `titanforge.trainer.train`. Config errors exit with status 2 and a message
+that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from titanforge.launch.config import ConfigError, load_config, to_yaml, validate
+from titanforge.parallel import LayoutError, ParallelDims
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    preset = argv.pop(0) if argv and "=" not in argv[0] else None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        job = load_config(preset, argv)
+        validate(job, world_size=world)
+        ParallelDims.from_config(job.parallel, world)
+    except (ConfigError, LayoutError) as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"titanforge: {e}", file=sys.stderr)
+        return 2
+    from titanforge.trainer import train
+
+    result = train(job, config_yaml=to_yaml(job))
+    return 0 if result.stop_reason in ("done", "preempted") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

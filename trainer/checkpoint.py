@@ -1,0 +1,169 @@
+"""Sharded, atomic, verified checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout of `<output_dir>/checkpoints/`:
+    step_00000050/            a complete checkpoint (the rename is the commit point)
+        .metadata, __*.distcp DCP's sharded model + optimizer state
+        rank_00000.pt ...      per-rank state: data position, RNG states, scheduler
+        meta.json              step, W&B run id, world size, counters
+        config.yaml            the resolved job config
+        checksums.json         sha256 of every file above, written last
+    step_00000060.tmp/        a save in progress (never taken for a finished one)
+
+DCP has no checksums (a shard with flipped bytes loads silently wrong: STACK-FACTS), so every
+file is hashed into `checksums.json`; on resume the newest checkpoint whose files all match is
+used and a corrupt one is reported and left on disk untouched (nothing saved is ever deleted
+except by keep-last-N, which counts only complete checkpoints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from titanforge.trainer.config import CheckpointConfig
+from titanforge.trainer.dist import DistInfo, barrier, broadcast_object
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(ckpt: Path) -> None:
+    """Raise CheckpointError naming the first missing or altered file."""
+    manifest = ckpt / "checksums.json"
+    if not manifest.exists():
+        raise CheckpointError(f"{ckpt}: no checksums.json (the save did not finish)")
+    try:
+        sums = json.loads(manifest.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{manifest} is not valid JSON ({e})") from None
+    for name, digest in sums.items():
+        path = ckpt / name
+        if not path.exists():
+            raise CheckpointError(f"{path} is missing")
+        if _sha256(path) != digest:
+            raise CheckpointError(f"{path} is corrupted (sha256 mismatch)")
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Finished checkpoints (final name), oldest first."""
+    if not root.exists():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+class Checkpointer:
+    def __init__(self, root: str | Path, cfg: CheckpointConfig, info: DistInfo):
+        self.root = Path(root)
+        self.cfg = cfg
+        self.info = info
+        self._pending: tuple[int, Path, Any] | None = None
+
+    # -- save ---------------------------------------------------------------------------------
+    def save(self, step: int, model, optimizer, rank_state: dict, meta: dict, config_yaml: str) -> None:
+        self.wait()
+        tmp = self.root / f"step_{step:08d}.tmp"
+        if self.info.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        torch.save(rank_state, tmp / f"rank_{self.info.rank:05d}.pt")
+        if self.info.is_main:
+            (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": self.info.world_size}))
+            (tmp / "config.yaml").write_text(config_yaml)
+        if self.cfg.async_save and dist.is_initialized():
+            future = dcp.async_save(state, checkpoint_id=str(tmp))
+            self._pending = (step, tmp, future)
+        else:
+            with warnings.catch_warnings():
+                # Single-process runs have no process group; DCP warns that it assumes one process.
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.save(state, checkpoint_id=str(tmp))
+            self._pending = (step, tmp, None)
+            self.wait()
+
+    def wait(self) -> None:
+        """Finish the pending save: all ranks done -> checksums -> atomic rename -> prune."""
+        if self._pending is None:
+            return
+        step, tmp, future = self._pending
+        self._pending = None
+        if future is not None:
+            future.result()
+        barrier()
+        if self.info.is_main:
+            sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
+            final = self.root / f"step_{step:08d}"
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            self._prune()
+        barrier()
+
+    def _prune(self) -> None:
+        done = complete_checkpoints(self.root)
+        for old in done[: max(0, len(done) - self.cfg.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # -- load ---------------------------------------------------------------------------------
+    def latest_valid(self) -> Path | None:
+        """Newest checkpoint whose checksums match (rank 0 decides; all ranks get the answer)."""
+        choice = None
+        if self.info.is_main:
+            for ckpt in reversed(complete_checkpoints(self.root)):
+                try:
+                    verify(ckpt)
+                except CheckpointError as e:
+                    warnings.warn(f"skipping checkpoint: {e}; trying the previous one", stacklevel=2)
+                    print(f"[checkpoint] WARNING: {e}; falling back to the previous checkpoint", flush=True)
+                    continue
+                choice = str(ckpt)
+                break
+        choice = broadcast_object(choice)
+        return Path(choice) if choice else None
+
+    def load(self, ckpt: Path, model, optimizer) -> tuple[dict, dict]:
+        """Load model + optimizer in place; return (this rank's state, meta)."""
+        meta = json.loads((ckpt / "meta.json").read_text())
+        rank_file = ckpt / f"rank_{self.info.rank:05d}.pt"
+        if meta["world_size"] != self.info.world_size or not rank_file.exists():
+            raise CheckpointError(
+                f"{ckpt} was written by {meta['world_size']} ranks, this run has {self.info.world_size}: "
+                f"the data position cannot be mapped. Resume with --nproc {meta['world_size']}, or start "
+                f"fresh in a new output_dir (checkpoint.resume=never)")
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(ckpt))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        rank_state = torch.load(rank_file, weights_only=False)
+        return rank_state, meta
+
+    def close(self) -> None:
+        self.wait()

@@ -1,0 +1,239 @@
+"""The training loop: build, resume, step, log, validate, checkpoint, stop.
+
+`train(job, config_yaml=...)` runs on every rank (under torchrun) or in one process. A step is
+`global_batch_size` sequences: `micro_batch_size` per forward, accumulated over
+global / (micro * dp) micro-batches, gradients averaged over the data-parallel ranks.
+A step whose loss or gradient is not finite is skipped (no optimizer update) and counted; after
+`train.max_consecutive_nonfinite` in a row the run stops without writing a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from titanforge.data import build_train_loader, build_val_loader, read_manifest
+from titanforge.models.registry import build_model, collect_aux_losses, collect_metrics
+from titanforge.parallel import ParallelDims, apply_activation_checkpointing, apply_compile, apply_ddp
+from titanforge.trainer.checkpoint import Checkpointer
+from titanforge.trainer.dist import DistInfo, all_reduce, broadcast_object, init_distributed
+from titanforge.trainer.optim import build_optimizer, build_scheduler
+from titanforge.trainer.perf import peak_flops, peak_memory_gib
+from titanforge.trainer.signals import PreemptionWatcher
+from titanforge.trainer.tracking import Tracker, format_line
+
+
+@dataclass
+class TrainResult:
+    # Global mean training loss per optimizer step (1-based), as logged.
+    losses: dict[int, float] = field(default_factory=dict)
+    val_losses: dict[int, float] = field(default_factory=dict)
+    last_step: int = 0
+    # done | preempted | nonfinite
+    stop_reason: str = "done"
+    skipped_steps: int = 0
+    resumed_from: str | None = None
+    checkpoint_dir: str | None = None
+    wandb_dir: str | None = None
+    wandb_run_id: str | None = None
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_data(job, manifest: dict) -> None:
+    m = job.model
+    if manifest["vocab_size"] > m.vocab_size:
+        raise ValueError(f"the data's tokenizer has {manifest['vocab_size']} tokens but model.vocab_size="
+                         f"{m.vocab_size}; set model.vocab_size>={manifest['vocab_size']} "
+                         f"(e.g. {64 * math.ceil(manifest['vocab_size'] / 64)})")
+    if manifest["seq_len"] > m.max_seq_len:
+        raise ValueError(f"the data's sequences have {manifest['seq_len']} tokens but model.max_seq_len="
+                         f"{m.max_seq_len}; raise model.max_seq_len or prepare with a shorter --seq-len")
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "bfloat16":
+        ok = device.type == "cpu" or torch.cuda.is_bf16_supported()
+        if ok:
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _lm_loss(model, raw_model, tokens: torch.Tensor, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    inp, tgt = tokens[:, :-1], tokens[:, 1:]
+    with autocast:
+        logits = model(inp)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+    aux = collect_aux_losses(raw_model)
+    total = loss + sum(aux.values()) if aux else loss
+    return loss, total
+
+
+@torch.no_grad()
+def evaluate(model, raw_model, val_loader, n_batches: int, device, autocast) -> float:
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    for i, batch in enumerate(val_loader):
+        if i >= n_batches:
+            break
+        loss, _ = _lm_loss(model, raw_model, batch["tokens"].to(device), autocast)
+        total += loss.double()
+        count += 1
+    model.train()
+    stats = all_reduce(torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)]))
+    return (stats[0] / stats[1].clamp(min=1)).item()
+
+
+def train(job, *, config_yaml: str = "", info: DistInfo | None = None) -> TrainResult:
+    t, out = job.train, Path(job.output_dir)
+    info = info or init_distributed(t.device, job.parallel.backend)
+    dims = ParallelDims.from_config(job.parallel, info.world_size)
+    manifest = read_manifest(job.data.path)
+    _check_data(job, manifest)
+    seq_len = manifest["seq_len"]
+
+    # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
+    torch.manual_seed(t.seed)
+    model = build_model(job.model, device="meta")
+    model.to_empty(device=info.device)
+    model.init_weights()
+    raw_model = model
+    if t.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if t.compile:
+        apply_compile(model)
+    if info.world_size > 1:
+        model = apply_ddp(model, info.device)
+    optimizer = build_optimizer(model, job.optim)
+    scheduler = build_scheduler(optimizer, job.optim, t.steps)
+
+    loader = build_train_loader(job.data, micro_batch_size=t.micro_batch_size, dp_rank=info.rank,
+                                dp_size=dims.dp, seed=t.seed)
+    ckpt = Checkpointer(out / "checkpoints", job.checkpoint, info)
+    result = TrainResult(checkpoint_dir=str(out / "checkpoints"))
+    step, skipped, run_id = 0, 0, None
+    if job.checkpoint.enabled and job.checkpoint.resume == "auto":
+        latest = ckpt.latest_valid()
+        if latest is not None:
+            rank_state, meta = ckpt.load(latest, model, optimizer)
+            scheduler.load_state_dict(rank_state["scheduler"])
+            loader.load_state_dict(rank_state["data"])
+            _set_rng_state(rank_state["rng"])
+            step, skipped, run_id = meta["step"], meta.get("skipped_steps", 0), meta.get("wandb_run_id")
+            result.resumed_from = str(latest)
+            if info.is_main:
+                print(f"[resume] from {latest} at step {step}", flush=True)
+
+    tracker = Tracker(out, job.wandb, enabled=info.is_main, run_id=run_id,
+                      config=dataclasses.asdict(job) if dataclasses.is_dataclass(job) else {})
+    run_id = broadcast_object(tracker.run_id)
+    result.wandb_dir, result.wandb_run_id = tracker.wandb_dir, run_id
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_yaml)
+
+    accum = t.global_batch_size // (t.micro_batch_size * dims.dp)
+    tokens_per_step = t.global_batch_size * seq_len
+    flops_per_token = raw_model.flops_per_token(seq_len)
+    peak = peak_flops(info.device, t.peak_tflops)
+    autocast = _autocast(info.device, t.dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    clip = job.optim.grad_clip if job.optim.grad_clip > 0 else float("inf")
+    watcher = PreemptionWatcher()
+    data_iter = iter(loader)
+    consecutive_bad = 0
+    preempted = False
+
+    def save(at_step: int) -> None:
+        rank_state = {"data": loader.state_dict(), "rng": _rng_state(), "scheduler": scheduler.state_dict()}
+        ckpt.save(at_step, model, optimizer, rank_state,
+                  {"wandb_run_id": run_id, "skipped_steps": skipped}, config_yaml)
+
+    try:
+        while step < t.steps:
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=info.device)
+            for micro in range(accum):
+                tokens = next(data_iter)["tokens"].to(info.device, non_blocking=True)
+                sync = micro == accum - 1 or info.world_size == 1
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    loss, total = _lm_loss(model, raw_model, tokens, autocast)
+                    (total / accum).backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            loss_mean = all_reduce(loss_sum / accum) / dims.dp
+            finite = bool(torch.isfinite(loss_mean).item() and torch.isfinite(grad_norm).item())
+            if finite:
+                optimizer.step()
+                consecutive_bad = 0
+            else:
+                skipped += 1
+                consecutive_bad += 1
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+            dt = time.perf_counter() - t0
+            tok_s = tokens_per_step / dt
+            metrics = {"loss": loss_mean.item(), "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tok_s,
+                       "mfu": tok_s / info.world_size * flops_per_token / peak,
+                       "peak_mem_gib": peak_memory_gib(info.device), "skipped": not finite,
+                       "skipped_total": skipped, **collect_metrics(raw_model)}
+            result.losses[step] = metrics["loss"]
+            result.last_step = step
+            if info.is_main and (step % t.log_every == 0 or not finite):
+                print(format_line(step, metrics), flush=True)
+            tracker.log(step, metrics)
+            if consecutive_bad >= t.max_consecutive_nonfinite:
+                result.stop_reason = "nonfinite"
+                if info.is_main:
+                    print(f"[stop] {consecutive_bad} non-finite steps in a row at step {step}; no checkpoint "
+                          f"written (the last good one is kept). Lower optim.lr or enable optim.grad_clip.",
+                          flush=True)
+                break
+            if t.val_every and step % t.val_every == 0:
+                val_loader = build_val_loader(job.data, micro_batch_size=t.micro_batch_size, dp_rank=info.rank,
+                                              dp_size=dims.dp)
+                val = evaluate(model, raw_model, val_loader, t.val_batches, info.device, autocast)
+                result.val_losses[step] = val
+                tracker.log(step, {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
+                if info.is_main:
+                    print(f"[val] step {step} | loss {val:.4f} | ppl {math.exp(min(val, 50.0)):.2f}", flush=True)
+            preempted = watcher.should_stop(info.device)
+            if job.checkpoint.enabled and (step % job.checkpoint.every == 0 or step == t.steps or preempted):
+                save(step)
+            if preempted:
+                result.stop_reason = "preempted"
+                if info.is_main:
+                    print(f"[stop] preemption signal: saved step {step}, exiting", flush=True)
+                break
+    finally:
+        ckpt.close()
+        watcher.restore()
+        tracker.finish()
+    if info.is_main:
+        print(f"[done] step {step} ({result.stop_reason}); checkpoints: {result.checkpoint_dir}; "
+              f"W&B run {run_id}: {result.wandb_dir or 'disabled'}", flush=True)
+    return result
