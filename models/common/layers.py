@@ -17,7 +17,11 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """y = x / rms(x) * weight, computed in float32 (Llama; Zhang & Sennrich 2019)."""
+    """y = x / rms(x) * weight, computed in at least float32 (Llama; Zhang & Sennrich 2019).
+
+    Low-precision inputs are upcast to float32; float64 stays float64 so float64 reference tests
+    are not limited to float32 precision.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -26,9 +30,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x * self.weight.float()).to(dtype)
+        return (x * self.weight.to(x.dtype)).to(dtype)
 
     def init_weights(self) -> None:
         nn.init.ones_(self.weight)
@@ -37,6 +41,9 @@ class RMSNorm(nn.Module):
 def rope_frequencies(head_dim: int, max_seq_len: int, theta: float = 10000.0,
                      device: torch.device | None = None) -> torch.Tensor:
     """cos/sin table, [T, D/2, 2] float32, for the rotate-half convention of Hugging Face Llama."""
+    if head_dim % 2:
+        raise ValueError(f"rotary embeddings need an even head dim, got {head_dim}; "
+                         f"choose d_model / n_heads even")
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     t = torch.arange(max_seq_len, dtype=torch.float32, device=device)
     ang = torch.outer(t, inv)
@@ -46,11 +53,16 @@ def rope_frequencies(head_dim: int, max_seq_len: int, theta: float = 10000.0,
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, T, H, D] by freqs [T, D/2, 2] (rotate-half layout: pairs (i, i + D/2))."""
     T, D = x.shape[1], x.shape[-1]
+    if T > freqs.shape[0] or D != 2 * freqs.shape[1]:
+        raise ValueError(f"RoPE table [{freqs.shape[0]}, {freqs.shape[1]}, 2] does not cover x with T={T}, "
+                         f"D={D}; build it with rope_frequencies(head_dim={D}, max_seq_len>={T})")
     cos = freqs[:T, :, 0].repeat(1, 2)[None, :, None, :]  # [1, T, 1, D]
     sin = freqs[:T, :, 1].repeat(1, 2)[None, :, None, :]
     x1, x2 = x[..., : D // 2], x[..., D // 2:]
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    # At least float32 (bf16 rotations drift), but float64 stays float64.
+    compute = torch.promote_types(x.dtype, torch.float32)
+    return (x.to(compute) * cos + rotated.to(compute) * sin).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
