@@ -93,6 +93,11 @@ def load_config(preset: str | Path | None = None, overrides: Sequence[str] = ())
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=10)")
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        # to_object keeps '???' values silently; a missing value must stop the run here.
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ConfigError("config keys without a value: " + ", ".join(
+                f"'{k}' (set it with {k}=...)" for k in missing))
         job = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise _translate(e, "command line" if overrides else str(preset)) from None
@@ -100,19 +105,25 @@ def load_config(preset: str | Path | None = None, overrides: Sequence[str] = ())
     return job
 
 
-def validate(job: JobConfig, world_size: int = 1) -> None:
-    """Cross-field checks; raises ConfigError listing every problem with its fix."""
+def validate(job: JobConfig, world_size: int | None = None) -> None:
+    """Cross-field checks; raises ConfigError listing every problem with its fix.
+
+    Checks that depend on the number of processes run only when `world_size` is given.
+    """
     errs = list(job.model.validate())
     t = job.train
     par = job.parallel
     if par.dp != -1 and par.dp < 1:
         errs.append(f"parallel.dp={par.dp} must be >= 1 (or -1 for world_size / (tp*pp*cp))")
     model_par = par.tp * par.pp * par.cp
-    if world_size % model_par:
+    if world_size is not None and world_size % model_par:
         errs.append(f"world size {world_size} is not divisible by tp*pp*cp = {model_par}; "
                     f"launch a multiple of {model_par} processes")
-    dp = par.dp if par.dp != -1 else max(1, world_size // model_par)
-    if par.dp != -1 and dp * model_par != world_size:
+    if world_size is None:
+        dp = par.dp if par.dp != -1 else 1
+    else:
+        dp = par.dp if par.dp != -1 else max(1, world_size // model_par)
+    if world_size is not None and par.dp != -1 and dp * model_par != world_size:
         errs.append(f"parallel.dp*tp*pp*cp = {dp * model_par} != world size {world_size}; "
                     f"set parallel.dp={world_size // model_par} or parallel.dp=-1")
     if t.global_batch_size % (t.micro_batch_size * dp):

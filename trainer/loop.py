@@ -222,7 +222,10 @@ def train(job, *, config_yaml: str = "", info: DistInfo | None = None) -> TrainR
                 if info.is_main:
                     print(f"[val] step {step} | loss {val:.4f} | ppl {math.exp(min(val, 50.0)):.2f}", flush=True)
             preempted = watcher.should_stop(info.device)
-            if job.checkpoint.enabled and (step % job.checkpoint.every == 0 or step == t.steps or preempted):
+            # Never checkpoint right after a skipped step (unless preempted: a skipped step leaves the
+            # weights as they were, so what is saved is the last good state).
+            due = finite and (step % job.checkpoint.every == 0 or step == t.steps)
+            if job.checkpoint.enabled and (due or preempted):
                 save(step)
             if preempted:
                 result.stop_reason = "preempted"

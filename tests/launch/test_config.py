@@ -1,0 +1,94 @@
+"""Config errors fail before anything starts and name the key and the fix."""
+
+import textwrap
+
+import pytest
+
+from titanforge.launch.config import ConfigError, JobConfig, load_config, validate
+from titanforge.parallel import LayoutError, ParallelDims
+from titanforge.parallel.config import ParallelConfig
+
+
+def test_defaults_and_overrides_are_typed():
+    job = load_config(None, ["data.path=d", "model.d_model=96", "optim.lr=1e-3", "wandb.tags=[a,b]"])
+    assert isinstance(job, JobConfig)
+    assert job.model.d_model == 96 and job.optim.lr == 1e-3 and job.wandb.tags == ["a", "b"]
+
+
+def test_preset_then_override_precedence(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("train:\n  steps: 7\n  micro_batch_size: 2\nmodel:\n  n_layers: 3\n")
+    job = load_config(preset, ["train.steps=9", "data.path=d"])
+    assert (job.train.steps, job.train.micro_batch_size, job.model.n_layers) == (9, 2, 3)
+
+
+def test_mistyped_key_names_closest_valid_one():
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.d_modle'.*did you mean 'model\.d_model'"):
+        load_config(None, ["model.d_modle=3"])
+
+
+def test_mistyped_key_in_yaml_names_file(tmp_path):
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("optim:\n  warmup_step: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown config key 'optim\.warmup_step'.*'optim\.warmup_steps'"):
+        load_config(preset)
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError, match=r"bad value for 'train\.steps'.*'abc'"):
+        load_config(None, ["data.path=d", "train.steps=abc"])
+
+
+def test_missing_value_names_key(tmp_path):
+    preset = tmp_path / "m.yaml"
+    preset.write_text(textwrap.dedent("""\
+        model:
+          d_model: 64
+        """))
+    with pytest.raises(ConfigError, match=r"without a value: 'data\.path' \(set it with data\.path="):
+        load_config(preset)
+    assert load_config(preset, ["data.path=somewhere"]).data.path == "somewhere"
+
+
+def test_override_without_equals_sign():
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config(None, ["data.path=d", "train.steps"])
+
+
+def test_missing_preset_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("no/such/preset.yaml")
+
+
+def test_batch_not_divisible_by_dp_spells_out_fix():
+    job = load_config(None, ["data.path=d", "train.global_batch_size=12", "train.micro_batch_size=4"])
+    with pytest.raises(ConfigError, match=r"global_batch_size=12 is not divisible by .* 4 \* 2; use a multiple of 8"):
+        validate(job, world_size=2)
+
+
+def test_heads_not_divisible_by_tp():
+    with pytest.raises(ConfigError, match=r"n_heads=4 .* not divisible by parallel\.tp=3"):
+        load_config(None, ["model.n_heads=4", "model.d_model=64", "parallel.tp=3", "data.path=d"])
+
+
+def test_every_problem_is_listed_at_once():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.path=d", "model.d_model=100", "model.n_heads=3", "optim.schedule=linear", "train.dtype=fp16"])
+    msg = str(err.value)
+    assert "d_model=100 is not divisible by model.n_heads=3" in msg
+    assert "optim.schedule='linear'" in msg and "train.dtype='fp16'" in msg
+
+
+@pytest.mark.parametrize("cfg,world,pattern", [
+    (ParallelConfig(dp=3), 4, r"dp\*tp\*pp\*cp = 3\*1\*1\*1 = 3 != world size 4; set parallel\.dp=4"),
+    (ParallelConfig(tp=3), 4, r"world size 4 is not divisible by tp\*pp\*cp = 3"),
+    (ParallelConfig(tp=2), 2, r"parallel tp=2 is not available in this release"),
+    (ParallelConfig(dp_backend="fsdp"), 2, r"dp_backend='fsdp' is not available"),
+])
+def test_impossible_layouts_rejected(cfg, world, pattern):
+    with pytest.raises(LayoutError, match=pattern):
+        ParallelDims.from_config(cfg, world)
+
+
+def test_dp_minus_one_takes_the_rest():
+    assert ParallelDims.from_config(ParallelConfig(), 4).dp == 4
