@@ -75,7 +75,13 @@ class Llama(nn.Module):
             nn.init.trunc_normal_(self.output.weight, std=self.cfg.init_std)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """6N for the matmuls (fwd + bwd) plus attention scores: 6 * L * T * C (PaLM appendix B)."""
+        """Training FLOPs per token: 6N for the weights plus 6 * L * T * C for attention.
+
+        N counts every non-embedding parameter (norm gains included, as in Kaplan et al.) plus the
+        LM head. Attention: QK^T and AV cost 2 * 2 * C flops per (query, key) pair; a causal query
+        sees T/2 keys on average, and backward costs twice forward, so 3 * 4 * C * T/2 per layer.
+        PaLM (appendix B) writes 12 * L * T * C because it ignores the causal mask.
+        """
         c = self.cfg
         n_params = sum(p.numel() for name, p in self.named_parameters() if "tok_embeddings" not in name)
         if self.output is None:
