@@ -219,5 +219,6 @@ class MoE(nn.Module):
 
     def flops_per_token(self) -> float:
         """Training FLOPs (forward + backward) per token: 6 * (router C*E + k experts of 3*C*H)."""
-        E, k = self.experts.w1.shape[0], self.cfg.top_k
+        # The router always scores all experts, even when expert parallelism shards the weights.
+        E, k = self.cfg.n_experts, self.cfg.top_k
         return 6.0 * (self.dim * E + k * 3 * self.dim * self.hidden)

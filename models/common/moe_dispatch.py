@@ -22,6 +22,7 @@ C model width, H expert hidden width.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -60,7 +61,8 @@ def apply_capacity(order: torch.Tensor, counts: torch.Tensor,
     Drop rule (deterministic, documented): within each expert the assignments are ranked by token
     index (the stable sort of `sort_tokens_by_expert`), and those ranked `capacity` or later are
     dropped; a dropped assignment contributes zero to its token's output (the residual carries the
-    token). Same as Megatron's `drop_policy="position"` and Switch Transformer.
+    token). This is Switch Transformer's rule and what Megatron's `drop_policy="position"` intends;
+    Megatron picks among equal mask values with torch.topk, which on CPU kept later positions.
     Returns the kept `order` [M], kept `counts` [E] and the number of dropped assignments (0-dim).
     """
     offsets = torch.cumsum(counts, 0) - counts  # [E] start of each segment
@@ -96,45 +98,46 @@ def _can_grouped_mm(x: torch.Tensor, *weights: torch.Tensor) -> bool:
                for w in weights)
 
 
-def _segment_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int], offs: torch.Tensor | None) -> torch.Tensor:
+def _segment_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int] | None,
+                offs: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] rows grouped by `counts`, w [E, K, N] -> [M, N]: x[segment e] @ w[e]."""
     if offs is not None:
         return torch._grouped_mm(x, w, offs=offs)
-    outs = [x[start:start + n] @ w[e] for e, (start, n) in enumerate(zip(_starts(counts), counts)) if n]
+    starts = itertools.accumulate(counts, initial=0)
+    outs = [x[start:start + n] @ w[e] for e, (start, n) in enumerate(zip(starts, counts)) if n]
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
-
-
-def _starts(counts: list[int]) -> list[int]:
-    starts, s = [], 0
-    for n in counts:
-        starts.append(s)
-        s += n
-    return starts
 
 
 def expert_forward(x_sorted: torch.Tensor, counts: torch.Tensor | list[int], w1: torch.Tensor,
                    w3: torch.Tensor, w2: torch.Tensor, *, grouped_mm: bool | None = None) -> torch.Tensor:
-    """SwiGLU experts on expert-sorted rows: segment e gets w2[e]^T-side of silu(x w1[e]) * (x w3[e]).
+    """SwiGLU experts on expert-sorted rows: row x in segment e -> (silu(x w1[e]) * (x w3[e])) w2[e].
 
     x_sorted: [M, C], rows of expert e contiguous, `counts[e]` of them, experts in order 0..E-1.
     w1, w3: [E, C, H]; w2: [E, H, C] (E may be the local experts of an expert-parallel rank).
     grouped_mm: None = use torch._grouped_mm where it runs (dtype and 16-byte strides), else a loop
     over experts; True/False force one path (True raises if it cannot run).
-    Returns [M, C] in the same row order.
+    Returns [M, C] in the same row order. The grouped path does not check on the host that the
+    counts sum to M (that would synchronise); the loop path does.
     """
     E = w1.shape[0]
-    counts_list = counts.tolist() if torch.is_tensor(counts) else list(counts)
-    if len(counts_list) != E or sum(counts_list) != x_sorted.shape[0]:
-        raise ValueError(f"expert_forward: counts {counts_list} must have one entry per expert ({E}) "
-                         f"and sum to the rows of x_sorted ({x_sorted.shape[0]})")
+    n_counts = counts.numel() if torch.is_tensor(counts) else len(counts)
+    if n_counts != E:
+        raise ValueError(f"expert_forward: counts has {n_counts} entries but the weights hold {E} experts")
     usable = _can_grouped_mm(x_sorted, w1, w3, w2)
     if grouped_mm and not usable:
         raise ValueError("expert_forward(grouped_mm=True): torch._grouped_mm needs float32/bf16/fp16 "
                          "and widths whose rows are multiples of 16 bytes; pass grouped_mm=None")
-    offs = None
+    offs, counts_list = None, None
     if usable and grouped_mm is not False:
-        offs = torch.tensor(counts_list, device=x_sorted.device).cumsum(0).to(torch.int32)
+        # Offsets stay on the device: the grouped path needs no host synchronisation.
+        counts_t = counts if torch.is_tensor(counts) else torch.tensor(counts)
+        offs = counts_t.to(x_sorted.device).cumsum(0).to(torch.int32)
         x_sorted = x_sorted.contiguous()
+    else:
+        counts_list = counts.tolist() if torch.is_tensor(counts) else list(counts)
+        if sum(counts_list) != x_sorted.shape[0]:
+            raise ValueError(f"expert_forward: counts sum to {sum(counts_list)} but x_sorted has "
+                             f"{x_sorted.shape[0]} rows")
     h = F.silu(_segment_mm(x_sorted, w1, counts_list, offs)) * _segment_mm(x_sorted, w3, counts_list, offs)
     y = _segment_mm(h, w2, counts_list, offs)
     return _ContiguousGrad.apply(y) if offs is not None else y
