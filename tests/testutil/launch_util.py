@@ -1,0 +1,63 @@
+"""Run `titanforge train` as a real subprocess (torchrun for --nproc > 1) and read its metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    return e
+
+
+def command(config: str, overrides: list[str], nproc: int = 1) -> list[str]:
+    return [sys.executable, "-m", "titanforge.launch.cli", "train", str(ROOT / config), *overrides,
+            "--nproc", str(nproc)]
+
+
+def run(config: str, overrides: list[str], nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command(config, overrides, nproc), env=env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start(config: str, overrides: list[str], nproc: int = 1) -> subprocess.Popen:
+    """Start in a new process group, so the whole job (torchrun and its workers) can be killed."""
+    return subprocess.Popen(command(config, overrides, nproc), env=env(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    """step -> loss; a step logged twice (replayed after a crash) keeps its last value."""
+    return {m["step"]: m["loss"] for m in metrics(output_dir) if "loss" in m}
+
+
+def wait_for_step(proc: subprocess.Popen, output_dir: Path, step: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if max(losses(output_dir), default=0) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"job exited with {proc.returncode} before step {step}:\n{proc.stdout.read()}")
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
