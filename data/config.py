@@ -8,12 +8,16 @@ from dataclasses import dataclass
 @dataclass
 class DataConfig:
     # Directory holding manifest.json and the train/ and val/ webdataset shards
-    # (written by `titanforge prepare`). Mandatory: presets set it, e.g. runs/data/shakespeare-gpt2.
-    # "???" is OmegaConf's marker for a value that must be given.
-    path: str = "???"
+    # (written by `titanforge prepare`).
+    path: str = "runs/data/shakespeare-gpt2"
     # DataLoader worker processes per rank (the stream position does not depend on it).
     num_workers: int = 0
     # What to do with a truncated or garbage shard: skip (warn and count) | fail (raise naming it).
     on_corrupt: str = "skip"
     # Shuffle the shard order and samples each epoch (deterministic in the seed and epoch).
     shuffle: bool = True
+    # Check every shard's sha256 against the manifest when it is read (catches altered bytes that
+    # keep the tar readable; costs about 1 ms per MB).
+    verify_checksums: bool = True
+    # Pin batches in page-locked memory for faster host-to-GPU copies (ignored without CUDA).
+    pin_memory: bool = False

@@ -1,0 +1,189 @@
+"""Train and validation loaders over prepared shards: what the trainer iterates and checkpoints.
+
+    loader = build_train_loader(cfg, micro_batch_size=4, dp_rank=r, dp_size=n, seed=0)
+    batch = next(loader)        # {"tokens": int64 [4, seq_len + 1], "index": int64 [4] source row ids}
+    state = loader.state_dict() # position of the next unseen sample of this rank
+    val = build_val_loader(cfg, micro_batch_size=4, dp_rank=r, dp_size=n)  # len(val) batches, same each pass
+
+The train loader is an endless stream over epochs (order.py), the val loader one unshuffled pass
+of len(val) batches, equal on every rank. webdataset supplies the shard format and tar reading;
+it has no resumable position and splits by the RANK/WORLD_SIZE environment rather than the
+data-parallel rank, so the order is ours: splits follow the dp_rank/dp_size passed in, and the
+seed must be the same on every rank. The validation loader reads in the calling process
+(num_workers 0): an evaluation takes a few batches, and forking workers for each would cost more.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch.utils.data import DataLoader
+
+from titanforge.data.config import DataConfig
+from titanforge.data.order import RankOrder
+from titanforge.data.shards import DataError, read_manifest
+from titanforge.data.stream import TokenStream, keep_numpy
+
+logger = logging.getLogger("titanforge.data")
+STATE_VERSION = 1
+
+
+def _check(cfg: DataConfig, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int) -> None:
+    if cfg.on_corrupt not in ("skip", "fail"):
+        raise ValueError(f"data.on_corrupt={cfg.on_corrupt!r} must be skip | fail")
+    if not isinstance(cfg.num_workers, int) or cfg.num_workers < 0:
+        raise ValueError(f"data.num_workers={cfg.num_workers!r} must be an integer >= 0")
+    if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size={micro_batch_size!r} must be a positive integer")
+    if not isinstance(dp_size, int) or dp_size < 1 or not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank!r} / dp_size={dp_size!r}: need 0 <= dp_rank < dp_size "
+                         f"(the data-parallel rank and degree, not the global ones)")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be a non-negative integer, the same on every rank")
+
+
+class _Loader:
+    def __init__(self, cfg: DataConfig, manifest: dict, split: str, micro_batch_size: int, dp_rank: int,
+                 dp_size: int, seed: int, shuffle: bool, num_workers: int):
+        self.cfg, self.manifest, self.split = cfg, manifest, split
+        self.micro_batch_size, self.num_workers = micro_batch_size, num_workers
+        self.shards = manifest["splits"][split]["shards"]
+        self.order = RankOrder([s["samples"] for s in self.shards], dp_rank, dp_size, seed, shuffle)
+        if self.order.per_rank < 1:
+            raise DataError(f"the {split} split of {manifest['root']} has {self.order.total} samples, fewer than "
+                            f"dp_size={dp_size}; prepare more data (or a larger --val-fraction for val), a smaller "
+                            f"--seq-len, or use fewer data-parallel ranks")
+        self.stats = {"batches": 0, "samples": 0, "corrupt_shards": 0, "skipped_samples": 0}
+        self._pin = cfg.pin_memory and torch.cuda.is_available()
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples this rank reads per epoch."""
+        return self.order.per_rank
+
+    def _open(self, start: int, max_batches: int | None = None):
+        stream = TokenStream(self.manifest["root"], self.shards, self.manifest["sample_len"], self.manifest["dtype"],
+                             self.order, self.micro_batch_size, start, self.cfg.on_corrupt,
+                             self.cfg.verify_checksums, max_batches)
+        if self.num_workers == 0:
+            return iter(stream)
+        return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=keep_numpy,
+                               in_order=True))
+
+    def _finish(self, batch: dict) -> tuple[dict, int]:
+        """Strip the stream's bookkeeping from a batch; count and report skipped shards."""
+        next_position = int(batch.pop("_next"))
+        for event in batch.pop("_events"):
+            self.stats["corrupt_shards"] += 1
+            self.stats["skipped_samples"] += event["samples"]
+            logger.warning("skipped %s of the %s split (%d samples): %s", event["shard"], self.split,
+                           event["samples"], event["reason"])
+        self.stats["batches"] += 1
+        self.stats["samples"] += self.micro_batch_size
+        batch = {k: torch.from_numpy(v) for k, v in batch.items()}
+        if self._pin:
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return batch, next_position
+
+
+class TrainLoader(_Loader):
+    """Endless, resumable batch stream of one data-parallel rank (an iterator)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The position (in this rank's stream) of the next sample the consumer has not seen.
+        self.position = 0
+        self._it = None
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.order.per_rank
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = self._open(self.position)
+        batch, self.position = self._finish(next(self._it))
+        return batch
+
+    def close(self) -> None:
+        """Stop the worker processes (a later next() starts new ones at the same position)."""
+        self._it = None
+
+    def state_dict(self) -> dict:
+        o = self.order
+        return {"version": STATE_VERSION, "position": self.position, "epoch": self.epoch,
+                "samples_per_epoch": o.per_rank, "dp_rank": o.dp_rank, "dp_size": o.dp_size, "seed": o.seed,
+                "shuffle": o.shuffle, "fingerprint": self.manifest["fingerprint"], "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue at the saved position: the next batch starts with the first sample not yet seen.
+
+        Exact for any num_workers and micro_batch_size. With another dp_size, seed or shuffle the
+        saved position means other samples; the stream then resumes at the same epoch and the same
+        fraction of it, with a warning (some samples of that epoch repeat or are left out).
+        """
+        missing = [k for k in ("version", "position", "samples_per_epoch", "dp_size", "seed", "shuffle",
+                               "fingerprint") if k not in state]
+        if missing:
+            raise ValueError(f"data loader state lacks {missing}; it was not written by TrainLoader.state_dict()")
+        if state["version"] != STATE_VERSION:
+            raise ValueError(f"data loader state version {state['version']} is not {STATE_VERSION}")
+        if state["fingerprint"] != self.manifest["fingerprint"]:
+            raise ValueError(f"the checkpoint's data position belongs to other data (fingerprint "
+                             f"{state['fingerprint'][:12]}) than data.path={self.manifest['root']} "
+                             f"({self.manifest['fingerprint'][:12]}); point data.path at the data the run started "
+                             f"with, or start a new run (checkpoint.resume=never)")
+        o = self.order
+        position = int(state["position"])
+        if (state["dp_size"], state["seed"], state["shuffle"]) != (o.dp_size, o.seed, o.shuffle):
+            epoch, offset = divmod(position, int(state["samples_per_epoch"]))
+            position = epoch * o.per_rank + offset * o.per_rank // int(state["samples_per_epoch"])
+            logger.warning("data position saved with dp_size=%s seed=%s shuffle=%s, now %s/%s/%s: resuming at "
+                           "epoch %d, %.1f%% through it (not sample-exact)", state["dp_size"], state["seed"],
+                           state["shuffle"], o.dp_size, o.seed, o.shuffle, epoch,
+                           100.0 * offset / state["samples_per_epoch"])
+        self.position = position
+        self.stats.update(state.get("stats", {}))
+        self._it = None
+
+
+class ValLoader(_Loader):
+    """len(self) batches of this rank's share of the val split, in the same order on every pass."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_batches = self.order.per_rank // self.micro_batch_size
+        if self.num_batches < 1:
+            raise DataError(f"the val split of {self.manifest['root']} gives each of {self.order.dp_size} ranks "
+                            f"{self.order.per_rank} samples, fewer than micro_batch_size={self.micro_batch_size}; "
+                            f"re-run prepare with a larger --val-fraction or lower train.micro_batch_size")
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        # Unshuffled, a pass past the end wraps to the start: shards skipped as corrupt are made up
+        # for by repeats, so every rank still yields len(self) batches.
+        for batch in self._open(0, max_batches=self.num_batches):
+            yield self._finish(batch)[0]
+
+
+def build_train_loader(cfg: DataConfig, *, micro_batch_size: int, dp_rank: int, dp_size: int,
+                       seed: int) -> TrainLoader:
+    _check(cfg, micro_batch_size, dp_rank, dp_size, seed)
+    manifest = read_manifest(cfg.path)
+    return TrainLoader(cfg, manifest, "train", micro_batch_size, dp_rank, dp_size, seed, cfg.shuffle, cfg.num_workers)
+
+
+def build_val_loader(cfg: DataConfig, *, micro_batch_size: int, dp_rank: int, dp_size: int) -> ValLoader:
+    _check(cfg, micro_batch_size, dp_rank, dp_size, 0)
+    manifest = read_manifest(cfg.path)
+    if manifest["splits"]["val"]["samples"] == 0:
+        raise DataError(f"{os.path.join(manifest['root'], 'manifest.json')} has no val split (prepared with "
+                        f"--val-fraction 0); re-run `titanforge prepare` with --val-fraction > 0 or set train.val_every=0")
+    return ValLoader(cfg, manifest, "val", micro_batch_size, dp_rank, dp_size, 0, False, 0)
