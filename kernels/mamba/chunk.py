@@ -1,0 +1,243 @@
+"""Chunked scans for the Mamba mixers in plain PyTorch, fast on CPU.
+
+Mamba-1 (`chunk_selective_scan`, Gu & Dao 2023, arXiv 2312.00752): the decay Ā_t = exp(Δ_t A) is
+per channel AND per state (A is [D, N]), so there is no matmul form (Mamba-2 has one because its
+decay is a scalar per head). The recurrence h_t = Ā_t ⊙ h_{t-1} + x_t is an elementwise linear
+scan over [B, T, D, N]; we run it as a two-level chunked scan:
+
+1. within chunks of L steps, a loop over the L positions, vectorised over all T/L chunks at once
+   (state from zero);
+2. across chunks, a loop over the T/L chunk boundaries on [B, D, N] carries the state;
+3. one vectorised correction h_t += (Π_{s<=t in chunk} Ā_s) ⊙ carry_c.
+
+That is L + T/L Python steps instead of T, each on a large tensor, and only products of decays
+in (0, 1] appear: unlike the "cumulative log-decay" factorisation exp(S_t) exp(-S_s) (fine for
+Mamba-2 with its small per-head chunks), nothing can overflow however large Δ A gets. The
+backward is the same scan run backwards in time (see README.md for the derivation), written by
+hand in an autograd.Function so that only u, Δ, B, C and the states h are kept for backward.
+
+Mamba-2 (`chunk_ssd`): the chunked SSD of Dao & Gu 2024 (arXiv 2405.21060), the
+`ssd_minimal_discrete` listing of mamba_ssm, with padding to a whole number of chunks, B/C groups
+and an initial state; autograd differentiates it.
+
+Axis glossary: B batch, T time, D inner channels, N state size, L chunk length, H heads, P head
+dim, G groups.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _pad_time(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """Zero-pad dim 1 (time) by `pad`; Δ = 0 there means decay 1 and no input: the state is kept."""
+    return F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) if pad else t
+
+
+def _chunks(t: torch.Tensor, L: int) -> torch.Tensor:
+    return t.view(t.shape[0], t.shape[1] // L, L, *t.shape[2:])
+
+
+def selective_scan_fwd(u, delta, A, B, C, h0, L):
+    """Returns y [B, T, D], the padded states h [B, nc, L, D, N] (kept for backward), h_{T-1}."""
+    Bsz, T, Dn = u.shape
+    pad = (-T) % L
+    u, delta, B, C = (_chunks(_pad_time(t, pad), L) for t in (u, delta, B, C))
+    nc = u.shape[1]
+    v = delta * u  # [B, nc, L, D]
+    h = u.new_empty(Bsz, nc, L, Dn, A.shape[-1])
+    # 1. Scan within every chunk at once, from a zero state: h_l = Ā_l h_{l-1} + Δ_l u_l B_l.
+    for l in range(L):
+        x_l = v[:, :, l, :, None] * B[:, :, l, None, :]  # [B, nc, D, N]
+        if l == 0:
+            h[:, :, 0] = x_l
+        else:
+            torch.addcmul(x_l, torch.exp(delta[:, :, l, :, None] * A), h[:, :, l - 1], out=h[:, :, l])
+    # 2. Carry the state across chunk boundaries; exp(A Σ Δ) is the decay from the chunk start.
+    cum = delta.cumsum(2)  # [B, nc, L, D]
+    end_decay = torch.exp(cum[:, :, -1, :, None] * A)  # [B, nc, D, N]
+    carry = h0 if h0 is not None else h.new_zeros(Bsz, Dn, A.shape[-1])
+    carries = torch.empty_like(end_decay)
+    for c in range(nc):
+        carries[:, c] = carry
+        carry = torch.addcmul(h[:, c, -1], end_decay[:, c], carry)
+    # 3. Add the carried state's decayed contribution and read out y_l = h_l C_l, slice by slice
+    # so each [B, nc, D, N] slice is reused while it is in cache.
+    y = u.new_empty(Bsz, nc, L, Dn)
+    for l in range(L):
+        h_l = h[:, :, l]
+        h_l.addcmul_(torch.exp(cum[:, :, l, :, None] * A), carries)
+        y[:, :, l] = torch.matmul(h_l, C[:, :, l, :, None]).squeeze(-1)
+    return y.view(Bsz, nc * L, Dn)[:, :T], h, carry
+
+
+def selective_scan_bwd(gy, gh_last, u, delta, A, B, C, h0, h, L):
+    """Adjoint of `selective_scan_fwd` (README.md): g_t = dL/dh_t runs the scan backwards,
+    g_t = gy_t C_t + Ā_{t+1} g_{t+1}, then every input gradient is a local product with g_t."""
+    Bsz, T, Dn = u.shape
+    N = A.shape[-1]
+    pad = (-T) % L
+    gy, u, delta, B, C = (_chunks(_pad_time(t, pad), L) for t in (gy, u, delta, B, C))
+    nc = u.shape[1]
+    # Decay applied when stepping back from t+1 to t is Ā_{t+1}: shift Δ one step left.
+    dnext = _chunks(F.pad(delta.reshape(Bsz, nc * L, Dn)[:, 1:], (0, 0, 0, 1)), L)
+    g = torch.empty_like(h)
+    for l in reversed(range(L)):
+        gh_l = gy[:, :, l, :, None] * C[:, :, l, None, :]
+        if l == L - 1:
+            g[:, :, l] = gh_l
+        else:
+            torch.addcmul(gh_l, torch.exp(dnext[:, :, l, :, None] * A), g[:, :, l + 1], out=g[:, :, l])
+    rcum = dnext.flip(2).cumsum(2).flip(2)  # Σ_{j >= l} Δ_{j+1} within the chunk
+    start_decay = torch.exp(rcum[:, :, 0, :, None] * A)
+    carry = gh_last if gh_last is not None else g.new_zeros(Bsz, Dn, N)
+    carries = torch.empty_like(start_decay)
+    for c in reversed(range(nc)):
+        carries[:, c] = carry
+        carry = torch.addcmul(g[:, c, 0], start_decay[:, c], carry)
+
+    h0 = h0 if h0 is not None else h.new_zeros(Bsz, Dn, N)
+    # h_{t-1} at each chunk's first position: the previous chunk's last state (h0 for the first).
+    h_before = torch.cat([h0[:, None], h[:, :-1, -1]], 1)  # [B, nc, D, N]
+    v = delta * u
+    gu, gdelta = torch.empty_like(u), torch.empty_like(u)
+    gB, gC = torch.empty_like(B), torch.empty_like(C)
+    gA = torch.zeros_like(A)
+    for l in range(L):
+        g_l = g[:, :, l]
+        g_l.addcmul_(torch.exp(rcum[:, :, l, :, None] * A), carries)
+        h_prev = h[:, :, l - 1] if l else h_before
+        # dL/d(Δ A) = g_t ⊙ h_{t-1} ⊙ Ā_t
+        gdA = g_l * h_prev * torch.exp(delta[:, :, l, :, None] * A)  # [B, nc, D, N]
+        gv = torch.matmul(g_l, B[:, :, l, :, None]).squeeze(-1)  # dL/d(Δ u), [B, nc, D]
+        gdelta[:, :, l] = (gdA * A).sum(-1) + gv * u[:, :, l]
+        gu[:, :, l] = gv * delta[:, :, l]
+        gA += torch.einsum("bcdn,bcd->dn", gdA, delta[:, :, l])
+        gB[:, :, l] = torch.matmul(v[:, :, l, None, :], g_l).squeeze(-2)
+        gC[:, :, l] = torch.matmul(gy[:, :, l, None, :], h[:, :, l]).squeeze(-2)
+    gh0 = torch.exp(delta[:, 0, 0, :, None] * A) * g[:, 0, 0]
+    unpad = lambda t: t.reshape(Bsz, nc * L, *t.shape[3:])[:, :T]  # noqa: E731
+    return unpad(gu), unpad(gdelta), gA, unpad(gB), unpad(gC), gh0
+
+
+class SelectiveScanFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, h0, chunk_size):
+        L = max(1, min(chunk_size, u.shape[1]))
+        y, h, h_last = selective_scan_fwd(u, delta, A, B, C, h0, L)
+        ctx.save_for_backward(u, delta, A, B, C, h0, h)
+        ctx.L = L
+        return y, h_last
+
+    @staticmethod
+    def backward(ctx, gy, gh_last):
+        u, delta, A, B, C, h0, h = ctx.saved_tensors
+        gu, gdelta, gA, gB, gC, gh0 = selective_scan_bwd(gy.contiguous(), gh_last, u, delta, A, B, C,
+                                                          h0, h, ctx.L)
+        return gu, gdelta, gA, gB, gC, (gh0 if h0 is not None else None), None
+
+
+def _check(name: str, t: torch.Tensor, shape: tuple) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
+def chunk_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                         C: torch.Tensor, D: torch.Tensor | None = None,
+                         initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+                         chunk_size: int = 64):
+    """Mamba-1 selective scan, chunked (see module docstring).
+
+    u, delta: [B, T, D] (delta after softplus), A: [D, N] (negative), B, C: [B, T, N], D: [D],
+    initial_state: [B, D, N]. Returns y [B, T, D] and the final state [B, D, N] (None unless
+    `output_final_state`). Computes in the dtype of u; pass float32 or float64.
+    """
+    if u.dim() != 3:
+        raise ValueError(f"u must be [B, T, D], got shape {tuple(u.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    Bsz, T, Dn = u.shape
+    N = A.shape[-1]
+    _check("delta", delta, (Bsz, T, Dn))
+    _check("A", A, (Dn, N))
+    _check("B", B, (Bsz, T, N))
+    _check("C", C, (Bsz, T, N))
+    if D is not None:
+        _check("D", D, (Dn,))
+    if initial_state is not None:
+        _check("initial_state", initial_state, (Bsz, Dn, N))
+        initial_state = initial_state.to(u.dtype)
+    y, h_last = SelectiveScanFunction.apply(u, delta, A.to(u.dtype), B, C, initial_state, chunk_size)
+    if D is not None:
+        y = y + u * D
+    return y, (h_last if output_final_state else None)
+
+
+def segsum(x: torch.Tensor) -> torch.Tensor:
+    """x [..., L] -> [..., L, L] with out[i, j] = sum_{j < s <= i} x_s (i >= j), -inf above the diagonal.
+
+    Built by a masked cumulative sum rather than a difference of cumsums, which is exact (ssd_minimal).
+    """
+    L = x.shape[-1]
+    x = x[..., None].expand(*x.shape, L)  # [..., L(i), L(j)] holding x_i
+    strict = torch.tril(torch.ones(L, L, dtype=torch.bool, device=x.device), diagonal=-1)
+    x = x.masked_fill(~strict, 0)
+    out = torch.cumsum(x, dim=-2)
+    lower = torch.tril(torch.ones(L, L, dtype=torch.bool, device=x.device), diagonal=0)
+    return out.masked_fill(~lower, float("-inf"))
+
+
+def chunk_ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+              D: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
+              output_final_state: bool = False, chunk_size: int = 64):
+    """Mamba-2 SSD, chunked (ssd_minimal_discrete with padding, groups, initial state).
+
+    x: [B, T, H, P], dt: [B, T, H] (after softplus), A: [H] (negative), B, C: [B, T, G, N] with
+    H % G == 0, D: [H], initial_state: [B, H, P, N]. Returns y [B, T, H, P] and the final state
+    [B, H, P, N] (None unless `output_final_state`).
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must be [B, T, H, P], got shape {tuple(x.shape)}")
+    Bsz, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[-1]
+    if H % G:
+        raise ValueError(f"heads H={H} must be divisible by the B/C groups G={G}")
+    _check("dt", dt, (Bsz, T, H))
+    _check("A", A, (H,))
+    _check("B", B, (Bsz, T, G, N))
+    _check("C", C, (Bsz, T, G, N))
+    if initial_state is not None:
+        _check("initial_state", initial_state, (Bsz, H, P, N))
+    L = max(1, min(chunk_size, T))
+    pad = (-T) % L
+    X = x * dt[..., None]
+    Adt = dt * A  # log-decay per step, [B, T, H]
+    Bh, Ch = B.repeat_interleave(H // G, dim=2), C.repeat_interleave(H // G, dim=2)
+    if pad:
+        # Zero input and zero log-decay (decay 1) leave the state unchanged past T.
+        X, Bh, Ch = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (X, Bh, Ch))
+        Adt = F.pad(Adt, (0, 0, 0, pad))
+    nc = X.shape[1] // L
+    X, Bh, Ch = (t.reshape(Bsz, nc, L, H, -1) for t in (X, Bh, Ch))
+    Adt = Adt.reshape(Bsz, nc, L, H).permute(0, 3, 1, 2)  # [B, H, nc, L]
+    A_cum = torch.cumsum(Adt, dim=-1)
+
+    # Intra-chunk (diagonal blocks): y_l = sum_{s<=l} C_l·B_s exp(sum_{s<r<=l} Adt_r) X_s.
+    Lmat = torch.exp(segsum(Adt))  # [B, H, nc, L, L]
+    Y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", Ch, Bh, Lmat, X)
+    # State each chunk contributes at its end.
+    decay_states = torch.exp(A_cum[..., -1:] - A_cum)  # [B, H, nc, L]
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bh, decay_states, X)
+    # Inter-chunk recurrence over chunk boundaries.
+    h0 = initial_state.to(X.dtype) if initial_state is not None else torch.zeros_like(states[:, 0])
+    states = torch.cat([h0[:, None], states], dim=1)  # [B, nc+1, H, P, N]
+    decay_chunk = torch.exp(segsum(F.pad(A_cum[..., -1], (1, 0))))  # [B, H, nc+1, nc+1]
+    new_states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)
+    states, final_state = new_states[:, :-1], new_states[:, -1]
+    # State -> output within each chunk.
+    Y_off = torch.einsum("bclhn,bhcl,bchpn->bclhp", Ch, torch.exp(A_cum), states)
+    y = (Y_diag + Y_off).reshape(Bsz, nc * L, H, P)[:, :T]
+    if D is not None:
+        y = y + x * D[:, None]
+    return y, (final_state if output_final_state else None)

@@ -1,0 +1,114 @@
+"""Chunked Mamba-1 scan and Mamba-2 SSD against the sequential references in float64:
+outputs, the final state and the gradients of every input (incl. the initial state), on odd
+lengths; and two pieces with the state carried equal one pass."""
+
+import pytest
+import torch
+
+from titanforge.kernels.mamba import chunk_selective_scan, chunk_ssd, naive_selective_scan, naive_ssd
+
+
+def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def mamba1_inputs(Bsz, T, D, N, dtype=torch.float64):
+    g = torch.Generator().manual_seed(T * 7 + D)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    return dict(
+        u=r(Bsz, T, D),
+        # softplus output range: small and large steps, so some decays are ~0 and some ~1.
+        delta=torch.nn.functional.softplus(r(Bsz, T, D) * 2 - 1),
+        A=-torch.exp(r(D, N) * 0.5),
+        B=r(Bsz, T, N),
+        C=r(Bsz, T, N),
+        D=r(D),
+        initial_state=r(Bsz, D, N),
+    )
+
+
+def run_with_grads(fn, inputs, seed=1):
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    y, h = fn(**leaves, output_final_state=True)
+    g = torch.Generator().manual_seed(seed)
+    # Random cotangents on both outputs, so the final-state path is checked too.
+    loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum() \
+        + (h * torch.randn(h.shape, generator=g, dtype=h.dtype)).sum()
+    loss.backward()
+    return y.detach(), h.detach(), {k: v.grad for k, v in leaves.items()}
+
+
+@pytest.mark.parametrize("T,chunk", [(63, 16), (100, 64), (5, 8), (37, 1)])
+def test_selective_scan_matches_naive(T, chunk):
+    inputs = mamba1_inputs(2, T, 24, 5)
+    y_ref, h_ref, g_ref = run_with_grads(naive_selective_scan, inputs)
+    y, h, g = run_with_grads(lambda **kw: chunk_selective_scan(**kw, chunk_size=chunk), inputs)
+    assert rel_rms(y, y_ref) < 1e-12
+    assert rel_rms(h, h_ref) < 1e-12
+    for k in g_ref:
+        assert rel_rms(g[k], g_ref[k]) < 1e-10, k
+
+
+def test_selective_scan_without_initial_state_and_float32():
+    inputs = mamba1_inputs(1, 63, 16, 4)
+    inputs.pop("initial_state")
+    y_ref, _ = naive_selective_scan(**inputs)
+    y, h = chunk_selective_scan(**{k: v.float() for k, v in inputs.items()}, chunk_size=16)
+    assert h is None
+    assert rel_rms(y.double(), y_ref) < 1e-5
+
+
+def test_selective_scan_split_equals_one_pass():
+    inputs = mamba1_inputs(2, 100, 12, 4)
+    y_full, h_full = chunk_selective_scan(**inputs, output_final_state=True, chunk_size=16)
+    first = {k: (v[:, :41] if v.dim() == 3 and k not in ("A", "initial_state") else v) for k, v in inputs.items()}
+    second = {k: (v[:, 41:] if v.dim() == 3 and k not in ("A", "initial_state") else v) for k, v in inputs.items()}
+    y1, h1 = chunk_selective_scan(**first, output_final_state=True, chunk_size=16)
+    second["initial_state"] = h1
+    y2, h2 = chunk_selective_scan(**second, output_final_state=True, chunk_size=16)
+    assert rel_rms(torch.cat([y1, y2], 1), y_full) < 1e-12
+    assert rel_rms(h2, h_full) < 1e-12
+
+
+def test_selective_scan_bad_shapes():
+    inputs = mamba1_inputs(1, 10, 8, 4)
+    inputs["B"] = inputs["B"][:, :, :3]
+    with pytest.raises(ValueError, match="B has shape"):
+        chunk_selective_scan(**inputs)
+
+
+def ssd_inputs(Bsz, T, H, P, G, N, dtype=torch.float64):
+    g = torch.Generator().manual_seed(T + H)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    return dict(x=r(Bsz, T, H, P), dt=torch.nn.functional.softplus(r(Bsz, T, H) - 1),
+                A=-torch.exp(r(H) * 0.5), B=r(Bsz, T, G, N), C=r(Bsz, T, G, N), D=r(H),
+                initial_state=r(Bsz, H, P, N))
+
+
+@pytest.mark.parametrize("T,chunk,G", [(63, 16, 1), (100, 32, 3), (7, 64, 3)])
+def test_ssd_matches_naive(T, chunk, G):
+    inputs = ssd_inputs(2, T, 3 * 2 if G == 3 else 3, 5, G, 7)
+    y_ref, h_ref, g_ref = run_with_grads(naive_ssd, inputs)
+    y, h, g = run_with_grads(lambda **kw: chunk_ssd(**kw, chunk_size=chunk), inputs)
+    assert rel_rms(y, y_ref) < 1e-12
+    assert rel_rms(h, h_ref) < 1e-12
+    for k in g_ref:
+        assert rel_rms(g[k], g_ref[k]) < 1e-10, k
+
+
+def test_ssd_split_equals_one_pass():
+    inputs = ssd_inputs(1, 100, 4, 3, 2, 5)
+    y_full, h_full = chunk_ssd(**inputs, output_final_state=True, chunk_size=16)
+    cut = lambda sl: {k: (v[:, sl] if k in ("x", "dt", "B", "C") else v) for k, v in inputs.items()}  # noqa: E731
+    y1, h1 = chunk_ssd(**cut(slice(0, 57)), output_final_state=True, chunk_size=16)
+    second = cut(slice(57, None))
+    second["initial_state"] = h1
+    y2, h2 = chunk_ssd(**second, output_final_state=True, chunk_size=16)
+    assert rel_rms(torch.cat([y1, y2], 1), y_full) < 1e-12
+    assert rel_rms(h2, h_full) < 1e-12
+
+
+def test_ssd_bad_groups():
+    inputs = ssd_inputs(1, 10, 4, 3, 3, 5)
+    with pytest.raises(ValueError, match="divisible"):
+        chunk_ssd(**inputs)
