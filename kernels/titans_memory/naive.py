@@ -45,7 +45,9 @@ def naive_titans_memory(q, k, v, theta, eta, alpha, *, weights, momentum=None, c
     outs = []
     for t in range(T):
         if t % chunk_size == 0:
-            W0 = W
+            # A fresh view, so autograd.grad below is the partial derivative through the memory
+            # only, even when k and v themselves depend on these weights (MAC's retrieved tokens).
+            W0 = [w.view_as(w) for w in W]
         # Eq. 15: retrieval is a forward pass without a weight update.
         outs.append(mlp_forward(W0, q[:, t, :, None, :], activation)[:, :, 0])
         # Eq. 12: l(M; x_t) = ||M(k_t) - v_t||^2, summed over (b, h): each slice of W0 only sees its own.

@@ -1,0 +1,146 @@
+"""The Titans neural long-term memory as a layer (Behrouz et al. 2025, Sec. 3.1 and 4.4).
+
+x -> q, k, v by linear projections, each followed by a depthwise causal 1-D convolution and SiLU;
+q and k l2-normalised. Per-token, per-head gates theta (step), eta (momentum decay), alpha
+(forgetting) are linear functions of x through a sigmoid. The memory itself is a per-head MLP
+with learnable initial weights, updated by `chunk_titans_memory` (kernels/titans_memory) and read
+with y = M*(q). The read passes through a per-head RMSNorm and a learned gate sigmoid(x W_g)
+before the output projection (Sec. 4.4, "normalization and a linear gate").
+
+Choices where the paper is silent:
+- theta = theta_max * sigmoid(.) (theta_max = 0.1) with bias -2 at init (theta ~ 0.012); eta bias
+  0 (eta ~ 0.5), alpha bias -4 (alpha ~ 0.02). A chunk sums b gradients taken at one point and
+  momentum multiplies the step by ~1/(1 - eta); with theta = 0.12, eta = 0.88, b = 16 the memory
+  of a 2-layer model diverged within 100 tokens, so the initial effective step is kept < 1/b.
+- Memory weights init with std 1/sqrt(d_in) (variance-preserving), shared over the batch.
+- `gate_granularity` > 1 pools the gate logits over blocks of that many tokens (titans-pytorch
+  pools per chunk); the paper's per-token gates are the default.
+
+Axis glossary: B batch, T time, C model width, H heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from titanforge.kernels.titans_memory import chunk_titans_memory, titans_memory_retrieve
+from titanforge.models.common import RMSNorm
+from titanforge.models.titans.config import TitansConfig
+
+
+class ShortConv(nn.Module):
+    """Depthwise causal 1-D convolution over time; `cache` (the last K-1 inputs) continues a stream."""
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__()
+        self.kernel = kernel
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel))
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None):
+        B, T, C = x.shape
+        pad = cache if cache is not None else x.new_zeros(B, self.kernel - 1, C)
+        xp = torch.cat([pad, x], dim=1)  # [B, K-1+T, C]
+        y = F.conv1d(xp.transpose(1, 2), self.weight, groups=C).transpose(1, 2)
+        return y, xp[:, xp.shape[1] - (self.kernel - 1):]
+
+    def init_weights(self) -> None:
+        # Start near identity (last tap 1) so the projections pass through at init.
+        with torch.no_grad():
+            nn.init.normal_(self.weight, std=0.02)
+            self.weight[:, :, -1] += 1.0
+
+
+class NeuralMemory(nn.Module):
+    """Long-term memory mixer: forward(x [B, T, C], state) -> (out [B, T, C], state)."""
+
+    def __init__(self, dim: int, n_heads: int, cfg: TitansConfig, init_std: float = 0.02):
+        super().__init__()
+        self.cfg, self.init_std = cfg, init_std
+        H, D = n_heads, dim // n_heads
+        self.head_dim = D
+        self.wq, self.wk, self.wv = (nn.Linear(dim, H * D, bias=False) for _ in range(3))
+        self.conv_q, self.conv_k, self.conv_v = (ShortConv(H * D, cfg.conv_kernel) for _ in range(3))
+        # One linear per gate (not one fused [3H] output) so tensor parallel can shard heads.
+        self.w_theta, self.w_eta, self.w_alpha = (nn.Linear(dim, H) for _ in range(3))
+        widths = [D] + [D * cfg.memory_expansion] * (cfg.memory_depth - 1) + [D]
+        self.memory = nn.ParameterList([nn.Parameter(torch.empty(H, i, o)) for i, o in zip(widths[:-1], widths[1:])])
+        self.out_norm = RMSNorm(D)
+        self.w_gate = nn.Linear(dim, H * D, bias=False)
+        self.wo = nn.Linear(H * D, dim, bias=False)
+
+    def init_weights(self, out_std: float | None = None) -> None:
+        for lin in (self.wq, self.wk, self.wv, self.w_gate):
+            nn.init.trunc_normal_(lin.weight, std=self.init_std)
+        nn.init.trunc_normal_(self.wo.weight, std=out_std or self.init_std)
+        for conv in (self.conv_q, self.conv_k, self.conv_v):
+            conv.init_weights()
+        for lin, bias in ((self.w_theta, -2.0), (self.w_eta, 0.0), (self.w_alpha, -4.0)):
+            nn.init.trunc_normal_(lin.weight, std=self.init_std)
+            nn.init.constant_(lin.bias, bias)
+        for w in self.memory:
+            nn.init.normal_(w, std=1.0 / math.sqrt(w.shape[1]))
+        self.out_norm.init_weights()
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:2], -1, self.head_dim)
+
+    def query(self, x: torch.Tensor, cache: torch.Tensor | None = None):
+        """q [B, T, H, D] (projection, conv, SiLU, l2-norm) and the conv cache."""
+        q, cache = self.conv_q(self.wq(x), cache)
+        return F.normalize(self._heads(F.silu(q)), dim=-1), cache
+
+    def keys_values(self, x: torch.Tensor, caches=(None, None)):
+        k, ck = self.conv_k(self.wk(x), caches[0])
+        v, cv = self.conv_v(self.wv(x), caches[1])
+        return F.normalize(self._heads(F.silu(k)), dim=-1), self._heads(F.silu(v)), (ck, cv)
+
+    def gates(self, x: torch.Tensor):
+        """theta, eta, alpha [B, T, H], per token (or pooled over gate_granularity tokens)."""
+        logits = [lin(x) for lin in (self.w_theta, self.w_eta, self.w_alpha)]
+        g = self.cfg.gate_granularity
+        if g > 1:
+            T = x.shape[1]
+            pad = (-T) % g
+            # Blocks of g tokens start at multiples of g, which divide the chunk grid: pooling
+            # never crosses a chunk boundary, so no token's state sees a later chunk.
+            # The last block may be short: divide by its real token count, not g.
+            count = torch.full((T + pad,), float(g), device=x.device)
+            count[T - T % g if T % g else T:] = float(T % g or g)
+            count = count.unflatten(0, (-1, g))[:, :1, None]  # [n, 1, 1]
+            logits = [(F.pad(z, (0, 0, 0, pad)).unflatten(1, (-1, g)).sum(2, keepdim=True) / count)
+                      .expand(-1, -1, g, -1).flatten(1, 2)[:, :T] for z in logits]
+        theta = self.cfg.theta_max * torch.sigmoid(logits[0])
+        return theta, torch.sigmoid(logits[1]), torch.sigmoid(logits[2])
+
+    def read_out(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Norm, learned gate sigmoid(x W_g), output projection: y [B, T, H, D] -> [B, T, C]."""
+        y = self.out_norm(y) * torch.sigmoid(self._heads(self.w_gate(x)))
+        return self.wo(y.flatten(2))
+
+    def initial_state(self):
+        return list(self.memory), None
+
+    def retrieve(self, q: torch.Tensor, state) -> torch.Tensor:
+        return titans_memory_retrieve(q, state[0], self.cfg.memory_activation)
+
+    def update(self, q, k, v, gates, state):
+        """Run the memory op over a piece of sequence from `state`; returns raw reads [B, T, H, D]."""
+        weights, momentum = state
+        return chunk_titans_memory(q, k, v, *gates, weights=weights, momentum=momentum,
+                                   chunk_size=self.cfg.chunk_size, activation=self.cfg.memory_activation)
+
+    def forward(self, x: torch.Tensor, state=None):
+        q, _ = self.query(x)
+        k, v, _ = self.keys_values(x)
+        o, state = self.update(q, k, v, self.gates(x), state or self.initial_state())
+        return self.read_out(o, x), state
+
+    def flops_per_token(self) -> float:
+        """Inner-loop matmul FLOPs per token, forward: reads of q and k, backprop, two weighted grad sums."""
+        H = self.memory[0].shape[0]
+        per_layer = sum(w.shape[1] * w.shape[2] for w in self.memory)
+        return 2.0 * H * per_layer * 5

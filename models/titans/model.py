@@ -1,0 +1,165 @@
+"""Titans language models (Behrouz, Zhong, Mirrokni, arXiv 2501.00663): MAC, MAG, MAL and LMM.
+
+Pre-norm residual blocks, each ending in a SwiGLU feed-forward; `model.titans.variant` picks the
+sequence mixer:
+- MAC (Sec. 4.1, Eq. 21-25): the sequence is cut into segments of `segment_len`. For segment S:
+  h = M*_{prev}(q_S) is read from the memory; attention over [persistent | h | S] (causal, see
+  attention.mac_mask_mod) gives y; the memory is updated with y; o = y * sigmoid(M*(y)).
+- MAG (Sec. 4.2): sliding-window attention with a persistent prefix, and the memory over the same
+  input, combined by the gate o = y_attn * sigmoid(y_mem).
+- MAL (Sec. 4.3): a memory layer, then sliding-window attention, each a residual branch.
+- LMM: the memory alone as the sequence mixer.
+
+Deliberate differences from the paper, and choices where it is silent:
+- MAC reads the updated memory causally: o_t reads the weights at the start of t's memory chunk
+  (which include every earlier chunk, this segment's too). Reading M_t after the whole segment,
+  as Eq. 25 is written, would leak later tokens of the segment into earlier outputs.
+- The non-linear gate "(x)" is y * sigmoid(memory branch), the memory branch already normalised and
+  gated (memory.py); persistent tokens are per attention layer (attention.py).
+- h and S share segment-local RoPE positions; persistent tokens have none.
+- Defaults (config.py): L_M = 2, expansion 2, b = 16, segment = window = 64, N_p = 4: small enough
+  for CPU, with b dividing the segment so memory chunks line up across segments.
+
+Axis glossary: B batch, T time, C model width, H heads, D head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from titanforge.models.common import RMSNorm, SwiGLU, depth_scaled_std, rope_frequencies
+from titanforge.models.config import ModelConfig
+from titanforge.models.titans.attention import PersistentAttention, mac_mask_mod, sliding_window_mask_mod
+from titanforge.models.titans.memory import NeuralMemory
+
+
+class TitansBlock(nn.Module):
+    """One block: the variant's mixer, then SwiGLU. forward(x [B, T, C], freqs) -> [B, T, C]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        t = cfg.titans
+        self.variant, self.tcfg = t.variant, t
+        self.out_std = depth_scaled_std(cfg.init_std, cfg.n_layers)
+        self.memory_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.memory = NeuralMemory(cfg.d_model, cfg.n_heads, t, cfg.init_std)
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if t.variant == "mal" else None
+        self.attention = (PersistentAttention(cfg.d_model, cfg.n_heads, t.n_persistent, cfg.init_std)
+                          if t.variant != "lmm" else None)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_dim, init_std=cfg.init_std)
+
+    def init_weights(self) -> None:
+        for norm in (self.memory_norm, self.attention_norm, self.ffn_norm):
+            if norm is not None:
+                norm.init_weights()
+        self.memory.init_weights(self.out_std)
+        if self.attention is not None:
+            self.attention.init_weights(self.out_std)
+        self.feed_forward.init_weights(self.out_std)
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
+        h = self.memory_norm(x)
+        if self.variant == "mac":
+            x = x + self._mac(h, freqs)
+        elif self.variant == "mag":
+            y_attn = self.attention(h, sliding_window_mask_mod(self.tcfg.n_persistent, self.tcfg.window), freqs[:T])
+            y_mem, _ = self.memory(h)
+            x = x + y_attn * torch.sigmoid(y_mem)
+        else:
+            x = x + self.memory(h)[0]
+            if self.variant == "mal":
+                mask = sliding_window_mask_mod(self.tcfg.n_persistent, self.tcfg.window)
+                x = x + self.attention(self.attention_norm(x), mask, freqs[:T])
+        return x + self.feed_forward(self.ffn_norm(x))
+
+    def _mac(self, h: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        mem, P = self.memory, self.tcfg.n_persistent
+        # Queries from the input are causal per token, so all segments' are computed at once.
+        q_x, _ = mem.query(h)
+        state = mem.initial_state()
+        cache_q = cache_k = cache_v = None
+        outs = []
+        for s in range(0, h.shape[1], self.tcfg.segment_len):
+            seg = h[:, s:s + self.tcfg.segment_len]
+            L = seg.shape[1]
+            # Eq. 21: retrieve from the memory as it stands before this segment.
+            retrieved = mem.read_out(mem.retrieve(q_x[:, s:s + L], state), seg)
+            # Eq. 22-23: attention over [persistent | retrieved | segment].
+            y = self.attention(seg, mac_mask_mod(P, L), freqs[:L], context=torch.cat([retrieved, seg], 1),
+                               freqs_kv=torch.cat([freqs[:L], freqs[:L]]))
+            # Eq. 24: update the memory with y (conv caches continue the y stream across segments).
+            q_y, cache_q = mem.query(y, cache_q)
+            k_y, v_y, (cache_k, cache_v) = mem.keys_values(y, (cache_k, cache_v))
+            o, state = mem.update(q_y, k_y, v_y, mem.gates(y), state)
+            # Eq. 25: gate y with the updated memory's (causal) read.
+            outs.append(y * torch.sigmoid(mem.read_out(o, y)))
+        return torch.cat(outs, 1)
+
+    def attention_context(self) -> int:
+        t = self.tcfg
+        return {"mac": t.n_persistent + 2 * t.segment_len, "mag": t.n_persistent + t.window,
+                "mal": t.n_persistent + t.window, "lmm": 0}[self.variant]
+
+
+class Titans(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleDict({str(i): TitansBlock(cfg) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.register_buffer("freqs", rope_frequencies(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta),
+                             persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        # Pipeline stages without the embedding receive hidden states instead of tokens.
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        for layer in self.layers.values():
+            h = layer(h, self.freqs)
+        if self.norm is None:
+            return h
+        h = self.norm(h)
+        weight = self.output.weight if self.output is not None else self.tok_embeddings.weight
+        return h @ weight.t()
+
+    def init_weights(self) -> None:
+        with torch.no_grad():
+            self.freqs.copy_(rope_frequencies(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta,
+                                              device=self.freqs.device))
+        nn.init.normal_(self.tok_embeddings.weight, std=self.cfg.init_std)
+        for layer in self.layers.values():
+            layer.init_weights()
+        self.norm.init_weights()
+        if self.output is not None:
+            nn.init.trunc_normal_(self.output.weight, std=self.cfg.init_std)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """6N over the ordinary matmuls, plus attention scores (6 * context * C per layer, the Llama
+        rule with the bounded context), plus 3x the memory's inner-loop forward FLOPs."""
+        c = self.cfg
+        n_params = sum(p.numel() for name, p in self.named_parameters()
+                       if "tok_embeddings" not in name and ".memory.memory." not in name)
+        if self.output is None:
+            n_params += c.vocab_size * c.d_model
+        flops = 6.0 * n_params
+        for layer in self.layers.values():
+            flops += 6.0 * min(layer.attention_context(), seq_len + c.titans.n_persistent) * c.d_model
+            flops += 3.0 * layer.memory.flops_per_token()
+        return flops
+
+
+def build(cfg: ModelConfig) -> Titans:
+    errs = cfg.titans.validate()
+    if cfg.d_model % cfg.n_heads:
+        errs.append(f"model.d_model={cfg.d_model} is not divisible by model.n_heads={cfg.n_heads}")
+    elif cfg.head_dim % 2:
+        errs.append(f"head dim d_model/n_heads = {cfg.head_dim} must be even for rotary embeddings")
+    if errs:
+        raise ValueError("invalid Titans config:\n  - " + "\n  - ".join(errs))
+    return Titans(cfg)
