@@ -124,9 +124,10 @@ def _dual_scan(step: Callable, q, k, v, eta, token_eta, ln_weight, ln_bias, stat
         ec = eta[:, :, window].reshape(B, H, N, K)
         E = torch.tril(token_eta[:K, None] * ec[..., None, :])  # [B, H, N, K, K]
         A = E * (qc @ kc.transpose(-1, -2) + 1)
-        for n in range(N):
-            Z_bar, state = step(qc[:, :, n], kc[:, :, n], vc[:, :, n], E[:, :, n], A[:, :, n],
-                                state, gamma, beta, eps)
+        # unbind, not indexing: the backward of x[:, :, n] writes into a zero tensor of the whole
+        # group per mini-batch (quadratic in T); unbind's backward stacks all gradients once.
+        for q_n, k_n, v_n, E_n, A_n in zip(*(x.unbind(2) for x in (qc, kc, vc, E, A))):
+            Z_bar, state = step(q_n, k_n, v_n, E_n, A_n, state, gamma, beta, eps)
             outputs.append(Z_bar)
     z = q + _ln_fwd(torch.cat(outputs, dim=2), gamma, beta, eps)
     return z.transpose(1, 2), state
