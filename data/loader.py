@@ -107,11 +107,22 @@ class TrainLoader(_Loader):
     def __next__(self) -> dict:
         if self._it is None:
             self._it = self._open(self.position)
-        batch, self.position = self._finish(next(self._it))
+        try:
+            raw = next(self._it)
+        except BaseException:
+            self.close()
+            raise
+        batch, self.position = self._finish(raw)
         return batch
 
     def close(self) -> None:
         """Stop the worker processes (a later next() starts new ones at the same position)."""
+        # Shut workers down now: a worker's exception leaves the DataLoader iterator in a reference
+        # cycle, and when the garbage collector finalizes it the workers miss the stop signal and
+        # are killed only after a 5 s join timeout each. torch has no public close for it.
+        shutdown = getattr(self._it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
         self._it = None
 
     def state_dict(self) -> dict:
@@ -149,7 +160,7 @@ class TrainLoader(_Loader):
                            100.0 * offset / state["samples_per_epoch"])
         self.position = position
         self.stats.update(state.get("stats", {}))
-        self._it = None
+        self.close()
 
 
 class ValLoader(_Loader):
