@@ -145,7 +145,8 @@ class Mamba2Mixer(nn.Module):
         super().__init__()
         inner = expand * dim
         if inner % headdim:
-            raise ValueError(f"Mamba-2 inner width expand*dim={inner} is not divisible by headdim={headdim}")
+            raise ValueError(f"Mamba-2 inner width expand*dim={inner} is not divisible by headdim={headdim}; "
+                             f"pick a headdim among {[d for d in range(1, inner + 1) if inner % d == 0][-6:]}")
         n_heads = inner // headdim
         if n_heads % n_groups:
             raise ValueError(f"Mamba-2 heads {n_heads} are not divisible by n_groups={n_groups}")
