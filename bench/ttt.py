@@ -7,7 +7,8 @@ Two variants of the same model with the same weights and tokens differ only in t
 - `titanforge`: kernels/ttt/chunk.py `chunk_ttt_linear` (dual form, Python loop over mini-batches);
 - `fla_ref`: `fla.ops.ttt.naive.chunk_ttt_linear_ref` from fla-core 0.6.0 (also a dual-form loop
   over mini-batches in PyTorch; its learning rate is per row only and its output adds LN(Z) to Z,
-  so its numbers differ slightly from ours, but it does the same work per token).
+  so its numbers differ slightly from ours, but it does the same work per token). It indexes
+  x[i] per mini-batch, whose backward costs O(T) each, so its step time grows faster than T.
 
 Steps of the variants are alternated in one process and the fastest of several repeats kept
 (these CPU hosts are shared). Reported: wall-clock tokens/s, the speed ratio to fla_ref on wall
