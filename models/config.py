@@ -66,4 +66,8 @@ class ModelConfig:
                         f"pick n_heads among {[h for h in range(1, 65) if self.d_model % h == 0][-6:]}")
         if self.n_heads % self.kv_heads:
             errs.append(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.kv_heads}")
+        # Each family checks its own section; only the chosen family's problems stop a run.
+        section = getattr(self, self.family, None)
+        if section is not None and hasattr(section, "validate"):
+            errs += section.validate()
         return errs

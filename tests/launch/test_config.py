@@ -92,3 +92,14 @@ def test_impossible_layouts_rejected(cfg, world, pattern):
 
 def test_dp_minus_one_takes_the_rest():
     assert ParallelDims.from_config(ParallelConfig(), 4).dp == 4
+
+
+@pytest.mark.parametrize("family,override,pattern", [
+    ("ttt", "model.ttt.inner=foo", r"model\.ttt\.inner='foo'"),
+    ("titans", "model.titans.variant=foo", r"model\.titans\.variant='foo'"),
+])
+def test_family_sections_are_checked_before_start(family, override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, ["data.path=d", f"model.family={family}", override])
+    # Another family's section is not checked when it is not the one chosen.
+    load_config(None, ["data.path=d", "model.family=llama", override])
