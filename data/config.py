@@ -16,8 +16,11 @@ class DataConfig:
     on_corrupt: str = "skip"
     # Shuffle the shard order and samples each epoch (deterministic in the seed and epoch).
     shuffle: bool = True
-    # Check every shard's sha256 against the manifest when it is read (catches altered bytes that
-    # keep the tar readable; costs about 1 ms per MB).
+    # Check each shard's sha256 against the manifest the first time a process reads it (catches
+    # altered bytes that keep the tar readable; costs about 1 ms per MB). Sizes are always checked.
     verify_checksums: bool = True
+    # Decoded shards each loader process (rank or DataLoader worker) keeps across epochs, in MB:
+    # data that fits is read from disk once. 0 keeps only the two latest shards.
+    cache_mb: int = 256
     # Pin batches in page-locked memory for faster host-to-GPU copies (ignored without CUDA).
     pin_memory: bool = False

@@ -35,6 +35,8 @@ def _check(cfg: DataConfig, micro_batch_size: int, dp_rank: int, dp_size: int, s
         raise ValueError(f"data.on_corrupt={cfg.on_corrupt!r} must be skip | fail")
     if not isinstance(cfg.num_workers, int) or cfg.num_workers < 0:
         raise ValueError(f"data.num_workers={cfg.num_workers!r} must be an integer >= 0")
+    if not isinstance(cfg.cache_mb, int) or cfg.cache_mb < 0:
+        raise ValueError(f"data.cache_mb={cfg.cache_mb!r} must be an integer >= 0 (0 keeps only two shards)")
     if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
         raise ValueError(f"micro_batch_size={micro_batch_size!r} must be a positive integer")
     if not isinstance(dp_size, int) or dp_size < 1 or not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_size:
@@ -66,26 +68,26 @@ class _Loader:
     def _open(self, start: int, max_batches: int | None = None):
         stream = TokenStream(self.manifest["root"], self.shards, self.manifest["sample_len"], self.manifest["dtype"],
                              self.order, self.micro_batch_size, start, self.cfg.on_corrupt,
-                             self.cfg.verify_checksums, max_batches)
+                             self.cfg.verify_checksums, max_batches, self.cfg.cache_mb << 20)
         if self.num_workers == 0:
             return iter(stream)
         return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=keep_numpy,
                                in_order=True))
 
-    def _finish(self, batch: dict) -> tuple[dict, int]:
-        """Strip the stream's bookkeeping from a batch; count and report skipped shards."""
-        next_position = int(batch.pop("_next"))
-        for event in batch.pop("_events"):
+    def _finish(self, raw: tuple) -> tuple[dict, int]:
+        """The batch dict from a stream item; counts it and reports skipped shards."""
+        tokens, index, next_position, events = raw
+        for event in events or ():
             self.stats["corrupt_shards"] += 1
             self.stats["skipped_samples"] += event["samples"]
             logger.warning("skipped %s of the %s split (%d samples): %s", event["shard"], self.split,
                            event["samples"], event["reason"])
         self.stats["batches"] += 1
         self.stats["samples"] += self.micro_batch_size
-        batch = {k: torch.from_numpy(v) for k, v in batch.items()}
+        tokens, index = torch.from_numpy(tokens), torch.from_numpy(index)
         if self._pin:
-            batch = {k: v.pin_memory() for k, v in batch.items()}
-        return batch, next_position
+            tokens, index = tokens.pin_memory(), index.pin_memory()
+        return {"tokens": tokens, "index": index}, int(next_position)
 
 
 class TrainLoader(_Loader):

@@ -5,12 +5,15 @@
     <out>/train/shard-000000.tar   members "<shard>-<chunk>.tokens.npy" ([rows, seq_len + 1] uint16/32)
     <out>/val/shard-000000.tar               "<shard>-<chunk>.index.npy"  ([rows] int64 source row ids)
 
-Each tar member holds up to ROWS_PER_MEMBER sequences rather than one: the loader then decodes a
-shard with a few `np.load`s instead of a tar header and a decode per sample, which is what keeps
-it near a flat memmap read (bench/data_loader.py). Any webdataset reader still opens the shards
-(`wds.WebDataset(url).decode()` gives the arrays). Shards are written with mtime 0 and fixed
-owner, so the same inputs give byte-identical shards; the manifest records each shard's size and
-sha256, which the loader checks on every read (tar itself has no payload checksum).
+The tokens of a shard are one tar member (up to ROWS_PER_MEMBER rows) rather than one member per
+sample, and the loader takes members as zero-copy slices of the file's bytes found through the tar
+headers (tarfile, random access) and decodes them with np.frombuffer. webdataset's own reader
+streams each member through 10 KB copies and numpy parses every .npy header with ast; together
+with per-sample members that cost more than the rest of the loader (bench/data_loader.py). Any
+webdataset reader still opens the shards: `wds.WebDataset(url).decode()` gives the arrays, keyed
+by webdataset's "<key>.<ext>" convention. Shards are written with mtime 0 and a fixed owner, so
+the same inputs give byte-identical shards; the manifest records each shard's size and sha256,
+which the loader checks on every read (tar itself has no payload checksum).
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
 from webdataset import TarWriter
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext
 
 FORMAT = "titanforge-tokens-v1"
-ROWS_PER_MEMBER = 256
+# 2 MB of uint16 tokens at seq_len 256; a default shard (1024 rows) is one member.
+ROWS_PER_MEMBER = 4096
 SPLITS = ("train", "val")
 PREPARE_HINT = "re-run `titanforge prepare --out {root}`"
 
@@ -41,6 +46,48 @@ class CorruptShardError(DataError):
 
 def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+# Parsed .npy headers by their bytes: numpy parses a header with ast.literal_eval (about 0.4 ms),
+# which dominated reading a shard; all full members of a dataset share one header.
+_NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], np.dtype]] = {}
+
+
+def load_npy(data: bytes | memoryview) -> np.ndarray:
+    """np.load for a C-order .npy held in memory, as a read-only view (np.frombuffer)."""
+    if bytes(data[:6]) != b"\x93NUMPY" or data[6] not in (1, 2, 3):
+        raise ValueError("not a .npy member")
+    start = 10 if data[6] == 1 else 12
+    end = start + int.from_bytes(data[8:start], "little")
+    header = bytes(data[start:end])
+    meta = _NPY_HEADERS.get(header)
+    if meta is None:
+        fp = io.BytesIO(bytes(data[:end]))
+        version = np.lib.format.read_magic(fp)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(fp)
+        if fortran or dtype.hasobject:
+            raise ValueError(f"unsupported .npy layout (fortran_order={fortran}, dtype={dtype})")
+        meta = (shape, dtype)
+        if len(_NPY_HEADERS) > 64:
+            _NPY_HEADERS.clear()
+        _NPY_HEADERS[header] = meta
+    shape, dtype = meta
+    return np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=end).reshape(shape)
+
+
+def tar_samples(data: bytes) -> list[dict[str, memoryview]]:
+    """The webdataset samples ({ext: payload}) of an in-memory tar, payloads as zero-copy views."""
+    view = memoryview(data)
+    samples: dict[str, dict[str, memoryview]] = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for info in tar:
+            if info.isreg():
+                key, ext = base_plus_ext(info.name)
+                if info.offset_data + info.size > len(data):
+                    raise ValueError(f"member {info.name} runs past the end of the file")
+                samples.setdefault(key, {})[ext] = view[info.offset_data:info.offset_data + info.size]
+    return list(samples.values())
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -86,9 +133,9 @@ def read_shard(root: Path, entry: dict, sample_len: int, dtype: str, verify: boo
         raise corrupt("sha256 differs from the manifest (bytes altered)")
     tokens, index = [], []
     try:
-        for sample in group_by_keys(tar_file_expander([{"url": str(path), "stream": io.BytesIO(data)}])):
-            tokens.append(np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False))
-            index.append(np.load(io.BytesIO(sample["index.npy"]), allow_pickle=False))
+        for sample in tar_samples(data):
+            tokens.append(load_npy(sample["tokens.npy"]))
+            index.append(load_npy(sample["index.npy"]))
     except Exception as e:  # tarfile, webdataset and numpy raise many types for garbage input
         raise corrupt(f"not a readable token tar ({type(e).__name__}: {e})") from None
     if not tokens:

@@ -16,6 +16,7 @@ loader's checkpoint position once the consumer has taken the batch.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -25,19 +26,28 @@ from titanforge.data.order import RankOrder
 from titanforge.data.shards import CorruptShardError, DataError, read_shard
 
 
-def keep_numpy(batch: dict) -> dict:
+def keep_numpy(batch: tuple) -> tuple:
     """DataLoader collate_fn that leaves the batch as numpy (see TokenStream._collate)."""
     return batch
+
+
+def _nbytes(loaded) -> int:
+    return 0 if isinstance(loaded, Exception) else loaded[0].nbytes + loaded[1].nbytes
 
 
 class TokenStream(IterableDataset):
     def __init__(self, root: str | Path, shards: list[dict], sample_len: int, dtype: str, order: RankOrder,
                  batch_size: int, start: int = 0, on_corrupt: str = "skip", verify: bool = True,
-                 max_batches: int | None = None):
+                 max_batches: int | None = None, cache_bytes: int = 0):
         self.root, self.shards, self.sample_len, self.dtype = Path(root), shards, sample_len, dtype
         self.order, self.batch_size, self.start = order, batch_size, start
         self.on_corrupt, self.verify, self.max_batches = on_corrupt, verify, max_batches
-        self._cache: dict[int, object] = {}
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[int, object] = OrderedDict()
+        self._cached_bytes = 0
+        # Shards whose sha256 this process has checked: a later read (one that fell out of the
+        # cache) checks only the size; hashing halves the loader's speed (bench/data_loader.py).
+        self._verified: set[int] = set()
 
     def __iter__(self):
         info = get_worker_info()
@@ -45,29 +55,37 @@ class TokenStream(IterableDataset):
         return self._batches(worker, workers)
 
     def _load(self, shard: int):
-        """(rows, ids) of a shard, or the CorruptShardError it raised; keeps the last two."""
-        if shard not in self._cache:
-            try:
-                loaded = read_shard(self.root, self.shards[shard], self.sample_len, self.dtype, self.verify)
-            except CorruptShardError as e:
-                loaded = e
-            if len(self._cache) >= 2:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[shard] = loaded
-        return self._cache[shard]
+        """(rows, ids) of a shard, or the CorruptShardError it raised.
 
-    def _collate(self, parts: list, next_position: int, events: list) -> dict:
-        tokens = np.empty((self.batch_size, self.sample_len), dtype=np.int64)
-        index = np.empty(self.batch_size, dtype=np.int64)
-        i = 0
-        for rows, ids, sel in parts:
-            tokens[i:i + len(sel)] = rows[sel]
-            index[i:i + len(sel)] = ids[sel]
-            i += len(sel)
-        # numpy, not tensors: a tensor leaving a worker goes through a shared-memory file (about
-        # 10 ms per batch here), a pickled array through the pipe. "_next" and "_events" are popped
-        # by the loader in the main process, which also makes the tensors.
-        return {"tokens": tokens, "index": index, "_next": next_position, "_events": events}
+        Keeps the two latest shards, and older ones while they fit in cache_bytes (least recently
+        used go first): a dataset that fits is read from disk once per process.
+        """
+        if shard in self._cache:
+            self._cache.move_to_end(shard)
+            return self._cache[shard]
+        try:
+            verify = self.verify and shard not in self._verified
+            loaded = read_shard(self.root, self.shards[shard], self.sample_len, self.dtype, verify)
+            self._verified.add(shard)
+        except CorruptShardError as e:
+            loaded = e
+        self._cache[shard] = loaded
+        self._cached_bytes += _nbytes(loaded)
+        while len(self._cache) > 2 and self._cached_bytes > self.cache_bytes:
+            self._cached_bytes -= _nbytes(self._cache.popitem(last=False)[1])
+        return loaded
+
+    def _collate(self, parts: list, next_position: int, events: list | None) -> tuple:
+        """(tokens int64 [B, L], index int64 [B], position after the batch, skipped-shard events or None).
+
+        numpy, not tensors: a tensor leaving a worker goes through a shared-memory file (about
+        10 ms per batch here), a pickled array through the pipe; the loader makes the tensors.
+        """
+        if len(parts) == 1:
+            rows, ids, sel = parts[0]
+            return rows[sel].astype(np.int64), ids[sel], next_position, events
+        tokens = np.concatenate([rows[sel] for rows, _, sel in parts]).astype(np.int64)
+        return tokens, np.concatenate([ids[sel] for _, ids, sel in parts]), next_position, events
 
     def _batches(self, worker: int, workers: int):
         B, M = self.batch_size, self.order.per_rank
@@ -105,7 +123,7 @@ class TokenStream(IterableDataset):
                         parts.append((rows, ids, sel[pos:pos + take]))
                     pos, filled, position = pos + take, filled + take, position + take
                     if filled == B:
-                        batch_events = events.pop(k, [])
+                        batch_events = events.pop(k, None)
                         if k % workers == worker:
                             yield self._collate(parts, position, batch_events)
                         k, filled, parts = k + 1, 0, []

@@ -46,8 +46,9 @@ def test_ranks_and_workers_cover_each_sample_once_per_epoch(prepared, rows):
     for workers in (0, 1, 2):
         covered = []
         for rank in range(dp):
-            loader = build_train_loader(_cfg(prepared, num_workers=workers), micro_batch_size=B, dp_rank=rank,
-                                        dp_size=dp, seed=7)
+            # cache_mb=0 for one worker count: shards are re-read rather than kept.
+            cfg = _cfg(prepared, num_workers=workers, cache_mb=0 if workers == 1 else 256)
+            loader = build_train_loader(cfg, micro_batch_size=B, dp_rank=rank, dp_size=dp, seed=7)
             assert loader.samples_per_epoch == n // dp
             index, tokens = _take(loader, n // dp)
             np.testing.assert_array_equal(tokens, rows[index])
@@ -89,7 +90,7 @@ def test_resume_continues_with_the_next_unseen_sample(prepared, before, after):
     assert state["position"] == 27 * 6 and state["epoch"] == 1
     reference = _take(first, 60)[0]
 
-    resumed = build_train_loader(_cfg(prepared, num_workers=after), micro_batch_size=6, **kw)
+    resumed = build_train_loader(_cfg(prepared, num_workers=after, cache_mb=0), micro_batch_size=6, **kw)
     resumed.load_state_dict(state)
     np.testing.assert_array_equal(_take(resumed, 60)[0], reference)
     # The micro-batch size may change too: the position counts samples.
@@ -168,3 +169,25 @@ def test_rank_order_reshuffles_shards_and_rows_per_epoch():
         assert len({tuple(ep[s]) for ep in epochs}) == 4
         assert all(sorted(ep[s]) == list(range(a.sizes[s])) for ep in epochs)
     assert len({tuple(ep[3]) for ep in epochs}) > 1
+
+
+def test_shard_cache_reads_fitting_data_once(prepared, monkeypatch):
+    import titanforge.data.stream as stream
+    reads = []
+    real = stream.read_shard
+
+    def counting(root, entry, *args):
+        reads.append(entry["file"])
+        return real(root, entry, *args)
+
+    monkeypatch.setattr(stream, "read_shard", counting)
+    n_shards = len(read_manifest(prepared)["splits"]["train"]["shards"])
+    n = len(_train_ids(prepared))
+    for cache_mb, low, high in ((256, n_shards, n_shards), (0, 3 * n_shards - 4, 3 * n_shards)):
+        reads.clear()
+        loader = build_train_loader(_cfg(prepared, cache_mb=cache_mb), micro_batch_size=5, dp_rank=0, dp_size=1,
+                                    seed=0)
+        _take(loader, 3 * n)
+        # Without a cache budget the two latest shards are still kept: at each of the two epoch
+        # boundaries the next epoch may start with them.
+        assert low <= len(reads) <= high and len(set(reads)) == n_shards
