@@ -137,7 +137,8 @@ def main() -> None:
               f"flat/loader(cache_mb=0) {r['flat_over_loader_cache_mb_0']}; first epoch with sha256 "
               f"{r['loader_first_epoch_with_sha256_tokens_per_s'] / 1e6:.1f} M tok/s")
     for r in workers:
-        print(f"num_workers {r['num_workers']}, micro_batch {r['micro_batch_size']}: {r['tokens_per_s'] / 1e6:.1f} M tok/s")
+        print(f"num_workers {r['num_workers']}, micro_batch {r['micro_batch_size']}: "
+              f"{r['tokens_per_s'] / 1e6:.1f} M tok/s")
     result = {
         "what": "tokens/s (micro_batch * seq_len per step, fastest of repeats of one epoch, one process) of the "
                 "shard loader (default data.cache_mb, and cache_mb=0: every shard re-read from disk each epoch) vs "

@@ -32,7 +32,8 @@ def prepare_main(argv: list[str]) -> int:
     p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of sequences held out for validation")
     p.add_argument("--samples-per-shard", type=int, default=1024, help="sequences per .tar shard")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split and the write order")
-    p.add_argument("--cache-dir", default=None, help="download cache (default $TITANFORGE_CACHE or ~/.cache/titanforge)")
+    p.add_argument("--cache-dir", default=None,
+                   help="download cache (default $TITANFORGE_CACHE or ~/.cache/titanforge)")
     args = p.parse_args(argv)
     out = args.out or f"runs/data/{_slug(args.corpus)}-{_slug(args.tokenizer)}"
     try:
@@ -45,5 +46,6 @@ def prepare_main(argv: list[str]) -> int:
     train, val = m["splits"]["train"], m["splits"]["val"]
     print(f"prepared {m['tokens']:,} tokens from {m['source']['documents']} documents -> {train['samples']:,} train "
           f"+ {val['samples']:,} val sequences of {m['seq_len']}+1 tokens in {len(train['shards'])}+"
-          f"{len(val['shards'])} shards, tokenizer {m['tokenizer']['spec']} (vocab {m['vocab_size']:,}), at {m['root']}")
+          f"{len(val['shards'])} shards, tokenizer {m['tokenizer']['spec']} (vocab {m['vocab_size']:,}), "
+          f"at {m['root']}")
     return 0

@@ -6,9 +6,9 @@
     val = build_val_loader(cfg, micro_batch_size=4, dp_rank=r, dp_size=n)  # len(val) batches, same each pass
 
 The train loader is an endless stream over epochs (order.py), the val loader one unshuffled pass
-of len(val) batches, equal on every rank. webdataset supplies the shard format and tar reading;
-it has no resumable position and splits by the RANK/WORLD_SIZE environment rather than the
-data-parallel rank, so the order is ours: splits follow the dp_rank/dp_size passed in, and the
+of len(val) batches, equal on every rank. webdataset supplies the shard format and writer; it has
+no resumable position and splits by the RANK/WORLD_SIZE environment rather than the data-parallel
+rank, so the order is ours: splits follow the dp_rank/dp_size passed in, and the
 seed must be the same on every rank. The validation loader reads in the calling process
 (num_workers 0): an evaluation takes a few batches, and forking workers for each would cost more.
 """
@@ -198,5 +198,6 @@ def build_val_loader(cfg: DataConfig, *, micro_batch_size: int, dp_rank: int, dp
     manifest = read_manifest(cfg.path)
     if manifest["splits"]["val"]["samples"] == 0:
         raise DataError(f"{os.path.join(manifest['root'], 'manifest.json')} has no val split (prepared with "
-                        f"--val-fraction 0); re-run `titanforge prepare` with --val-fraction > 0 or set train.val_every=0")
+                        f"--val-fraction 0); re-run `titanforge prepare` with --val-fraction > 0 "
+                        f"or set train.val_every=0")
     return ValLoader(cfg, manifest, "val", micro_batch_size, dp_rank, dp_size, 0, False, 0)

@@ -12,8 +12,9 @@ streams each member through 10 KB copies and numpy parses every .npy header with
 with per-sample members that cost more than the rest of the loader (bench/data_loader.py). Any
 webdataset reader still opens the shards: `wds.WebDataset(url).decode()` gives the arrays, keyed
 by webdataset's "<key>.<ext>" convention. Shards are written with mtime 0 and a fixed owner, so
-the same inputs give byte-identical shards; the manifest records each shard's size and sha256,
-which the loader checks on every read (tar itself has no payload checksum).
+the same inputs give byte-identical shards; the manifest records each shard's size and sha256
+(tar itself has no payload checksum), which the loader checks: the size on every read, the hash
+the first time each process reads the shard.
 """
 
 from __future__ import annotations

@@ -135,7 +135,9 @@ def local_files(spec: str) -> list[Path]:
 
 def local_corpus(spec: str) -> Corpus:
     files = local_files(spec)
-    root = Path(spec).expanduser() if Path(spec).expanduser().is_dir() else None
+    # Names relative to the files' common directory: the source hash must not depend on where
+    # the corpus lies.
+    root = Path(os.path.commonpath([p.parent for p in files]))
     documents = []
     for p in files:
         try:
@@ -143,7 +145,7 @@ def local_corpus(spec: str) -> Corpus:
         except UnicodeDecodeError as e:
             raise ValueError(f"corpus file {p} is not UTF-8 text ({e.reason} at byte {e.start}); "
                              f"convert it or narrow --corpus to a glob that leaves it out") from None
-        documents.append((str(p.relative_to(root)) if root else str(p), text))
+        documents.append((p.relative_to(root).as_posix(), text))
     return Corpus(spec, documents, _documents_hash(documents), {"files": len(files)})
 
 

@@ -8,10 +8,11 @@ the saved position.
 
 Every worker opens every shard of the rank order, including those whose rows all go to other
 workers: a corrupt shard is then seen by all workers alike, so they agree on which samples are
-skipped and on where each batch starts. Opening is cheap (the whole shard is a few np.load calls,
-see shards.py). A skipped shard is reported once, by the worker that builds the batch in progress
-when it was met; each batch carries the position after its last sample, which becomes the
-loader's checkpoint position once the consumer has taken the batch.
+skipped and on where each batch starts. Opening is cheap (one file read and np.frombuffer, see
+shards.py), and data that fits data.cache_mb is opened once per process. A skipped shard is
+reported once, by the worker that builds the batch in progress when it was met; each batch
+carries the position after its last sample, which becomes the loader's checkpoint position once
+the consumer has taken the batch.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from titanforge.data import CorruptShardError, DataConfig, DataError, build_train_loader, build_val_loader, read_manifest
+from titanforge.data import (CorruptShardError, DataConfig, DataError, build_train_loader, build_val_loader,
+                             read_manifest)
 from titanforge.data.shards import read_shard
 
 BAD = "train/shard-000003.tar"

@@ -171,3 +171,17 @@ def test_cli_prints_a_summary(corpus, tmp_path, capsys):
     assert m["seed"] == 3 and m["val_fraction"] == 0.2 and m["samples_per_shard"] == 40
     rc = prepare_main(["--out", str(out), "--corpus", str(tmp_path / "missing")])
     assert rc == 2 and "neither 'shakespeare'" in capsys.readouterr().err
+
+
+def test_source_hash_names_content_not_location(corpus, tmp_path):
+    import shutil
+
+    from titanforge.data.cli import _slug
+    from titanforge.data.sources import local_corpus
+    moved = Path(shutil.copytree(corpus, tmp_path / "elsewhere"))
+    as_dir, as_glob = local_corpus(str(corpus)), local_corpus(str(moved / "*.txt"))
+    assert as_dir.sha256 == as_glob.sha256 and [n for n, _ in as_dir.documents][0] == "play_00.txt"
+    (moved / "play_03.txt").write_text("changed")
+    assert local_corpus(str(moved)).sha256 != as_dir.sha256
+    assert [_slug(s) for s in ("shakespeare", "gpt2", "bpe:8192", "/d/texts/", "/d/texts/*.txt", "t/tok.json")] == \
+        ["shakespeare", "gpt2", "bpe8192", "texts", "texts", "tok"]
