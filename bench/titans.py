@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 VOCAB, DIM, DEPTH, HEADS, B = 256, 256, 4, 4, 2
 CHUNK = 16
+SEGMENT = 64
 
 
 def build_ours(T):
@@ -33,7 +34,7 @@ def build_ours(T):
     from titanforge.models.titans.config import TitansConfig
     cfg = ModelConfig(family="titans", vocab_size=VOCAB, d_model=DIM, n_layers=DEPTH, n_heads=HEADS,
                       max_seq_len=T, titans=TitansConfig(variant="mac", memory_depth=2, memory_expansion=2,
-                                                         chunk_size=CHUNK, segment_len=64, n_persistent=4))
+                                                         chunk_size=CHUNK, segment_len=SEGMENT, n_persistent=4))
     model = build_model(cfg)
 
     def step(tokens):
@@ -46,7 +47,7 @@ def build_ours(T):
 def build_ref(T):
     from titans_pytorch import MemoryAsContextTransformer, MemoryMLP
     model = MemoryAsContextTransformer(
-        num_tokens=VOCAB, dim=DIM, depth=DEPTH, segment_len=64, neural_memory_segment_len=CHUNK,
+        num_tokens=VOCAB, dim=DIM, depth=DEPTH, segment_len=SEGMENT, neural_memory_segment_len=CHUNK,
         num_persist_mem_tokens=4, num_longterm_mem_tokens=0, dim_head=DIM // HEADS, heads=HEADS, ff_mult=4,
         num_residual_streams=1, neural_memory_model=MemoryMLP(dim=DIM // HEADS, depth=2, expansion_factor=2),
         neural_memory_kwargs=dict(heads=HEADS, dim_head=DIM // HEADS), use_flex_attn=False)
@@ -68,7 +69,7 @@ def timed(step, tokens):
 def peak_rss_child(name, T):
     """Run one step in a fresh process; report peak RSS growth over the process after model build."""
     code = (f"import resource,torch,sys; sys.argv=['x']; import bench_titans_mod as b; torch.manual_seed(0);"
-            f"torch.set_num_threads(1); b.CHUNK={CHUNK};"
+            f"torch.set_num_threads(1); b.CHUNK={CHUNK}; b.SEGMENT={SEGMENT};"
             f"m,s=b.BUILDERS[{name!r}]({T}); x=torch.randint(0,b.VOCAB,(b.B,{T}+1));"
             f"r0=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; s(x);"
             f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss-r0)")
@@ -88,14 +89,16 @@ def main():
     ap.add_argument("--seq", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-ref-above", type=int, default=4096)
-    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--memory", action="store_true",
+                    help="also measure peak RSS growth per token (unvalidated: reported 0 in the first run)")
     ap.add_argument("--out", default="bench/results/titans.json")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 keeps timings stable on a shared 2-core host")
     ap.add_argument("--chunk", type=int, default=16, help="memory chunk size b on both sides")
+    ap.add_argument("--segment", type=int, default=64, help="MAC segment length on both sides")
     args = ap.parse_args()
-    global CHUNK
-    CHUNK = args.chunk
+    global CHUNK, SEGMENT
+    CHUNK, SEGMENT = args.chunk, args.segment
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     results = []
@@ -113,7 +116,7 @@ def main():
         for n in names:
             row[f"{n}_step_s"] = round(best[n], 3)
             row[f"{n}_tokens_per_s"] = round(B * T / best[n], 1)
-            if not args.no_memory:
+            if args.memory:
                 rss = peak_rss_child(n, T)
                 row[f"{n}_peak_rss_growth_bytes_per_token"] = None if rss is None else round(rss / (B * T))
         if "titans_pytorch" in names:
@@ -131,7 +134,7 @@ def write(args, results):
             "load_average_1m_at_write": round(__import__("os").getloadavg()[0], 2),
             "titans_pytorch": __import__("importlib.metadata").metadata.version("titans-pytorch"),
             "config": dict(vocab=VOCAB, dim=DIM, depth=DEPTH, heads=HEADS, batch=B, memory_depth=2,
-                           memory_expansion=2, chunk_size=CHUNK, segment_len=64, n_persistent=4),
+                           memory_expansion=2, chunk_size=CHUNK, segment_len=SEGMENT, n_persistent=4),
             "method": "one process, steps alternate, min of repeats after one warm-up step; "
                       "peak RSS growth of one step in a fresh process per model and T"}
     with open(args.out, "w") as f:
