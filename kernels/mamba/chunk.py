@@ -39,40 +39,53 @@ def _chunks(t: torch.Tensor, L: int) -> torch.Tensor:
     return t.view(t.shape[0], t.shape[1] // L, L, *t.shape[2:])
 
 
+def _chunk_scan_(h: torch.Tensor, a: torch.Tensor, P: torch.Tensor, h0: torch.Tensor | None,
+                 reverse: bool = False) -> torch.Tensor:
+    """In place on h [B, nc, L, D, N] (holding the inputs x): h_l = a_l ⊙ h_{l-1} + x_l along the
+    flattened time axis (nc, L), or backwards in time with `reverse` (h_l = a_l ⊙ h_{l+1} + x_l).
+
+    P [B, nc, L, D, N] is the decay from the chunk's entry to each position (Π of a over the chunk
+    up to and including l, in the scan's direction). Returns the state after the last step.
+    """
+    nc, L = h.shape[1], h.shape[2]
+    steps = range(L - 2, -1, -1) if reverse else range(1, L)
+    # 1. Within every chunk at once, from a zero state: L steps on [B, nc, D, N].
+    for l in steps:
+        h[:, :, l].addcmul_(a[:, :, l], h[:, :, l + 1 if reverse else l - 1])
+    # 2. Across chunk boundaries: nc steps on [B, D, N].
+    first, last = (0, -1) if not reverse else (-1, 0)
+    carry = h0 if h0 is not None else h.new_zeros(h[:, 0, 0].shape)
+    carries = torch.empty_like(h[:, :, 0])
+    for c in (range(nc - 1, -1, -1) if reverse else range(nc)):
+        carries[:, c] = carry
+        carry = torch.addcmul(h[:, c, last], P[:, c, last], carry)
+    # 3. The carried state's decayed contribution, all positions at once.
+    h.addcmul_(P, carries.unsqueeze(2))
+    return carry
+
+
 def selective_scan_fwd(u, delta, A, B, C, h0, L):
-    """Returns y [B, T, D], the padded states h [B, nc, L, D, N] (kept for backward), h_{T-1}."""
+    """Returns y [B, T, D], the padded states h [B, nc, L, D, N] and decays a_ext [B, nc*L + 1, D, N]
+    (a_ext[:, t] = Ā_t, a_ext[:, -1] = 1; both kept for backward), and h_{T-1}."""
     Bsz, T, Dn = u.shape
+    N = A.shape[-1]
     pad = (-T) % L
     u, delta, B, C = (_chunks(_pad_time(t, pad), L) for t in (u, delta, B, C))
     nc = u.shape[1]
-    v = delta * u  # [B, nc, L, D]
-    h = u.new_empty(Bsz, nc, L, Dn, A.shape[-1])
-    # 1. Scan within every chunk at once, from a zero state: h_l = Ā_l h_{l-1} + Δ_l u_l B_l.
-    for l in range(L):
-        x_l = v[:, :, l, :, None] * B[:, :, l, None, :]  # [B, nc, D, N]
-        if l == 0:
-            h[:, :, 0] = x_l
-        else:
-            torch.addcmul(x_l, torch.exp(delta[:, :, l, :, None] * A), h[:, :, l - 1], out=h[:, :, l])
-    # 2. Carry the state across chunk boundaries; exp(A Σ Δ) is the decay from the chunk start.
-    cum = delta.cumsum(2)  # [B, nc, L, D]
-    end_decay = torch.exp(cum[:, :, -1, :, None] * A)  # [B, nc, D, N]
-    carry = h0 if h0 is not None else h.new_zeros(Bsz, Dn, A.shape[-1])
-    carries = torch.empty_like(end_decay)
-    for c in range(nc):
-        carries[:, c] = carry
-        carry = torch.addcmul(h[:, c, -1], end_decay[:, c], carry)
-    # 3. Add the carried state's decayed contribution and read out y_l = h_l C_l, slice by slice
-    # so each [B, nc, D, N] slice is reused while it is in cache.
-    y = u.new_empty(Bsz, nc, L, Dn)
-    for l in range(L):
-        h_l = h[:, :, l]
-        h_l.addcmul_(torch.exp(cum[:, :, l, :, None] * A), carries)
-        y[:, :, l] = torch.matmul(h_l, C[:, :, l, :, None]).squeeze(-1)
-    return y.view(Bsz, nc * L, Dn)[:, :T], h, carry
+    # One extra step of decay 1 at the end, so backward reads Ā_{t+1} as a view (no shifted copy).
+    a_ext = u.new_empty(Bsz, nc * L + 1, Dn, N)
+    a_ext[:, -1] = 1
+    a = _chunks(a_ext[:, :-1], L)
+    torch.mul(delta[..., None], A, out=a).exp_()  # Ā = exp(Δ A), [B, nc, L, D, N]
+    # exp(A Σ_{s<=l} Δ_s): decay from each chunk's start; only values <= 1 appear.
+    P = (delta.cumsum(2)[..., None] * A).exp_()
+    h = (delta * u)[..., None] * B[:, :, :, None, :]  # x_t = Δ_t u_t B_t
+    h_last = _chunk_scan_(h, a, P, h0)
+    y = torch.matmul(h, C[..., None]).squeeze(-1)  # y_t = h_t C_t, [B, nc, L, D]
+    return y.view(Bsz, -1, Dn)[:, :T], h, a_ext, h_last
 
 
-def selective_scan_bwd(gy, gh_last, u, delta, A, B, C, h0, h, L):
+def selective_scan_bwd(gy, gh_last, u, delta, A, B, C, h0, h, a_ext, L):
     """Adjoint of `selective_scan_fwd` (README.md): g_t = dL/dh_t runs the scan backwards,
     g_t = gy_t C_t + Ā_{t+1} g_{t+1}, then every input gradient is a local product with g_t."""
     Bsz, T, Dn = u.shape
@@ -80,43 +93,30 @@ def selective_scan_bwd(gy, gh_last, u, delta, A, B, C, h0, h, L):
     pad = (-T) % L
     gy, u, delta, B, C = (_chunks(_pad_time(t, pad), L) for t in (gy, u, delta, B, C))
     nc = u.shape[1]
-    # Decay applied when stepping back from t+1 to t is Ā_{t+1}: shift Δ one step left.
+    a = _chunks(a_ext[:, :-1], L)
+    a_next = _chunks(a_ext[:, 1:], L)  # stepping back from t+1 to t applies Ā_{t+1}
     dnext = _chunks(F.pad(delta.reshape(Bsz, nc * L, Dn)[:, 1:], (0, 0, 0, 1)), L)
-    g = torch.empty_like(h)
-    for l in reversed(range(L)):
-        gh_l = gy[:, :, l, :, None] * C[:, :, l, None, :]
-        if l == L - 1:
-            g[:, :, l] = gh_l
-        else:
-            torch.addcmul(gh_l, torch.exp(dnext[:, :, l, :, None] * A), g[:, :, l + 1], out=g[:, :, l])
-    rcum = dnext.flip(2).cumsum(2).flip(2)  # Σ_{j >= l} Δ_{j+1} within the chunk
-    start_decay = torch.exp(rcum[:, :, 0, :, None] * A)
-    carry = gh_last if gh_last is not None else g.new_zeros(Bsz, Dn, N)
-    carries = torch.empty_like(start_decay)
-    for c in reversed(range(nc)):
-        carries[:, c] = carry
-        carry = torch.addcmul(g[:, c, 0], start_decay[:, c], carry)
+    P = (dnext.flip(2).cumsum(2).flip(2)[..., None] * A).exp_()  # Π_{j >= l} Ā_{j+1} in the chunk
+    g = gy[..., None] * C[:, :, :, None, :]  # direct dL/dh_t = gy_t C_tᵀ
+    _chunk_scan_(g, a_next, P, gh_last, reverse=True)
+    del P
 
-    h0 = h0 if h0 is not None else h.new_zeros(Bsz, Dn, N)
-    # h_{t-1} at each chunk's first position: the previous chunk's last state (h0 for the first).
-    h_before = torch.cat([h0[:, None], h[:, :-1, -1]], 1)  # [B, nc, D, N]
-    v = delta * u
-    gu, gdelta = torch.empty_like(u), torch.empty_like(u)
-    gB, gC = torch.empty_like(B), torch.empty_like(C)
-    gA = torch.zeros_like(A)
-    for l in range(L):
-        g_l = g[:, :, l]
-        g_l.addcmul_(torch.exp(rcum[:, :, l, :, None] * A), carries)
-        h_prev = h[:, :, l - 1] if l else h_before
-        # dL/d(Δ A) = g_t ⊙ h_{t-1} ⊙ Ā_t
-        gdA = g_l * h_prev * torch.exp(delta[:, :, l, :, None] * A)  # [B, nc, D, N]
-        gv = torch.matmul(g_l, B[:, :, l, :, None]).squeeze(-1)  # dL/d(Δ u), [B, nc, D]
-        gdelta[:, :, l] = (gdA * A).sum(-1) + gv * u[:, :, l]
-        gu[:, :, l] = gv * delta[:, :, l]
-        gA += torch.einsum("bcdn,bcd->dn", gdA, delta[:, :, l])
-        gB[:, :, l] = torch.matmul(v[:, :, l, None, :], g_l).squeeze(-2)
-        gC[:, :, l] = torch.matmul(gy[:, :, l, None, :], h[:, :, l]).squeeze(-2)
-    gh0 = torch.exp(delta[:, 0, 0, :, None] * A) * g[:, 0, 0]
+    # dL/d(Δ A) = g_t ⊙ h_{t-1} ⊙ Ā_t, with h_{-1} = h0; written in place, no shifted copy of h.
+    gdA = torch.empty_like(g)
+    flat = lambda t: t.view(Bsz, nc * L, Dn, N)  # noqa: E731
+    torch.mul(flat(g)[:, 1:], flat(h)[:, :-1], out=flat(gdA)[:, 1:])
+    if h0 is not None:
+        torch.mul(g[:, 0, 0], h0, out=gdA[:, 0, 0])
+    else:
+        gdA[:, 0, 0] = 0
+    gdA.mul_(a)
+    gv = torch.matmul(g, B[..., None]).squeeze(-1)  # dL/d(Δ u), [B, nc, L, D]
+    gdelta = (gdA * A).sum(-1) + gv * u
+    gu = gv * delta
+    gA = gdA.mul_(delta[..., None]).sum((0, 1, 2))
+    gB = torch.matmul((delta * u)[..., None, :], g).squeeze(-2)  # Σ_d g Δ u, [B, nc, L, N]
+    gC = torch.matmul(gy[..., None, :], h).squeeze(-2)  # Σ_d gy h, [B, nc, L, N]
+    gh0 = a[:, 0, 0] * g[:, 0, 0]
     unpad = lambda t: t.reshape(Bsz, nc * L, *t.shape[3:])[:, :T]  # noqa: E731
     return unpad(gu), unpad(gdelta), gA, unpad(gB), unpad(gC), gh0
 
@@ -125,16 +125,16 @@ class SelectiveScanFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, h0, chunk_size):
         L = max(1, min(chunk_size, u.shape[1]))
-        y, h, h_last = selective_scan_fwd(u, delta, A, B, C, h0, L)
-        ctx.save_for_backward(u, delta, A, B, C, h0, h)
+        y, h, a_ext, h_last = selective_scan_fwd(u, delta, A, B, C, h0, L)
+        ctx.save_for_backward(u, delta, A, B, C, h0, h, a_ext)
         ctx.L = L
         return y, h_last
 
     @staticmethod
     def backward(ctx, gy, gh_last):
-        u, delta, A, B, C, h0, h = ctx.saved_tensors
+        u, delta, A, B, C, h0, h, a_ext = ctx.saved_tensors
         gu, gdelta, gA, gB, gC, gh0 = selective_scan_bwd(gy.contiguous(), gh_last, u, delta, A, B, C,
-                                                          h0, h, ctx.L)
+                                                          h0, h, a_ext, ctx.L)
         return gu, gdelta, gA, gB, gC, (gh0 if h0 is not None else None), None
 
 
