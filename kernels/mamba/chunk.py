@@ -10,11 +10,13 @@ scan over [B, T, D, N]; we run it as a two-level chunked scan:
 2. across chunks, a loop over the T/L chunk boundaries on [B, D, N] carries the state;
 3. one vectorised correction h_t += (Π_{s<=t in chunk} Ā_s) ⊙ carry_c.
 
-That is L + T/L Python steps instead of T, each on a large tensor, and only products of decays
-in (0, 1] appear: unlike the "cumulative log-decay" factorisation exp(S_t) exp(-S_s) (fine for
-Mamba-2 with its small per-head chunks), nothing can overflow however large Δ A gets. The
-backward is the same scan run backwards in time (see README.md for the derivation), written by
-hand in an autograd.Function so that only u, Δ, B, C and the states h are kept for backward.
+That is about L + 2 T/L Python steps instead of T (on CPU the cost is the number of passes over
+[B, T, D, N], not the flops), and only products of decays in (0, 1] appear: unlike the
+"cumulative log-decay" factorisation exp(S_t) exp(-S_s) suggested for chunked scans (fine for
+Mamba-2's scalar per-head decay), nothing can overflow however large Δ A gets. The backward is
+the same scan run backwards in time (README.md has the derivation), written by hand in an
+autograd.Function that keeps u, Δ, B, C, the states h and the decays Ā (one extra [B, T, D, N]
+tensor, traded for two fewer exp passes in backward).
 
 Mamba-2 (`chunk_ssd`): the chunked SSD of Dao & Gu 2024 (arXiv 2405.21060), the
 `ssd_minimal_discrete` listing of mamba_ssm, with padding to a whole number of chunks, B/C groups

@@ -8,6 +8,16 @@ import torch
 from titanforge.kernels.mamba import chunk_selective_scan, chunk_ssd, naive_selective_scan, naive_ssd
 
 
+@pytest.fixture(autouse=True)
+def _poison_empty():
+    # Deterministic mode fills torch.empty* outputs with NaN, so an element the kernel forgets to
+    # write fails the comparison instead of passing on leftover memory.
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
