@@ -2,13 +2,15 @@
 
     loader = build_train_loader(cfg, micro_batch_size=4, dp_rank=r, dp_size=n, seed=0)
     batch = next(loader)        # {"tokens": int64 [4, seq_len + 1], "index": int64 [4] source row ids}
-    state = loader.state_dict() # position of the next unseen sample of this rank
+    state = loader.state_dict() # where the next unseen samples start
     val = build_val_loader(cfg, micro_batch_size=4, dp_rank=r, dp_size=n)  # len(val) batches, same each pass
 
-The train loader is an endless stream over epochs (order.py), the val loader one unshuffled pass
-of len(val) batches, equal on every rank. webdataset supplies the shard format and writer; it has
-no resumable position and splits by the RANK/WORLD_SIZE environment rather than the data-parallel
-rank, so the order is ours: splits follow the dp_rank/dp_size passed in, and the
+The train loader is an endless stream over epochs, the val loader one unshuffled pass of len(val)
+batches, equal on every rank. Both deal the micro-batches of one global order out to the ranks
+(order.py, stream.py), so the global batches, and a checkpointed position, do not depend on
+dp_size, num_workers or micro_batch_size. webdataset supplies the shard format and writer; it
+has no resumable position and splits by the RANK/WORLD_SIZE environment rather than the
+data-parallel rank, so the order is ours: splits follow the dp_rank/dp_size passed in, and the
 seed must be the same on every rank. The validation loader reads in the calling process
 (num_workers 0): an evaluation takes a few batches, and forking workers for each would cost more.
 """
@@ -22,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from titanforge.data.config import DataConfig
-from titanforge.data.order import RankOrder
+from titanforge.data.order import GlobalOrder
 from titanforge.data.shards import DataError, read_manifest
 from titanforge.data.stream import TokenStream, keep_numpy
 
@@ -51,24 +53,21 @@ class _Loader:
                  dp_size: int, seed: int, shuffle: bool, num_workers: int):
         self.cfg, self.manifest, self.split = cfg, manifest, split
         self.micro_batch_size, self.num_workers = micro_batch_size, num_workers
+        self.dp_rank, self.dp_size = dp_rank, dp_size
         self.shards = manifest["splits"][split]["shards"]
-        self.order = RankOrder([s["samples"] for s in self.shards], dp_rank, dp_size, seed, shuffle)
-        if self.order.per_rank < 1:
-            raise DataError(f"the {split} split of {manifest['root']} has {self.order.total} samples, fewer than "
-                            f"dp_size={dp_size}; prepare more data (or a larger --val-fraction for val), a smaller "
-                            f"--seq-len, or use fewer data-parallel ranks")
+        self.order = GlobalOrder([s["samples"] for s in self.shards], seed, shuffle)
         self.stats = {"batches": 0, "samples": 0, "corrupt_shards": 0, "skipped_samples": 0}
         self._pin = cfg.pin_memory and torch.cuda.is_available()
 
     @property
     def samples_per_epoch(self) -> int:
-        """Samples this rank reads per epoch."""
-        return self.order.per_rank
+        """Samples in one epoch over all ranks (rank r takes every dp_size-th micro-batch)."""
+        return self.order.total
 
     def _open(self, start: int, max_batches: int | None = None):
         stream = TokenStream(self.manifest["root"], self.shards, self.manifest["sample_len"], self.manifest["dtype"],
-                             self.order, self.micro_batch_size, start, self.cfg.on_corrupt,
-                             self.cfg.verify_checksums, max_batches, self.cfg.cache_mb << 20)
+                             self.order, self.micro_batch_size, self.dp_rank, self.dp_size, start,
+                             self.cfg.on_corrupt, self.cfg.verify_checksums, max_batches, self.cfg.cache_mb << 20)
         if self.num_workers == 0:
             return iter(stream)
         return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=keep_numpy,
@@ -76,7 +75,7 @@ class _Loader:
 
     def _finish(self, raw: tuple) -> tuple[dict, int]:
         """The batch dict from a stream item; counts it and reports skipped shards."""
-        tokens, index, next_position, events = raw
+        tokens, index, events, next_position = raw
         for event in events or ():
             self.stats["corrupt_shards"] += 1
             self.stats["skipped_samples"] += event["samples"]
@@ -95,13 +94,14 @@ class TrainLoader(_Loader):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # The position (in this rank's stream) of the next sample the consumer has not seen.
+        # Global stream position where the next group of dp_size micro-batches starts: every
+        # sample before it has been seen by some rank. The same on every rank.
         self.position = 0
         self._it = None
 
     @property
     def epoch(self) -> int:
-        return self.position // self.order.per_rank
+        return self.position // self.order.total
 
     def __iter__(self):
         return self
@@ -130,18 +130,18 @@ class TrainLoader(_Loader):
     def state_dict(self) -> dict:
         o = self.order
         return {"version": STATE_VERSION, "position": self.position, "epoch": self.epoch,
-                "samples_per_epoch": o.per_rank, "dp_rank": o.dp_rank, "dp_size": o.dp_size, "seed": o.seed,
-                "shuffle": o.shuffle, "fingerprint": self.manifest["fingerprint"], "stats": dict(self.stats)}
+                "samples_per_epoch": o.total, "dp_size": self.dp_size, "micro_batch_size": self.micro_batch_size,
+                "seed": o.seed, "shuffle": o.shuffle, "fingerprint": self.manifest["fingerprint"],
+                "stats": dict(self.stats)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue at the saved position: the next batch starts with the first sample not yet seen.
+        """Continue at the saved position: the next batches hold the first samples no rank has seen.
 
-        Exact for any num_workers and micro_batch_size. With another dp_size, seed or shuffle the
-        saved position means other samples; the stream then resumes at the same epoch and the same
-        fraction of it, with a warning (some samples of that epoch repeat or are left out).
+        The position is global and the same on every rank, so this is exact for any dp_size,
+        num_workers and micro_batch_size. With another seed or shuffle the order itself differs:
+        the stream resumes at the same epoch and offset, with a warning.
         """
-        missing = [k for k in ("version", "position", "samples_per_epoch", "dp_size", "seed", "shuffle",
-                               "fingerprint") if k not in state]
+        missing = [k for k in ("version", "position", "seed", "shuffle", "fingerprint") if k not in state]
         if missing:
             raise ValueError(f"data loader state lacks {missing}; it was not written by TrainLoader.state_dict()")
         if state["version"] != STATE_VERSION:
@@ -152,15 +152,11 @@ class TrainLoader(_Loader):
                              f"({self.manifest['fingerprint'][:12]}); point data.path at the data the run started "
                              f"with, or start a new run (checkpoint.resume=never)")
         o = self.order
-        position = int(state["position"])
-        if (state["dp_size"], state["seed"], state["shuffle"]) != (o.dp_size, o.seed, o.shuffle):
-            epoch, offset = divmod(position, int(state["samples_per_epoch"]))
-            position = epoch * o.per_rank + offset * o.per_rank // int(state["samples_per_epoch"])
-            logger.warning("data position saved with dp_size=%s seed=%s shuffle=%s, now %s/%s/%s: resuming at "
-                           "epoch %d, %.1f%% through it (not sample-exact)", state["dp_size"], state["seed"],
-                           state["shuffle"], o.dp_size, o.seed, o.shuffle, epoch,
-                           100.0 * offset / state["samples_per_epoch"])
-        self.position = position
+        if (state["seed"], state["shuffle"]) != (o.seed, o.shuffle):
+            logger.warning("data position saved with seed=%s shuffle=%s, now seed=%s shuffle=%s: resuming at the "
+                           "same epoch and offset of a different order (not sample-exact)", state["seed"],
+                           state["shuffle"], o.seed, o.shuffle)
+        self.position = int(state["position"])
         self.stats.update(state.get("stats", {}))
         self.close()
 
@@ -170,11 +166,11 @@ class ValLoader(_Loader):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.num_batches = self.order.per_rank // self.micro_batch_size
+        self.num_batches = self.order.total // (self.micro_batch_size * self.dp_size)
         if self.num_batches < 1:
-            raise DataError(f"the val split of {self.manifest['root']} gives each of {self.order.dp_size} ranks "
-                            f"{self.order.per_rank} samples, fewer than micro_batch_size={self.micro_batch_size}; "
-                            f"re-run prepare with a larger --val-fraction or lower train.micro_batch_size")
+            raise DataError(f"the val split of {self.manifest['root']} has {self.order.total} samples, fewer than "
+                            f"micro_batch_size * dp_size = {self.micro_batch_size} * {self.dp_size}; re-run "
+                            f"prepare with a larger --val-fraction or lower train.micro_batch_size")
 
     def __len__(self) -> int:
         return self.num_batches
@@ -190,6 +186,9 @@ def build_train_loader(cfg: DataConfig, *, micro_batch_size: int, dp_rank: int, 
                        seed: int) -> TrainLoader:
     _check(cfg, micro_batch_size, dp_rank, dp_size, seed)
     manifest = read_manifest(cfg.path)
+    if manifest["splits"]["train"]["samples"] == 0:
+        raise DataError(f"{os.path.join(manifest['root'], 'manifest.json')} has no training samples; "
+                        f"re-run `titanforge prepare` with more text or a smaller --seq-len")
     return TrainLoader(cfg, manifest, "train", micro_batch_size, dp_rank, dp_size, seed, cfg.shuffle, cfg.num_workers)
 
 

@@ -1,13 +1,11 @@
-"""The sample order of one data-parallel rank: which shard row each position of its stream reads.
+"""The global sample order: which shard row each position of the data stream reads.
 
-Epoch e has one global order, the same on every rank: shards in a permutation drawn from
-(seed, e), the rows of each shard in a permutation drawn from (seed, e, shard). Rank r of
-dp_size reads the contiguous block [r*M, (r+1)*M) of that order, M = N // dp_size, so every rank
-yields the same number of samples per epoch, each sample is read by exactly one rank, the
-N mod dp_size samples at the end of the order are left out of that epoch (different ones each
-epoch when shuffling), and a rank only opens the shards its block touches (plus at most two it
-shares with its neighbours). The stream of a rank is epoch 0, epoch 1, ...; its position
-p = epoch * M + offset is all a checkpoint needs. Nothing here depends on DataLoader workers.
+Epoch e is one pass over all N samples: shards in a permutation drawn from (seed, e), the rows of
+each shard in a permutation drawn from (seed, e, shard). The stream is epoch 0, epoch 1, ...,
+and a position p = e * N + offset names one sample of it. The order depends on neither the
+number of data-parallel ranks nor DataLoader workers: stream.py deals its micro-batches out to
+ranks and workers, so a run on any dp_size sees the same global batches, and a checkpointed
+position means the same thing whatever the job is resumed with.
 """
 
 from __future__ import annotations
@@ -21,13 +19,12 @@ import numpy as np
 LOADER_TAG = 0x6c64
 
 
-class RankOrder:
-    def __init__(self, shard_sizes: Sequence[int], dp_rank: int, dp_size: int, seed: int, shuffle: bool):
+class GlobalOrder:
+    def __init__(self, shard_sizes: Sequence[int], seed: int, shuffle: bool):
         self.sizes = np.asarray(shard_sizes, dtype=np.int64)
-        self.dp_rank, self.dp_size, self.seed, self.shuffle = dp_rank, dp_size, seed, shuffle
+        self.seed, self.shuffle = seed, shuffle
+        # Samples per epoch.
         self.total = int(self.sizes.sum())
-        # Samples this rank reads per epoch.
-        self.per_rank = self.total // dp_size
 
     def shard_order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -41,19 +38,13 @@ class RankOrder:
         return np.random.default_rng([LOADER_TAG, self.seed, epoch, shard + 1]).permutation(n)
 
     def segments(self, epoch: int, offset: int = 0) -> list[tuple[int, int, int]]:
-        """[(shard, a, b)]: rows row_order(epoch, shard)[a:b], in stream order, for this rank's
-        positions offset .. per_rank - 1 of `epoch`."""
+        """[(shard, a, b)]: rows row_order(epoch, shard)[a:b], in stream order, for the positions
+        offset .. total - 1 of `epoch`."""
         order = self.shard_order(epoch)
         sizes = self.sizes[order]
-        ends = np.cumsum(sizes)
-        starts = ends - sizes
-        lo = self.dp_rank * self.per_rank + offset
-        hi = (self.dp_rank + 1) * self.per_rank
+        starts = np.cumsum(sizes) - sizes
         out = []
-        k = int(np.searchsorted(ends, lo, side="right"))
-        while k < len(order) and starts[k] < hi:
-            a, b = max(lo - int(starts[k]), 0), min(hi - int(starts[k]), int(sizes[k]))
-            if a < b:
-                out.append((int(order[k]), a, b))
-            k += 1
+        for shard, start, size in zip(order.tolist(), starts.tolist(), sizes.tolist()):
+            if start + size > offset:
+                out.append((shard, max(offset - start, 0), size))
         return out

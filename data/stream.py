@@ -1,18 +1,19 @@
-"""The batch stream of one rank, as an IterableDataset that any number of DataLoader workers share.
+"""The batch stream of one data-parallel rank, as an IterableDataset its DataLoader workers share.
 
-Batch k of the stream holds the next micro_batch_size valid samples of the rank order (order.py)
-after those of batch k-1, starting at position `start`. Worker w of W builds only the batches
-k = w (mod W), and torch's DataLoader hands batches out round-robin over workers in order
-(in_order=True), so the consumer sees batch 0, 1, 2, ... whatever W is; resuming is starting at
-the saved position.
+The global stream (order.py) is cut into micro-batches g = 0, 1, 2, ... of micro_batch_size
+samples from position `start` on. Rank r of dp_size takes g = r (mod dp_size), so the dp_size
+micro-batches of one group are what a single process would take as dp_size accumulation steps:
+a run gives the same global batches on any number of ranks. Worker w of W takes the rank's
+j-th micro-batch when j = w (mod W), and torch's DataLoader hands batches out round-robin over
+workers in order (in_order=True), so the consumer sees the rank's batches in order whatever W is.
 
-Every worker opens every shard of the rank order, including those whose rows all go to other
-workers: a corrupt shard is then seen by all workers alike, so they agree on which samples are
-skipped and on where each batch starts. Opening is cheap (one file read and np.frombuffer, see
-shards.py), and data that fits data.cache_mb is opened once per process. A skipped shard is
-reported once, by the worker that builds the batch in progress when it was met; each batch
-carries the position after its last sample, which becomes the loader's checkpoint position once
-the consumer has taken the batch.
+Every rank and worker walks the whole global stream and opens every shard (taking rows only for
+its own batches): a corrupt shard is then seen by all alike, so they agree on which samples are
+skipped and where each batch starts. Opening is cheap (one file read and np.frombuffer, see
+shards.py), and data that fits data.cache_mb is opened once per process; the price is that each
+rank reads all shards, using 1/dp_size of each. A skipped shard is reported once per rank, with
+that rank's next batch. Each batch carries the position where the next group of dp_size batches
+starts: once the consumer has taken it, that is the checkpoint position, the same on every rank.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from titanforge.data.order import RankOrder
+from titanforge.data.order import GlobalOrder
 from titanforge.data.shards import CorruptShardError, DataError, read_shard
 
 
@@ -37,12 +38,12 @@ def _nbytes(loaded) -> int:
 
 
 class TokenStream(IterableDataset):
-    def __init__(self, root: str | Path, shards: list[dict], sample_len: int, dtype: str, order: RankOrder,
-                 batch_size: int, start: int = 0, on_corrupt: str = "skip", verify: bool = True,
-                 max_batches: int | None = None, cache_bytes: int = 0):
+    def __init__(self, root: str | Path, shards: list[dict], sample_len: int, dtype: str, order: GlobalOrder,
+                 batch_size: int, dp_rank: int = 0, dp_size: int = 1, start: int = 0, on_corrupt: str = "skip",
+                 verify: bool = True, max_batches: int | None = None, cache_bytes: int = 0):
         self.root, self.shards, self.sample_len, self.dtype = Path(root), shards, sample_len, dtype
-        self.order, self.batch_size, self.start = order, batch_size, start
-        self.on_corrupt, self.verify, self.max_batches = on_corrupt, verify, max_batches
+        self.order, self.batch_size, self.dp_rank, self.dp_size = order, batch_size, dp_rank, dp_size
+        self.start, self.on_corrupt, self.verify, self.max_batches = start, on_corrupt, verify, max_batches
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[int, object] = OrderedDict()
         self._cached_bytes = 0
@@ -76,23 +77,27 @@ class TokenStream(IterableDataset):
             self._cached_bytes -= _nbytes(self._cache.popitem(last=False)[1])
         return loaded
 
-    def _collate(self, parts: list, next_position: int, events: list | None) -> tuple:
-        """(tokens int64 [B, L], index int64 [B], position after the batch, skipped-shard events or None).
+    def _collate(self, parts: list, events: list | None, next_position: int) -> tuple:
+        """(tokens int64 [B, L], index int64 [B], events or None, position after the batch's group).
 
         numpy, not tensors: a tensor leaving a worker goes through a shared-memory file (about
         10 ms per batch here), a pickled array through the pipe; the loader makes the tensors.
         """
         if len(parts) == 1:
             rows, ids, sel = parts[0]
-            return rows[sel].astype(np.int64), ids[sel], next_position, events
+            return rows[sel].astype(np.int64), ids[sel], events, next_position
         tokens = np.concatenate([rows[sel] for rows, _, sel in parts]).astype(np.int64)
-        return tokens, np.concatenate([ids[sel] for _, ids, sel in parts]), next_position, events
+        return tokens, np.concatenate([ids[sel] for _, ids, sel in parts]), events, next_position
 
     def _batches(self, worker: int, workers: int):
-        B, M = self.batch_size, self.order.per_rank
-        epoch, offset = divmod(self.start, M)
+        B, N, r, dp = self.batch_size, self.order.total, self.dp_rank, self.dp_size
+        epoch, offset = divmod(self.start, N)
         position = self.start
-        k, filled, parts = 0, 0, []
+        # g: global micro-batch being filled; parts: its rows if it is ours.
+        g, filled, parts = 0, 0, []
+        # Our finished batch, held until its group of dp micro-batches ends (that is its position).
+        pending = None
+        # Skipped-shard reports by the global micro-batch of this rank that carries them.
         events: dict[int, list] = {}
         # Positions passed since the last valid sample, to stop instead of spinning when none is readable.
         barren = 0
@@ -103,15 +108,15 @@ class TokenStream(IterableDataset):
                 if isinstance(loaded, CorruptShardError):
                     if self.on_corrupt == "fail":
                         raise loaded
-                    events.setdefault(k, []).append({"shard": self.shards[shard]["file"], "samples": b - a,
-                                                     "reason": str(loaded)})
+                    events.setdefault(g + (r - g) % dp, []).append(
+                        {"shard": self.shards[shard]["file"], "samples": b - a, "reason": str(loaded)})
                     position += b - a
                     barren += b - a
                     corrupt.add(shard)
-                    # Unshuffled, the next epoch reads the same block again; shuffled, it only
+                    # Unshuffled, the next epoch reads the same shards again; shuffled, it only
                     # would if every shard were corrupt.
-                    if barren >= M and (not self.order.shuffle or len(corrupt) == len(self.shards)):
-                        raise DataError(f"every shard rank {self.order.dp_rank} reads from {self.root} is corrupt "
+                    if barren >= N and (not self.order.shuffle or len(corrupt) == len(self.shards)):
+                        raise DataError(f"every shard in {self.root} this loader reads is corrupt "
                                         f"(last: {loaded}); re-run `titanforge prepare --out {self.root}`")
                     continue
                 rows, ids = loaded
@@ -120,14 +125,20 @@ class TokenStream(IterableDataset):
                 pos = 0
                 while pos < len(sel):
                     take = min(B - filled, len(sel) - pos)
-                    if k % workers == worker:
+                    mine = g % dp == r and (g // dp) % workers == worker
+                    if mine:
                         parts.append((rows, ids, sel[pos:pos + take]))
                     pos, filled, position = pos + take, filled + take, position + take
-                    if filled == B:
-                        batch_events = events.pop(k, None)
-                        if k % workers == worker:
-                            yield self._collate(parts, position, batch_events)
-                        k, filled, parts = k + 1, 0, []
-                        if self.max_batches is not None and k >= self.max_batches:
-                            return
+                    if filled < B:
+                        continue
+                    if g % dp == r:
+                        batch_events = events.pop(g, None)
+                        if mine:
+                            pending = (parts, batch_events)
+                    if g % dp == dp - 1 and pending is not None:
+                        yield self._collate(*pending, position)
+                        pending = None
+                    g, filled, parts = g + 1, 0, []
+                    if self.max_batches is not None and g >= self.max_batches * dp:
+                        return
             epoch, offset = epoch + 1, 0

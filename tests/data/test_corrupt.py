@@ -66,6 +66,18 @@ def test_skip_mode_skips_counts_and_warns(data_copy, damage, verify, caplog):
     assert len(warned) == 2 and all("corrupt shard" in w for w in warned)
 
 
+def test_ranks_agree_on_skipped_samples(data_copy):
+    _truncate(data_copy / BAD)
+    cfg = DataConfig(path=str(data_copy))
+    alone = build_train_loader(cfg, micro_batch_size=3, dp_rank=0, dp_size=1, seed=4)
+    one = [next(alone)["index"].tolist() for _ in range(240)]
+    cfg.num_workers = 2
+    ranks = [build_train_loader(cfg, micro_batch_size=3, dp_rank=r, dp_size=2, seed=4) for r in range(2)]
+    two = [next(ranks[g % 2])["index"].tolist() for g in range(240)]
+    assert one == two
+    assert alone.stats["corrupt_shards"] == ranks[0].stats["corrupt_shards"] == ranks[1].stats["corrupt_shards"] > 0
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("damage", [_truncate, _garbage])
 def test_fail_mode_names_the_shard(data_copy, damage, workers):
@@ -83,8 +95,8 @@ def test_val_keeps_its_length_when_a_shard_is_skipped(data_copy):
         val = build_val_loader(cfg, micro_batch_size=2, dp_rank=rank, dp_size=2)
         batches = list(val)
         assert len(batches) == len(val) > 0
-        # Unshuffled, val shard 0 lies in rank 0's block only.
-        assert (val.stats["corrupt_shards"] > 0) == (rank == 0)
+        # Every rank reads every shard, so each reports the skip.
+        assert val.stats["corrupt_shards"] > 0
 
 
 def test_all_shards_corrupt_is_an_error_not_a_hang(data_copy):
