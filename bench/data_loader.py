@@ -99,6 +99,17 @@ def compare(root: str, flat: np.ndarray, batch: int, seq_len: int, repeats: int)
             "loader_first_epoch_with_sha256_tokens_per_s": round(first)}
 
 
+def one_of_many_ranks(root: str, batch: int, seq_len: int, dp: int, steps: int) -> dict:
+    """Rank 0 of dp ranks without a shard cache: it walks every shard but keeps 1/dp of each."""
+    rates = {}
+    for cache_mb in (256, 0):
+        loader = build_train_loader(DataConfig(path=root, cache_mb=cache_mb), micro_batch_size=batch, dp_rank=0,
+                                    dp_size=dp, seed=0)
+        next(loader)
+        rates[f"cache_mb_{cache_mb}"] = round(steps * batch * seq_len / timed(lambda: next(loader), steps))
+    return {"dp_size": dp, "micro_batch_size": batch, "tokens_per_s_of_this_rank": rates}
+
+
 def with_workers(root: str, batch: int, seq_len: int, workers: int, steps: int) -> dict:
     loader = build_train_loader(DataConfig(path=root, num_workers=workers), micro_batch_size=batch, dp_rank=0,
                                 dp_size=1, seed=0)
@@ -131,6 +142,7 @@ def main() -> None:
         flat = flat_copy(root, tmp)
         runs = [compare(root, flat, b, m["seq_len"], args.repeats) for b in (8, 32)]
         workers = [with_workers(root, 32, m["seq_len"], w, 600) for w in (2,)]
+        many = one_of_many_ranks(root, 8, m["seq_len"], 8, 2000)
     for r in runs:
         rate = {k: f"{v / 1e6:.1f}" for k, v in r["tokens_per_s"].items()}
         print(f"micro_batch {r['micro_batch_size']:3d}: M tok/s {rate}; flat/loader {r['flat_over_loader']}, "
@@ -139,6 +151,8 @@ def main() -> None:
     for r in workers:
         print(f"num_workers {r['num_workers']}, micro_batch {r['micro_batch_size']}: "
               f"{r['tokens_per_s'] / 1e6:.1f} M tok/s")
+    print(f"rank 0 of {many['dp_size']}, micro_batch {many['micro_batch_size']}: "
+          f"{ {k: round(v / 1e6, 1) for k, v in many['tokens_per_s_of_this_rank'].items()} } M tok/s")
     result = {
         "what": "tokens/s (micro_batch * seq_len per step, fastest of repeats of one epoch, one process) of the "
                 "shard loader (default data.cache_mb, and cache_mb=0: every shard re-read from disk each epoch) vs "
@@ -151,6 +165,7 @@ def main() -> None:
                 "workers compete with it for the two cores; workers pay off only where decoding is costly",
         "num_workers_0": runs,
         "with_workers": workers,
+        "one_of_many_ranks": many,
         "machine": machine(),
         "repeats": args.repeats,
     }
