@@ -101,7 +101,6 @@ class TokenStream(IterableDataset):
         events: dict[int, list] = {}
         # Positions passed since the last valid sample, to stop instead of spinning when none is readable.
         barren = 0
-        corrupt: set[int] = set()
         while True:
             for shard, a, b in self.order.segments(epoch, offset):
                 loaded = self._load(shard)
@@ -112,12 +111,10 @@ class TokenStream(IterableDataset):
                         {"shard": self.shards[shard]["file"], "samples": b - a, "reason": str(loaded)})
                     position += b - a
                     barren += b - a
-                    corrupt.add(shard)
-                    # Unshuffled, the next epoch reads the same shards again; shuffled, it only
-                    # would if every shard were corrupt.
-                    if barren >= N and (not self.order.shuffle or len(corrupt) == len(self.shards)):
-                        raise DataError(f"every shard in {self.root} this loader reads is corrupt "
-                                        f"(last: {loaded}); re-run `titanforge prepare --out {self.root}`")
+                    # A whole epoch without a valid sample: every shard is corrupt.
+                    if barren >= N:
+                        raise DataError(f"every shard of this split in {self.root} is corrupt (last: {loaded}); "
+                                        f"re-run `titanforge prepare --out {self.root}`")
                     continue
                 rows, ids = loaded
                 sel = self.order.row_order(epoch, shard)[a:b]
