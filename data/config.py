@@ -8,8 +8,9 @@ from dataclasses import dataclass
 @dataclass
 class DataConfig:
     # Directory holding manifest.json and the train/ and val/ webdataset shards
-    # (written by `titanforge prepare`).
-    path: str = "runs/data/shakespeare-gpt2"
+    # (written by `titanforge prepare`). Mandatory ("???" is OmegaConf's marker for a value that
+    # must be given): presets set it, e.g. runs/data/shakespeare-gpt2.
+    path: str = "???"
     # DataLoader worker processes per rank (the stream position does not depend on it).
     num_workers: int = 0
     # What to do with a truncated or garbage shard: skip (warn and count) | fail (raise naming it).

@@ -138,6 +138,8 @@ def validate(job: JobConfig, world_size: int | None = None) -> None:
         errs.append(f"optim.schedule={job.optim.schedule!r} must be cosine | wsd | constant")
     if t.dtype not in ("float32", "bfloat16"):
         errs.append(f"train.dtype={t.dtype!r} must be float32 | bfloat16")
+    if job.data.cache_mb < 0:
+        errs.append(f"data.cache_mb={job.data.cache_mb} must be >= 0 (0 disables the shard cache)")
     if job.data.on_corrupt not in ("skip", "fail"):
         errs.append(f"data.on_corrupt={job.data.on_corrupt!r} must be skip | fail")
     if job.wandb.mode not in ("offline", "online", "disabled"):
