@@ -47,8 +47,11 @@ def step_time(model, tokens, logits_of, opt) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=8)
+    # One thread by default: on a shared 2-core host two threads make both models' times noisy.
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     from transformers import LlamaForCausalLM
 
     cfg = ModelConfig(family="llama", vocab_size=8192, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
@@ -82,6 +85,8 @@ def main() -> None:
         "flops_per_token": ours.flops_per_token(seq),
         "speedup_vs_hf": best["hf_llama"] / best["titanforge"],
         "repeats": args.repeats,
+        "threads": args.threads,
+        "load_average_1m": __import__("os").getloadavg()[0],
     }
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
