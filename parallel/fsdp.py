@@ -1,0 +1,93 @@
+"""Fully sharded data parallelism with FSDP2 (`torch.distributed.fsdp.fully_shard`).
+
+Each block of `model.layers` becomes one FSDP unit (its parameters are all-gathered just before
+the block runs and freed after), then the root takes what is left (embeddings, final norm, LM
+head). This is torchtitan's pattern (`models/llama3/infra/parallelize.py`): one all-gather per
+block overlaps with the previous block's compute, and the units follow the one structure every
+family shares, so no family needs its own wrap policy.
+
+FSDP2 shards each parameter as a `DTensor` on dim 0 over the data-parallel mesh; parameter names
+(FQNs) do not change, so `torch.distributed.checkpoint.state_dict.get_state_dict` /
+`set_state_dict` + `dcp.save` / `dcp.load` save and load across a change of layout (dp=2 <-> one
+process <-> dp x tp). It composes with tensor parallelism: apply TP on the `tp` dimension first,
+then `apply_fsdp(model, mesh["dp"])` (STYLE.md section 3 order: TP/SP/EP -> activation
+checkpointing -> compile -> FSDP).
+
+Gradients are averaged over the dp ranks (reduce-scatter, then divided by dp): each rank's loss
+must be the mean over its own micro-batch, exactly as with DDP.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_dtype(name: str, dtype: torch.dtype | None) -> None:
+    if dtype is not None and dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"apply_fsdp: {name}={dtype} is not a floating dtype; use one of "
+                         f"{[str(d) for d in _FLOAT_DTYPES]} or None (keep the parameters' dtype)")
+
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None,
+               reduce_dtype: torch.dtype | None = torch.float32, cpu_offload: bool = False,
+               reshard_after_forward: bool = True) -> nn.Module:
+    """Shard `model` over the 1-D data-parallel mesh `dp_mesh`: one FSDP unit per block, then the root.
+
+    param_dtype: dtype of the all-gathered parameters used in forward/backward (e.g. torch.bfloat16);
+        None computes in the stored dtype. The sharded master weights and the optimizer stay in the
+        parameters' own dtype (float32).
+    reduce_dtype: dtype of the gradient reduce-scatter; float32 keeps the sum exact-ish under bf16.
+    cpu_offload: keep sharded parameters, gradients and optimizer state in host memory (the
+        optimizer step then runs on the CPU).
+    reshard_after_forward: free the gathered parameters after each block's forward and gather them
+        again in backward (ZeRO-3 memory); False keeps them (ZeRO-2-like: more memory, less comm).
+        The last block is never resharded: backward needs it at once (torchtitan does the same).
+
+    Returns the same module object, now an `FSDPModule` (its class is swapped in place).
+    """
+    if not isinstance(dp_mesh, DeviceMesh):
+        raise ValueError(f"apply_fsdp: dp_mesh must be a DeviceMesh, got {type(dp_mesh).__name__}; "
+                         f"build one with parallel.build_mesh(...) or init_device_mesh(device, (dp,))")
+    if dp_mesh.ndim != 1:
+        raise ValueError(f"apply_fsdp: dp_mesh has {dp_mesh.ndim} dimensions {dp_mesh.mesh_dim_names}; pass the "
+                         f"1-D data-parallel slice, e.g. mesh['dp']")
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.ModuleDict):
+        raise ValueError(f"apply_fsdp: {type(model).__name__} has no `layers` nn.ModuleDict; every model must keep "
+                         f"its blocks in `self.layers` (models/registry.py contract)")
+    if isinstance(model, FSDPModule):
+        raise ValueError("apply_fsdp: the model is already sharded with FSDP; apply it once, last")
+    _check_dtype("param_dtype", param_dtype)
+    _check_dtype("reduce_dtype", reduce_dtype)
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # Pinned host memory needs an accelerator; on a CPU-only machine pinning raises.
+    pin = torch.accelerator.is_available()
+    offload_policy = CPUOffloadPolicy(pin_memory=pin) if cpu_offload else OffloadPolicy()
+    blocks = list(layers.values())
+    for i, block in enumerate(blocks):
+        # Prefetching in backward starts from the last block, which forward has just used.
+        reshard = reshard_after_forward and i < len(blocks) - 1
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy, offload_policy=offload_policy,
+                    reshard_after_forward=reshard)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, offload_policy=offload_policy,
+                reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """Clip gradients by their global norm over all shards; returns the norm as a plain tensor.
+
+    `torch.nn.utils.clip_grad_norm_` already reduces DTensor gradients across the mesh, but returns
+    a DTensor; this returns its full (replicated) value so the trainer can log and compare it.
+    """
+    if max_norm <= 0:
+        raise ValueError(f"clip_grad_norm_: max_norm={max_norm} must be > 0 (0 means no clipping: do not call)")
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type, foreach=True)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm

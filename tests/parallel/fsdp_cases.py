@@ -1,0 +1,121 @@
+"""Shared pieces of the data-parallel tests: tiny model per family, batches, loss, comparisons.
+
+Imported by the torchrun workers (tests/parallel/fsdp_*worker.py) and by the pytest files, so
+the single-process reference and the sharded runs build exactly the same thing.
+
+The reference is one process on the global batch, taken as `dp` equal micro-batches with gradient
+accumulation. Cross-entropy is a token mean and the micro-batches are equal, so this equals the
+full-batch gradient; the MoE load-balancing loss is defined per micro-batch (as under DDP), which
+is why the reference keeps the micro-batches rather than one forward over the whole batch.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from titanforge.models.common.moe import MoEConfig
+from titanforge.models.config import ModelConfig
+from titanforge.models.jamba.config import JambaConfig
+from titanforge.models.registry import build_model, collect_aux_losses
+from titanforge.models.titans.config import TitansConfig
+from titanforge.models.ttt.config import TTTConfig
+
+FAMILIES = ("llama", "titans", "ttt", "jamba")
+# Odd sizes on purpose: vocabulary and length are not powers of two.
+VOCAB, SEQ_LEN, GLOBAL_BATCH = 97, 37, 4
+LR, STEPS = 1e-2, 5
+
+
+def tiny_config(family: str) -> ModelConfig:
+    common = dict(family=family, vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, ffn_hidden=48,
+                  max_seq_len=64, tie_embeddings=family != "llama")
+    if family == "llama":
+        return ModelConfig(**common, n_kv_heads=1)
+    if family == "titans":
+        return ModelConfig(**common, titans=TitansConfig(variant="mac", chunk_size=8, segment_len=16, window=16,
+                                                         n_persistent=2))
+    if family == "ttt":
+        return ModelConfig(**common, ttt=TTTConfig(inner="linear", backbone="mamba", mini_batch_size=8))
+    if family == "jamba":
+        moe = MoEConfig(n_experts=4, top_k=2, load_balance_coef=1e-2, z_loss_coef=1e-3)
+        return ModelConfig(**common, n_kv_heads=1, jamba=JambaConfig(layer_pattern="MD AE", d_state=8, chunk_size=16,
+                                                                     moe=moe))
+    raise ValueError(family)
+
+
+def build(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(tiny_config(family))
+
+
+def global_batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ_LEN + 1), generator=g)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def shard(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    return x.chunk(world)[rank]
+
+
+def loss_fn(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = model(inputs)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    for aux in collect_aux_losses(model).values():
+        loss = loss + aux
+    return loss
+
+
+def reference_step(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, dp: int) -> float:
+    """Forward + backward of the global batch as `dp` accumulated micro-batches; returns the loss."""
+    total = 0.0
+    for r in range(dp):
+        loss = loss_fn(model, shard(inputs, r, dp), shard(targets, r, dp)) / dp
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
+    # The trainer's AdamW settings (weight decay on matrices only is irrelevant for parity).
+    return torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def reference_training(model: torch.nn.Module, dp: int) -> list[float]:
+    """STEPS AdamW steps on the same global batch; the losses before each step."""
+    model = copy.deepcopy(model)
+    opt = optimizer(model)
+    inputs, targets = global_batch()
+    losses = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        losses.append(reference_step(model, inputs, targets, dp))
+        opt.step()
+    return losses
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64 (0 when both are zero)."""
+    a, b = a.double(), b.double()
+    den = b.norm().item()
+    num = (a - b).norm().item()
+    return num / den if den > 0 else num
+
+
+def flat_state(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Nested state dicts (model / optimizer) -> {dotted key: tensor}, DTensors made full."""
+    out = {}
+    for key, val in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(val, dict):
+            out.update(flat_state(val, name + "."))
+        elif isinstance(val, list):
+            out.update(flat_state(dict(enumerate(val)), name + "."))
+        elif isinstance(val, torch.Tensor):
+            out[name] = val.full_tensor() if hasattr(val, "full_tensor") else val
+        elif isinstance(val, (int, float)):
+            out[name] = torch.tensor(float(val))
+    return out

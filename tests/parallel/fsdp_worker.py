@@ -1,0 +1,156 @@
+"""torchrun worker for tests/parallel/test_fsdp.py: FSDP2 at dp=WORLD against one process.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/parallel/fsdp_worker.py OUT FAMILY...
+
+One launch covers every check (a launch costs seconds): per family the loss and every gradient of
+one step, then STEPS AdamW steps; for llama also mixed precision / CPU offload / no-reshard, the
+DCP round trips with a single process, and apply_fsdp's input errors. Rank 0 computes the
+single-process reference and writes the numbers to OUT/result.json; the pytest file asserts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+
+sys.path.insert(0, str(Path(__file__).parent))
+import fsdp_cases as cases  # noqa: E402
+
+from titanforge.parallel.fsdp import apply_fsdp, clip_grad_norm_  # noqa: E402
+
+
+def global_mean(x: torch.Tensor) -> float:
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x.item() / dist.get_world_size()
+
+
+def grad_errors(model, ref, **fsdp_kwargs) -> dict:
+    """One step of the global batch under FSDP vs the reference: loss and per-parameter errors."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    inputs, targets = cases.global_batch()
+    ref_loss = cases.reference_step(ref, inputs, targets, world) if rank == 0 else None
+    loss = cases.loss_fn(model, cases.shard(inputs, rank, world), cases.shard(targets, rank, world))
+    loss.backward()
+    loss = global_mean(loss)
+    ref_params = dict(ref.named_parameters())
+    worst, worst_name, missing = 0.0, "", []
+    for name, p in model.named_parameters():
+        # full_tensor() is a collective: every rank gathers every gradient in the same order.
+        grad = p.grad.full_tensor() if p.grad is not None else None
+        if rank:
+            continue
+        ref_grad = ref_params[name].grad
+        if (grad is None) != (ref_grad is None):
+            missing.append(name)
+        elif grad is not None and (err := cases.rel_err(grad, ref_grad)) >= worst:
+            worst, worst_name = err, name
+    return {"loss": loss, "ref_loss": ref_loss, "grad_rel_err": worst, "worst_param": worst_name,
+            "missing_grads": missing, "n_params": len(ref_params)}
+
+
+def training(family: str) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+    ref_losses = cases.reference_training(cases.build(family), world) if rank == 0 else None
+    model = apply_fsdp(cases.build(family), mesh)
+    opt = cases.optimizer(model)
+    inputs, targets = cases.global_batch()
+    losses = []
+    for _ in range(cases.STEPS):
+        opt.zero_grad()
+        loss = cases.loss_fn(model, cases.shard(inputs, rank, world), cases.shard(targets, rank, world))
+        loss.backward()
+        losses.append(global_mean(loss))
+        opt.step()
+    return {"losses": losses, "ref_losses": ref_losses}, model, opt
+
+
+def checkpoint_round_trips(out: Path, model, opt) -> dict:
+    """Save the trained dp=WORLD llama with DCP; load the single-process checkpoint into FSDP."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(out / "fsdp_ckpt"))
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd, optim_sd = get_state_dict(model, opt, options=full)
+    if rank == 0:
+        torch.save({"model": model_sd, "optimizer": optim_sd}, out / "fsdp_full.pt")
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+    # Different seed: the loaded values must come from the checkpoint, not from the same init.
+    fresh = apply_fsdp(cases.build("llama", seed=123), mesh)
+    fresh_opt = cases.optimizer(fresh)
+    model_sd, optim_sd = get_state_dict(fresh, fresh_opt)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=str(out / "single_ckpt"))
+    set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    model_sd, optim_sd = get_state_dict(fresh, fresh_opt, options=full)
+    inputs, targets = cases.global_batch()
+    fresh_opt.zero_grad()
+    loss = cases.loss_fn(fresh, cases.shard(inputs, rank, world), cases.shard(targets, rank, world))
+    loss.backward()
+    clip_norm = clip_grad_norm_(fresh, 1e9).item()
+    next_loss = global_mean(loss)
+    if rank:
+        return {}
+    expected = torch.load(out / "single_full.pt", weights_only=False)
+    got = cases.flat_state({"model": model_sd, "optimizer": optim_sd})
+    want = cases.flat_state(expected)
+    diffs = {k: (got[k].double() - want[k].double()).abs().max().item() for k in want if k in got}
+    return {"load_keys_missing": sorted(set(want) - set(got)), "load_keys_extra": sorted(set(got) - set(want)),
+            "load_max_abs_diff": max(diffs.values()), "n_keys": len(want), "next_loss": next_loss,
+            "grad_norm": clip_norm}
+
+
+def input_errors() -> list[str]:
+    """apply_fsdp's messages for a model without `layers` and for a non-mesh argument."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("dp",))
+    messages = []
+    for model, arg in ((torch.nn.Linear(3, 3), mesh), (cases.build("llama"), "dp")):
+        try:
+            apply_fsdp(model, arg)
+            messages.append("no error")
+        except ValueError as e:
+            messages.append(str(e))
+    return messages
+
+
+def main() -> None:
+    out, families = Path(sys.argv[1]), sys.argv[2:]
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    rank = dist.get_rank()
+    result: dict = {"world_size": dist.get_world_size()}
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("dp",))
+    for family in families:
+        model, ref = cases.build(family), cases.build(family)
+        step = grad_errors(apply_fsdp(model, mesh), ref)
+        train, model, opt = training(family)
+        result[family] = {**step, **train}
+        if family == "llama":
+            variants = {"bf16": dict(param_dtype=torch.bfloat16), "cpu_offload": dict(cpu_offload=True),
+                        "no_reshard": dict(reshard_after_forward=False)}
+            for name, kwargs in variants.items():
+                result[f"llama_{name}"] = grad_errors(apply_fsdp(cases.build(family), mesh, **kwargs),
+                                                      cases.build(family))
+            result["dcp"] = checkpoint_round_trips(out, model, opt)
+            result["errors"] = input_errors()
+    if rank == 0:
+        (out / "result.json").write_text(json.dumps(result, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)
