@@ -41,103 +41,123 @@ def _chunks(t: torch.Tensor, L: int) -> torch.Tensor:
     return t.view(t.shape[0], t.shape[1] // L, L, *t.shape[2:])
 
 
-def _chunk_scan_(h: torch.Tensor, a: torch.Tensor, P: torch.Tensor, h0: torch.Tensor | None,
+def _chunk_scan_(h: torch.Tensor, a: torch.Tensor, P: torch.Tensor | None, h0: torch.Tensor | None,
                  reverse: bool = False) -> torch.Tensor:
-    """In place on h [B, nc, L, D, N] (holding the inputs x): h_l = a_l ⊙ h_{l-1} + x_l along the
+    """In place on h [B, nc, L, N, D] (holding the inputs x): h_l = a_l ⊙ h_{l-1} + x_l along the
     flattened time axis (nc, L), or backwards in time with `reverse` (h_l = a_l ⊙ h_{l+1} + x_l).
 
-    P [B, nc, L, D, N] is the decay from the chunk's entry to each position (Π of a over the chunk
-    up to and including l, in the scan's direction). Returns the state after the last step.
+    P [B, nc, L, N, D] is the decay from the chunk's entry to each position (Π of a over the chunk
+    up to and including l, in the scan's direction); it is only read when nc > 1. h0 [B, N, D] is
+    the state before the first step. Returns the state after the last step (a new tensor).
     """
     nc, L = h.shape[1], h.shape[2]
-    steps = range(L - 2, -1, -1) if reverse else range(1, L)
-    # 1. Within every chunk at once, from a zero state: L steps on [B, nc, D, N].
-    for l in steps:
-        h[:, :, l].addcmul_(a[:, :, l], h[:, :, l + 1 if reverse else l - 1])
-    # 2. Across chunk boundaries: nc steps on [B, D, N].
-    first, last = (0, -1) if not reverse else (-1, 0)
-    carry = h0 if h0 is not None else h.new_zeros(h[:, 0, 0].shape)
-    carries = torch.empty_like(h[:, :, 0])
+    first, last = (L - 1, 0) if reverse else (0, L - 1)
+    # unbind: L views made at once; indexing h[:, :, l] per step costs several times more.
+    hs, as_ = h.unbind(2), a.unbind(2)  # L x [B, nc, N, D]
+    if nc == 1 and h0 is not None:
+        # One chunk: seed the first step with the initial state, no carry pass needed.
+        hs[first].addcmul_(as_[first], h0.unsqueeze(1))
+    # 1. Within every chunk at once (from a zero state unless seeded): L steps on [B, nc, N, D].
+    for l in (range(L - 2, -1, -1) if reverse else range(1, L)):
+        hs[l].addcmul_(as_[l], hs[l + 1 if reverse else l - 1])
+    if nc == 1:
+        return hs[last][:, 0].clone()
+    # 2. Across chunk boundaries: nc steps on [B, N, D].
+    carry = h0 if h0 is not None else h.new_zeros(hs[0][:, 0].shape)
+    carries = torch.empty_like(hs[0])
     for c in (range(nc - 1, -1, -1) if reverse else range(nc)):
         carries[:, c] = carry
-        carry = torch.addcmul(h[:, c, last], P[:, c, last], carry)
+        carry = torch.addcmul(hs[last][:, c], P[:, c, last], carry)
     # 3. The carried state's decayed contribution, all positions at once.
     h.addcmul_(P, carries.unsqueeze(2))
     return carry
 
 
-def selective_scan_fwd(u, delta, A, B, C, h0, L):
-    """Returns y [B, T, D], the padded states h [B, nc, L, D, N] and decays a_ext [B, nc*L + 1, D, N]
-    (a_ext[:, t] = Ā_t, a_ext[:, -1] = 1; both kept for backward), and h_{T-1}."""
+def selective_scan_fwd(u, delta, At, B, C, h0, L):
+    """At = Aᵀ [N, D], h0 [B, N, D] or None. Returns y [B, T, D], the padded states
+    h [B, nc, L, N, D], the decays a_ext [B, nc*L + 1, N, D] (a_ext[:, t] = Ā_t, a_ext[:, -1] = 1;
+    both kept for backward) and h_{T-1} [B, N, D]."""
     Bsz, T, Dn = u.shape
-    N = A.shape[-1]
+    N = At.shape[0]
     pad = (-T) % L
     u, delta, B, C = (_chunks(_pad_time(t, pad), L) for t in (u, delta, B, C))
     nc = u.shape[1]
     # One extra step of decay 1 at the end, so backward reads Ā_{t+1} as a view (no shifted copy).
-    a_ext = u.new_empty(Bsz, nc * L + 1, Dn, N)
+    a_ext = u.new_empty(Bsz, nc * L + 1, N, Dn)
     a_ext[:, -1] = 1
     a = _chunks(a_ext[:, :-1], L)
-    torch.mul(delta[..., None], A, out=a).exp_()  # Ā = exp(Δ A), [B, nc, L, D, N]
+    torch.mul(delta[..., None, :], At, out=a).exp_()  # Ā = exp(Δ A), [B, nc, L, N, D]
     # exp(A Σ_{s<=l} Δ_s): decay from each chunk's start; only values <= 1 appear.
-    P = (delta.cumsum(2)[..., None] * A).exp_()
-    h = (delta * u)[..., None] * B[:, :, :, None, :]  # x_t = Δ_t u_t B_t
+    P = (delta.cumsum(2)[..., None, :] * At).exp_() if nc > 1 else None
+    h = torch.mul((delta * u)[..., None, :], B[..., None])  # x_t = Δ_t u_t B_t
     h_last = _chunk_scan_(h, a, P, h0)
-    y = torch.matmul(h, C[..., None]).squeeze(-1)  # y_t = h_t C_t, [B, nc, L, D]
+    del P
+    y = torch.matmul(C[..., None, :], h).squeeze(-2)  # y_t = C_t h_t, [B, nc, L, D]
     return y.view(Bsz, -1, Dn)[:, :T], h, a_ext, h_last
 
 
-def selective_scan_bwd(gy, gh_last, u, delta, A, B, C, h0, h, a_ext, L):
+def selective_scan_bwd(gy, gh_last, u, delta, At, B, C, h0, h, a_ext, L):
     """Adjoint of `selective_scan_fwd` (README.md): g_t = dL/dh_t runs the scan backwards,
-    g_t = gy_t C_t + Ā_{t+1} g_{t+1}, then every input gradient is a local product with g_t."""
+    g_t = gy_t C_t + Ā_{t+1} g_{t+1}, then every input gradient is a local product with g_t.
+    Reductions over N run across the [N, D] planes (vectorised along D), those over D along rows."""
     Bsz, T, Dn = u.shape
-    N = A.shape[-1]
+    N = At.shape[0]
     pad = (-T) % L
     gy, u, delta, B, C = (_chunks(_pad_time(t, pad), L) for t in (gy, u, delta, B, C))
     nc = u.shape[1]
     a = _chunks(a_ext[:, :-1], L)
     a_next = _chunks(a_ext[:, 1:], L)  # stepping back from t+1 to t applies Ā_{t+1}
-    dnext = _chunks(F.pad(delta.reshape(Bsz, nc * L, Dn)[:, 1:], (0, 0, 0, 1)), L)
-    P = (dnext.flip(2).cumsum(2).flip(2)[..., None] * A).exp_()  # Π_{j >= l} Ā_{j+1} in the chunk
-    g = gy[..., None] * C[:, :, :, None, :]  # direct dL/dh_t = gy_t C_tᵀ
+    P = None
+    if nc > 1:
+        dnext = _chunks(F.pad(delta.reshape(Bsz, nc * L, Dn)[:, 1:], (0, 0, 0, 1)), L)
+        P = (dnext.flip(2).cumsum(2).flip(2)[..., None, :] * At).exp_()  # Π_{j >= l} Ā_{j+1} in the chunk
+    g = torch.mul(gy[..., None, :], C[..., None])  # direct dL/dh_t = C_t gy_tᵀ, [B, nc, L, N, D]
     _chunk_scan_(g, a_next, P, gh_last, reverse=True)
     del P
 
-    # dL/d(Δ A) = g_t ⊙ h_{t-1} ⊙ Ā_t, with h_{-1} = h0; written in place, no shifted copy of h.
-    gdA = torch.empty_like(g)
-    flat = lambda t: t.view(Bsz, nc * L, Dn, N)  # noqa: E731
-    torch.mul(flat(g)[:, 1:], flat(h)[:, :-1], out=flat(gdA)[:, 1:])
+    # q = dL/d(Δ A) = g_t ⊙ h_{t-1} ⊙ Ā_t, with h_{-1} = h0; written in place, no shifted copy of h.
+    q = torch.empty_like(g)
+    flat = lambda t: t.view(Bsz, nc * L, N, Dn)  # noqa: E731
+    torch.mul(flat(g)[:, 1:], flat(h)[:, :-1], out=flat(q)[:, 1:])
     if h0 is not None:
-        torch.mul(g[:, 0, 0], h0, out=gdA[:, 0, 0])
+        torch.mul(g[:, 0, 0], h0, out=q[:, 0, 0])
     else:
-        gdA[:, 0, 0] = 0
-    gdA.mul_(a)
-    gv = torch.matmul(g, B[..., None]).squeeze(-1)  # dL/d(Δ u), [B, nc, L, D]
-    gdelta = (gdA * A).sum(-1) + gv * u
-    gu = gv * delta
-    gA = gdA.mul_(delta[..., None]).sum((0, 1, 2))
-    gB = torch.matmul((delta * u)[..., None, :], g).squeeze(-2)  # Σ_d g Δ u, [B, nc, L, N]
-    gC = torch.matmul(gy[..., None, :], h).squeeze(-2)  # Σ_d gy h, [B, nc, L, N]
+        q[:, 0, 0] = 0
+    q.mul_(a)
     gh0 = a[:, 0, 0] * g[:, 0, 0]
+    gv = torch.matmul(B[..., None, :], g).squeeze(-2)  # dL/d(Δ u) = Σ_n B_n g_n, [B, nc, L, D]
+    # g is dead after this: its buffer holds the products that the row sums over D need.
+    gB = g.mul_((delta * u)[..., None, :]).sum(-1)  # Σ_d g Δ u, [B, nc, L, N]
+    gC = torch.mul(h, gy[..., None, :], out=g).sum(-1)  # Σ_d gy h, [B, nc, L, N]
+    gdelta = torch.mul(q, At, out=g).sum(-2).addcmul_(gv, u)
+    gu = gv.mul_(delta)
+    gA = q.mul_(delta[..., None, :]).sum((0, 1, 2))  # [N, D]
     unpad = lambda t: t.reshape(Bsz, nc * L, *t.shape[3:])[:, :T]  # noqa: E731
     return unpad(gu), unpad(gdelta), gA, unpad(gB), unpad(gC), gh0
 
 
 class SelectiveScanFunction(torch.autograd.Function):
+    """Inputs in the public layout (A [D, N], h0 [B, D, N]); states run as [.., N, D] inside, so
+    the channel axis D is the contiguous one and reductions over N vectorise."""
+
     @staticmethod
     def forward(ctx, u, delta, A, B, C, h0, chunk_size):
-        L = max(1, min(chunk_size, u.shape[1]))
-        y, h, a_ext, h_last = selective_scan_fwd(u, delta, A, B, C, h0, L)
-        ctx.save_for_backward(u, delta, A, B, C, h0, h, a_ext)
+        # chunk_size 0: one chunk, i.e. a plain sequential scan over T.
+        L = u.shape[1] if chunk_size == 0 else max(1, min(chunk_size, u.shape[1]))
+        At = A.t().contiguous()
+        h0t = h0.transpose(1, 2).contiguous() if h0 is not None else None
+        y, h, a_ext, h_last = selective_scan_fwd(u, delta, At, B, C, h0t, L)
+        ctx.save_for_backward(u, delta, At, B, C, h0t, h, a_ext)
         ctx.L = L
-        return y, h_last
+        return y, h_last.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, gy, gh_last):
-        u, delta, A, B, C, h0, h, a_ext = ctx.saved_tensors
-        gu, gdelta, gA, gB, gC, gh0 = selective_scan_bwd(gy.contiguous(), gh_last, u, delta, A, B, C,
-                                                          h0, h, a_ext, ctx.L)
-        return gu, gdelta, gA, gB, gC, (gh0 if h0 is not None else None), None
+        u, delta, At, B, C, h0t, h, a_ext = ctx.saved_tensors
+        gh_last = gh_last.transpose(1, 2).contiguous() if gh_last is not None else None
+        gu, gdelta, gA, gB, gC, gh0 = selective_scan_bwd(gy.contiguous(), gh_last, u, delta, At, B, C,
+                                                          h0t, h, a_ext, ctx.L)
+        return (gu, gdelta, gA.t(), gB, gC, (gh0.transpose(1, 2) if h0t is not None else None), None)
 
 
 def _check(name: str, t: torch.Tensor, shape: tuple) -> None:
@@ -148,8 +168,12 @@ def _check(name: str, t: torch.Tensor, shape: tuple) -> None:
 def chunk_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                          C: torch.Tensor, D: torch.Tensor | None = None,
                          initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-                         chunk_size: int = 64):
+                         chunk_size: int = 0):
     """Mamba-1 selective scan, chunked (see module docstring).
+
+    chunk_size 0 (default) runs one chunk: a sequential loop over T, each step one whole
+    [B, N, D] plane; that is the fastest on CPU unless B·D·N is tiny, since chunking adds two
+    passes (the chunk-entry decays P and the carry correction) over [B, T, N, D].
 
     u, delta: [B, T, D] (delta after softplus), A: [D, N] (negative), B, C: [B, T, N], D: [D],
     initial_state: [B, D, N]. Returns y [B, T, D] and the final state [B, D, N] (None unless
@@ -157,8 +181,8 @@ def chunk_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
     """
     if u.dim() != 3:
         raise ValueError(f"u must be [B, T, D], got shape {tuple(u.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 0 (0 = the whole sequence as one chunk)")
     Bsz, T, Dn = u.shape
     N = A.shape[-1]
     _check("delta", delta, (Bsz, T, Dn))

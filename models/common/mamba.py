@@ -74,7 +74,7 @@ class MambaMixer(nn.Module):
     """Jamba's Mamba-1 layer: [B, T, C] -> [B, T, C]."""
 
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int = 0,
-                 *, norm_eps: float = 1e-6, init_std: float = 0.02, chunk_size: int = 64,
+                 *, norm_eps: float = 1e-6, init_std: float = 0.02, chunk_size: int = 0,
                  conv_bias: bool = True, proj_bias: bool = False):
         super().__init__()
         if min(d_state, d_conv, expand) < 1:

@@ -29,8 +29,11 @@ class JambaConfig:
     expand: int = 2
     # Rank of the Δ projection; 0 = ceil(d_model / 16) (Mamba, Jamba).
     dt_rank: int = 0
-    # Chunk length of the chunked scans (speed only; results do not depend on it).
+    # Chunk length of the Mamba-2 (S) chunked SSD (speed only; results do not depend on it).
     chunk_size: int = 64
+    # Chunk length of the Mamba-1 (M) selective scan; 0 = the whole sequence, a sequential loop
+    # over T that is fastest on CPU (kernels/mamba/chunk.py). Speed only.
+    scan_chunk_size: int = 0
     # Mamba-2 (S) layers: head dim and number of B/C groups.
     mamba2_headdim: int = 32
     mamba2_groups: int = 1

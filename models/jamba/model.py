@@ -31,7 +31,7 @@ def build_mixer(cfg: ModelConfig, kind: str) -> nn.Module:
     j = cfg.jamba
     if kind == "mamba":
         return MambaMixer(cfg.d_model, j.d_state, j.d_conv, j.expand, j.dt_rank, norm_eps=cfg.norm_eps,
-                          init_std=cfg.init_std, chunk_size=j.chunk_size)
+                          init_std=cfg.init_std, chunk_size=j.scan_chunk_size)
     if kind == "mamba2":
         return Mamba2Mixer(cfg.d_model, j.d_state, j.d_conv, j.expand, j.mamba2_headdim, j.mamba2_groups,
                            norm_eps=cfg.norm_eps, init_std=cfg.init_std, chunk_size=j.chunk_size)

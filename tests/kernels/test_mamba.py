@@ -48,7 +48,8 @@ def run_with_grads(fn, inputs, seed=1):
     return y.detach(), h.detach(), {k: v.grad for k, v in leaves.items()}
 
 
-@pytest.mark.parametrize("T,chunk", [(63, 16), (100, 64), (5, 8), (37, 1)])
+# chunk 0 is one chunk over T (the sequential default, initial state seeded into step 0).
+@pytest.mark.parametrize("T,chunk", [(63, 16), (100, 64), (5, 8), (37, 1), (63, 0), (100, 0)])
 def test_selective_scan_matches_naive(T, chunk):
     inputs = mamba1_inputs(2, T, 24, 5)
     y_ref, h_ref, g_ref = run_with_grads(naive_selective_scan, inputs)
@@ -85,6 +86,9 @@ def test_selective_scan_bad_shapes():
     inputs["B"] = inputs["B"][:, :, :3]
     with pytest.raises(ValueError, match="B has shape"):
         chunk_selective_scan(**inputs)
+    inputs = mamba1_inputs(1, 10, 8, 4)
+    with pytest.raises(ValueError, match="chunk_size=-1"):
+        chunk_selective_scan(**inputs, chunk_size=-1)
 
 
 def ssd_inputs(Bsz, T, H, P, G, N, dtype=torch.float64):
