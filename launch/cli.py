@@ -25,7 +25,8 @@ def _train(argv: list[str]) -> int:
     p.add_argument("--rdzv-endpoint", default=None, help="host:port of the head node (multi-node)")
     p.add_argument("--rdzv-id", default="titanforge")
     p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts after a failure")
-    args = p.parse_args(argv)
+    # Intermixed: flags and key=value overrides may come in any order.
+    args = p.parse_intermixed_args(argv)
     if args.nproc == 1 and args.nnodes == 1 and args.max_restarts == 0:
         from titanforge.launch.train import main as train_main
 

@@ -1,12 +1,15 @@
 """Config errors fail before anything starts and name the key and the fix."""
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from titanforge.launch.config import ConfigError, JobConfig, load_config, validate
 from titanforge.parallel import LayoutError, ParallelDims
 from titanforge.parallel.config import ParallelConfig
+
+PRESET = str(Path(__file__).resolve().parents[2] / "configs" / "llama-tiny.yaml")
 
 
 def test_defaults_and_overrides_are_typed():
@@ -103,3 +106,20 @@ def test_family_sections_are_checked_before_start(family, override, pattern):
         load_config(None, ["data.path=d", f"model.family={family}", override])
     # Another family's section is not checked when it is not the one chosen.
     load_config(None, ["data.path=d", "model.family=llama", override])
+
+
+def test_cli_rejects_a_bad_layout_before_launching(capsys):
+    from titanforge.launch.cli import main
+
+    # 3 processes cannot hold tp=2: the CLI says so before torchrun starts anything.
+    rc = main(["train", PRESET, "--nproc", "3", "parallel.tp=2"])
+    assert rc == 2
+    assert "world size 3 is not divisible by tp*pp*cp = 2" in capsys.readouterr().err
+
+
+def test_cli_flags_and_overrides_in_any_order(capsys):
+    from titanforge.launch.cli import main
+
+    rc = main(["train", PRESET, "train.steps=abc", "--nproc", "2", "optim.lr=1"])
+    assert rc == 2
+    assert "bad value for 'train.steps'" in capsys.readouterr().err
