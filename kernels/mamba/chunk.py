@@ -114,21 +114,22 @@ def selective_scan_bwd(gy, gh_last, u, delta, At, B, C, h0, h, a_ext, L):
     g = torch.mul(gy[..., None, :], C[..., None])  # direct dL/dh_t = C_t gy_tᵀ, [B, nc, L, N, D]
     _chunk_scan_(g, a_next, P, gh_last, reverse=True)
     del P
-
-    # q = dL/d(Δ A) = g_t ⊙ h_{t-1} ⊙ Ā_t, with h_{-1} = h0; written in place, no shifted copy of h.
-    q = torch.empty_like(g)
-    flat = lambda t: t.view(Bsz, nc * L, N, Dn)  # noqa: E731
-    torch.mul(flat(g)[:, 1:], flat(h)[:, :-1], out=flat(q)[:, 1:])
-    if h0 is not None:
-        torch.mul(g[:, 0, 0], h0, out=q[:, 0, 0])
-    else:
-        q[:, 0, 0] = 0
-    q.mul_(a)
     gh0 = a[:, 0, 0] * g[:, 0, 0]
+
+    # One [B, T, N, D] buffer is allocated here (g); the rest reuse the saved decays and g itself,
+    # since on CPU fresh large buffers cost page faults on top of the passes. Overwriting the saved
+    # decays makes a second backward through this graph fail the saved-tensor version check.
+    # q = dL/d(Δ A) = g_t ⊙ h_{t-1} ⊙ Ā_t (h_{-1} = h0), built in place over Ā.
+    q = a.mul_(g)
     gv = torch.matmul(B[..., None, :], g).squeeze(-2)  # dL/d(Δ u) = Σ_n B_n g_n, [B, nc, L, D]
-    # g is dead after this: its buffer holds the products that the row sums over D need.
     gB = g.mul_((delta * u)[..., None, :]).sum(-1)  # Σ_d g Δ u, [B, nc, L, N]
     gC = torch.mul(h, gy[..., None, :], out=g).sum(-1)  # Σ_d gy h, [B, nc, L, N]
+    flat = lambda t: t.view(Bsz, nc * L, N, Dn)  # noqa: E731
+    flat(q)[:, 1:].mul_(flat(h)[:, :-1])
+    if h0 is not None:
+        q[:, 0, 0].mul_(h0)
+    else:
+        q[:, 0, 0] = 0
     gdelta = torch.mul(q, At, out=g).sum(-2).addcmul_(gv, u)
     gu = gv.mul_(delta)
     gA = q.mul_(delta[..., None, :]).sum((0, 1, 2))  # [N, D]

@@ -126,3 +126,13 @@ def test_ssd_bad_groups():
     inputs = ssd_inputs(1, 10, 4, 3, 3, 5)
     with pytest.raises(ValueError, match="divisible"):
         chunk_ssd(**inputs)
+
+
+def test_selective_scan_second_backward_fails_loudly():
+    # Backward reuses the saved decays as scratch; a retained graph must refuse a second pass
+    # (saved-tensor version check) rather than return wrong gradients.
+    inputs = {k: v.requires_grad_(True) for k, v in mamba1_inputs(1, 20, 8, 4).items()}
+    y, _ = chunk_selective_scan(**inputs)
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
