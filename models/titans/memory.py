@@ -54,6 +54,17 @@ class ShortConv(nn.Module):
             self.weight[:, :, -1] += 1.0
 
 
+class MemoryWeights(nn.ParameterList):
+    """The memory MLP's initial weights, [H, d_in, d_out] per layer. A module call (rather than
+    reading the list) so tensor parallelism can hand the memory op this rank's heads."""
+
+    # ParameterList forbids calls; this one is a module whose forward returns its weights.
+    __call__ = nn.Module.__call__
+
+    def forward(self) -> list[torch.Tensor]:
+        return list(self)
+
+
 class NeuralMemory(nn.Module):
     """Long-term memory mixer: forward(x [B, T, C], state) -> (out [B, T, C], state)."""
 
@@ -67,7 +78,7 @@ class NeuralMemory(nn.Module):
         # One linear per gate (not one fused [3H] output) so tensor parallel can shard heads.
         self.w_theta, self.w_eta, self.w_alpha = (nn.Linear(dim, H) for _ in range(3))
         widths = [D] + [D * cfg.memory_expansion] * (cfg.memory_depth - 1) + [D]
-        self.memory = nn.ParameterList([nn.Parameter(torch.empty(H, i, o)) for i, o in zip(widths[:-1], widths[1:])])
+        self.memory = MemoryWeights([nn.Parameter(torch.empty(H, i, o)) for i, o in zip(widths[:-1], widths[1:])])
         self.out_norm = RMSNorm(D)
         self.w_gate = nn.Linear(dim, H * D, bias=False)
         self.wo = nn.Linear(H * D, dim, bias=False)
@@ -122,7 +133,7 @@ class NeuralMemory(nn.Module):
         return self.wo(y.flatten(2))
 
     def initial_state(self):
-        return list(self.memory), None
+        return self.memory(), None
 
     def retrieve(self, q: torch.Tensor, state) -> torch.Tensor:
         return titans_memory_retrieve(q, state[0], self.cfg.memory_activation)

@@ -44,7 +44,8 @@ class CausalConv(nn.Module):
         if history is None:
             history = x.new_zeros(B, self.kernel - 1, C)
         xp = torch.cat([history, x], dim=1)  # [B, T + kernel - 1, C]
-        y = self.conv(xp.transpose(1, 2)).transpose(1, 2)
+        # groups from the input, not the module: a tensor-parallel shard convolves its channels only.
+        y = F.conv1d(xp.transpose(1, 2), self.conv.weight, self.conv.bias, groups=C).transpose(1, 2)
         return y, xp[:, xp.shape[1] - (self.kernel - 1):]
 
     def init_weights(self) -> None:
