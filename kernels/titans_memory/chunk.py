@@ -82,122 +82,148 @@ def mlp_apply(W, x, act):
     return x
 
 
-def _chunk_forward(W, x, v, act, act_grads, b):
-    """MLP forward of the stacked rows x = [q; k] ([B, H, 2b, Dk]) at the chunk-start weights W and
-    the hand-written backprop of ||M(k) - v||^2 on the key rows.
-    Returns (xs: layer inputs, zs: pre-activations, deltas: key-row errors per layer, d1s, d2s:
-    act' and act'' of the key rows' hidden pre-activations)."""
+def _key_forward(W, k, v, act, act_grads):
+    """MLP forward of one chunk's keys k [BH, b, Dk] at its chunk-start weights W and the
+    hand-written backprop of ||M(k) - v||^2. Returns (xs: layer inputs, deltas: errors at each
+    layer's output, d1s, d2s: act' and act'' of the hidden pre-activations, Ps: delta_{l+1} W_{l+1}^T)."""
     L = len(W)
-    xs, zs = [x], []
+    xs, zs = [k], []
     for l, w in enumerate(W):
-        z = xs[-1] @ w
-        zs.append(z)
+        zs.append(xs[-1] @ w)
         if l < L - 1:
-            xs.append(act(z))
-    delta = 2 * (zs[-1][..., b:, :] - v)
-    deltas, d1s, d2s = [delta], [None] * (L - 1), [None] * (L - 1)
+            xs.append(act(zs[-1]))
+    delta = 2 * (zs[-1] - v)
+    deltas, d1s, d2s, Ps = [delta], [None] * (L - 1), [None] * (L - 1), [None] * (L - 1)
     for l in range(L - 2, -1, -1):
-        d1s[l], d2s[l] = act_grads(zs[l][..., b:, :])
-        delta = (delta @ W[l + 1].transpose(-1, -2)) * d1s[l]
+        d1s[l], d2s[l] = act_grads(zs[l])
+        Ps[l] = delta @ W[l + 1].transpose(-1, -2)
+        delta = Ps[l] * d1s[l]
         deltas.append(delta)
-    return xs, zs, deltas[::-1], d1s, d2s
+    return xs, deltas[::-1], d1s, d2s, Ps
+
+
+def _read_forward(W, q, act):
+    """y = M(q) for every chunk at once: q [BH, N, b, Dk], W_l [BH, N, d_in, d_out]; returns the
+    layer inputs and pre-activations for the backward."""
+    xs, zs = [q], []
+    for l, w in enumerate(W):
+        zs.append(xs[-1] @ w)
+        if l < len(W) - 1:
+            xs.append(act(zs[-1]))
+    return xs, zs
 
 
 class ChunkMemoryFunction(torch.autograd.Function):
-    """forward(activation, L, q, k, v [B, H, N, b, D], c_M0, c_S0_M, c_S0_S [B, H, N],
-    c_g_M, c_g_S [B, H, N, b], *W (L tensors [B, H, d_in, d_out]), *S (L tensors, same shapes))
-    -> (o [B, H, N, b, Dv], *W_final, *S_final)."""
+    """forward(activation, L, q, k, v [BH, N, b, D], c_M0, c_S0_M, c_S0_S [BH, N],
+    c_g_M, c_g_S [BH, N, b], *W (L tensors [BH, d_in, d_out]), *S (L tensors, same shapes))
+    -> (o [BH, N, b, Dv], *W_final, *S_final).
+
+    Only the key rows walk the chunk chain; the reads M_n(q) of all chunks run batched after it
+    from the saved chunk-start weights. Key-row activations are kept for the backward."""
 
     @staticmethod
     def forward(ctx, activation, L, q, k, v, c_M0, c_S0_M, c_S0_S, c_g_M, c_g_S, *WS):
         act, act_grads = ACTIVATIONS[activation]
         W, S = list(WS[:L]), list(WS[L:])
-        N, b = q.shape[2], q.shape[3]
-        o = q.new_empty(*q.shape[:4], v.shape[-1])
-        W_starts, S_starts = [], []
+        N = q.shape[1]
+        # [BH, N, b, 2]: each token's gradient weight in the M-end and the S-end state.
+        c = torch.stack([c_g_M, c_g_S], -1)
+        W_starts, S_starts, saved = [], [], []
         for n in range(N):
             W_starts.append(W)
             S_starts.append(S)
-            xs, zs, deltas, _, _ = _chunk_forward(W, torch.cat([q[:, :, n], k[:, :, n]], -2), v[:, :, n],
-                                                  act, act_grads, b)
-            o[:, :, n] = zs[-1][..., :b, :]
-            # [B, H, b, 2]: each token's gradient weight in the M-end and the S-end state.
-            c = torch.stack([c_g_M[:, :, n], c_g_S[:, :, n]], -1)
-            a_M, b_M, b_S = (t[:, :, n, None, None] for t in (c_M0, c_S0_M, c_S0_S))
+            xs, deltas, d1s, d2s, Ps = _key_forward(W, k[:, n], v[:, n], act, act_grads)
+            saved.append((xs, deltas, d1s, d2s, Ps))
+            a_M, b_M, b_S = (t[:, n, None, None] for t in (c_M0, c_S0_M, c_S0_S))
             W_new, S_new = [], []
             for l in range(L):
                 d_out = deltas[l].shape[-1]
-                # One matmul for both weighted sums: a^T [c_M * delta | c_S * delta] -> [d_in, 2 d_out].
-                G = xs[l][..., b:, :].transpose(-1, -2) @ torch.cat([c[..., 0, None] * deltas[l], c[..., 1, None] * deltas[l]], -1)
+                # One matmul for both weighted sums: a^T [c_M delta | c_S delta] -> [d_in, 2 d_out].
+                cd = (c[:, n, :, :, None] * deltas[l][:, :, None, :]).flatten(-2)
+                G = xs[l].transpose(-1, -2) @ cd
                 W_new.append(a_M * W[l] + b_M * S[l] - G[..., :d_out])
                 S_new.append(b_S * S[l] - G[..., d_out:])
             W, S = W_new, S_new
+        # [BH, N, d_in, d_out] per layer.
+        W_st = [torch.stack([w[l] for w in W_starts], 1) for l in range(L)]
+        S_st = [torch.stack([s[l] for s in S_starts], 1) for l in range(L)]
+        xq, zq = _read_forward(W_st, q, act)
         ctx.activation, ctx.L = activation, L
-        ctx.W_starts, ctx.S_starts = W_starts, S_starts
-        ctx.save_for_backward(q, k, v, c_M0, c_S0_M, c_S0_S, c_g_M, c_g_S)
-        return (o, *W, *S)
+        ctx.saved, ctx.xq, ctx.zq = saved, xq, zq
+        ctx.save_for_backward(c_M0, c_S0_M, c_S0_S, c, *W_st, *S_st)
+        return (zq[-1], *W, *S)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, *dWS):
-        q, k, v, c_M0, c_S0_M, c_S0_S, c_g_M, c_g_S = ctx.saved_tensors
+        c_M0, c_S0_M, c_S0_S, c, *WS_st = ctx.saved_tensors
         act, act_grads = ACTIVATIONS[ctx.activation]
         L = ctx.L
-        N, b = q.shape[2], q.shape[3]
-        zero = lambda t: torch.zeros_like(t)  # noqa: E731
-        dW = [zero(w) if g is None else g for g, w in zip(dWS[:L], ctx.W_starts[-1])]
-        dS = [zero(w) if g is None else g for g, w in zip(dWS[L:], ctx.W_starts[-1])]
-        do = q.new_zeros(*q.shape[:4], v.shape[-1]) if do is None else do
-        dq, dk, dv = zero(q), zero(k), zero(v)
-        d_c_M0, d_c_S0_M, d_c_S0_S = zero(c_M0), zero(c_S0_M), zero(c_S0_S)
-        d_c_g = torch.zeros(*c_g_M.shape, 2, dtype=c_g_M.dtype, device=c_g_M.device)
+        W_st, S_st = WS_st[:L], WS_st[L:]
+        BH, N = c.shape[:2]
+        dW = [torch.zeros_like(w[:, 0]) if g is None else g for g, w in zip(dWS[:L], W_st)]
+        dS = [torch.zeros_like(w[:, 0]) if g is None else g for g, w in zip(dWS[L:], W_st)]
+        # Read path, all chunks at once: its weight gradients enter the chain below chunk by chunk.
+        xq, zq = ctx.xq, ctx.zq
+        dW_read = [None] * L
+        dZ = torch.zeros_like(zq[-1]) if do is None else do
+        for l in range(L - 1, -1, -1):
+            dW_read[l] = xq[l].transpose(-1, -2) @ dZ
+            dX = dZ @ W_st[l].transpose(-1, -2)
+            if l:
+                dZ = dX * act_grads(zq[l - 1])[0]
+        dq = dX
+        dk, dv = [None] * N, [None] * N
+        d_c_g = torch.empty_like(c)
+        dW_in, dS_in = [], []  # the state gradients arriving at each chunk's end, for the scalars below
         for n in range(N - 1, -1, -1):
-            W, S = ctx.W_starts[n], ctx.S_starts[n]
-            xs, zs, deltas, d1s, d2s = _chunk_forward(W, torch.cat([q[:, :, n], k[:, :, n]], -2), v[:, :, n],
-                                                      act, act_grads, b)
-            c = torch.stack([c_g_M[:, :, n], c_g_S[:, :, n]], -1)  # [B, H, b, 2]
-            a_M, b_M, b_S = (t[:, :, n, None, None] for t in (c_M0, c_S0_M, c_S0_S))
+            W = [w[:, n] for w in W_st]
+            xs, deltas, d1s, d2s, Ps = ctx.saved[n]
+            dW_in.append(dW)
+            dS_in.append(dS)
+            cn = c[:, n]  # [BH, b, 2]
+            a_M, b_M, b_S = (t[:, n, None, None] for t in (c_M0, c_S0_M, c_S0_S))
             # Linear part: W' = a W + b_M S - G_M, S' = b_S S - G_S.
-            d_c_M0[:, :, n] = sum((g * w).sum((-1, -2)) for g, w in zip(dW, W))
-            d_c_S0_M[:, :, n] = sum((g * s).sum((-1, -2)) for g, s in zip(dW, S))
-            d_c_S0_S[:, :, n] = sum((g * s).sum((-1, -2)) for g, s in zip(dS, S))
-            dW_prev = [a_M * g for g in dW]
+            dW_prev = [a_M * g + r[:, n] for g, r in zip(dW, dW_read)]
             dS_prev = [b_M * gw + b_S * gs for gw, gs in zip(dW, dS)]
             # G_M = A^T (c_M delta), G_S = A^T (c_S delta), with dG_M = -dW', dG_S = -dS'.
             d_deltas, dA = [], []
+            dcn = 0
             for l in range(L):
-                A = xs[l][..., b:, :]
                 d_out = deltas[l].shape[-1]
-                dG = torch.cat([dW[l], dS[l]], -1)  # [B, H, d_in, 2 d_out]
-                AdG = (A @ dG).unflatten(-1, (2, d_out))  # [B, H, b, 2, d_out]
-                d_c_g[:, :, n] -= (AdG * deltas[l][..., None, :]).sum(-1)
-                d_deltas.append(-(c[..., None] * AdG).sum(-2))
-                cd = (c[..., None] * deltas[l][..., None, :]).flatten(-2)  # [B, H, b, 2 d_out]
+                dG = torch.cat([dW[l], dS[l]], -1)  # [BH, d_in, 2 d_out]
+                AdG = (xs[l] @ dG).unflatten(-1, (2, d_out))  # [BH, b, 2, d_out]
+                dcn = dcn - (AdG * deltas[l][:, :, None, :]).sum(-1)
+                d_deltas.append(-(cn[..., None] * AdG).sum(-2))
+                cd = (cn[..., None] * deltas[l][:, :, None, :]).flatten(-2)  # [BH, b, 2 d_out]
                 dA.append(-(cd @ dG.transpose(-1, -2)))
+            d_c_g[:, n] = dcn
             # Inner backprop delta_l = (delta_{l+1} W_{l+1}^T) act'(z_l), differentiated.
-            dz_key = [None] * L
+            dz = [None] * L
             for l in range(L - 1):
                 dP = d_deltas[l] * d1s[l]
                 d_deltas[l + 1] = d_deltas[l + 1] + dP @ W[l + 1]
                 dW_prev[l + 1] = dW_prev[l + 1] + dP.transpose(-1, -2) @ deltas[l + 1]
-                P = deltas[l + 1] @ W[l + 1].transpose(-1, -2)
-                dz_key[l] = d_deltas[l] * P * d2s[l]
-            # delta_L = 2 (z_L - v) on the key rows.
-            dz_key[L - 1] = 2 * d_deltas[L - 1]
-            dv[:, :, n] = -2 * d_deltas[L - 1]
-            # Outer MLP backward over the stacked rows [q; k] (read and key forward share W).
-            dZ = torch.cat([do[:, :, n], dz_key[L - 1]], -2)
+                dz[l] = d_deltas[l] * Ps[l] * d2s[l]
+            # delta_L = 2 (z_L - v).
+            dz[L - 1] = 2 * d_deltas[L - 1]
+            dv[n] = -2 * d_deltas[L - 1]
+            # Key forward z_l = x_l W_l, x_{l+1} = act(z_l).
+            dZ = dz[L - 1]
             for l in range(L - 1, -1, -1):
                 dW_prev[l] = dW_prev[l] + xs[l].transpose(-1, -2) @ dZ
-                dX = dZ @ W[l].transpose(-1, -2)
-                dX[..., b:, :] += dA[l]
-                if l == 0:
-                    dq[:, :, n], dk[:, :, n] = dX[..., :b, :], dX[..., b:, :]
-                else:
-                    dZ = dX * act_grads(zs[l - 1])[0]
-                    dZ[..., b:, :] += dz_key[l - 1]
+                dX = dZ @ W[l].transpose(-1, -2) + dA[l]
+                if l:
+                    dZ = dX * d1s[l - 1] + dz[l - 1]
+            dk[n] = dX
             dW, dS = dW_prev, dS_prev
-        return (None, None, dq, dk, dv, d_c_M0, d_c_S0_M, d_c_S0_S, d_c_g[..., 0], d_c_g[..., 1], *dW, *dS)
+        # Scalar coefficients: d a = <dW', W>, d b_M = <dW', S>, d b_S = <dS', S>, all chunks at once.
+        dW_in = [torch.stack([g[l] for g in dW_in[::-1]], 1) for l in range(L)]
+        dS_in = [torch.stack([g[l] for g in dS_in[::-1]], 1) for l in range(L)]
+        inner = lambda xs, ys: sum((x * y).sum((-1, -2)) for x, y in zip(xs, ys))  # noqa: E731
+        d_c_M0, d_c_S0_M, d_c_S0_S = inner(dW_in, W_st), inner(dW_in, S_st), inner(dS_in, S_st)
+        return (None, None, dq, torch.stack(dk, 1), torch.stack(dv, 1),
+                d_c_M0, d_c_S0_M, d_c_S0_S, d_c_g[..., 0], d_c_g[..., 1], *dW, *dS)
 
 
 def chunk_titans_memory_fwd(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, activation):
@@ -217,8 +243,12 @@ def chunk_titans_memory_fwd(q, k, v, theta, eta, alpha, weights, momentum, chunk
         part = lambda t: t[:, :, start:end].unflatten(2, (N, b))  # noqa: E731
         # Coefficients of all chunks of the call at once: [B, H, N(, b)].
         c_M0, c_S0_M, c_g_M, c_S0_S, c_g_S = chunk_coefficients(part(theta), part(eta), part(alpha))
-        out = ChunkMemoryFunction.apply(activation, L, part(q), part(k), part(v),
-                                        c_M0, c_S0_M, c_S0_S, c_g_M, c_g_S, *W, *S)
-        outs.append(out[0].flatten(2, 3))
-        W, S = list(out[1:1 + L]), list(out[1 + L:])
+        # B and H fold into one batch axis so every matmul is a plain strided bmm.
+        bh = lambda t: t.flatten(0, 1)  # noqa: E731
+        out = ChunkMemoryFunction.apply(activation, L, *(bh(part(t)) for t in (q, k, v)),
+                                        *(bh(t) for t in (c_M0, c_S0_M, c_S0_S, c_g_M, c_g_S)),
+                                        *(bh(t) for t in W), *(bh(t) for t in S))
+        outs.append(out[0].unflatten(0, (B, H)).flatten(2, 3))
+        W = [t.unflatten(0, (B, H)) for t in out[1:1 + L]]
+        S = [t.unflatten(0, (B, H)) for t in out[1 + L:]]
     return torch.cat(outs, 2) if len(outs) > 1 else outs[0], (W, S)
