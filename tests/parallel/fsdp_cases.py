@@ -12,6 +12,10 @@ is why the reference keeps the micro-batches rather than one forward over the wh
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -84,8 +88,8 @@ def optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
     return torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
 
 
-def reference_training(model: torch.nn.Module, dp: int) -> list[float]:
-    """STEPS AdamW steps on the same global batch; the losses before each step."""
+def reference_training(model: torch.nn.Module, dp: int, clip: float = 0.0) -> list[float]:
+    """STEPS AdamW steps on the same global batch (`dp` micro-batches); the losses before each step."""
     model = copy.deepcopy(model)
     opt = optimizer(model)
     inputs, targets = global_batch()
@@ -93,6 +97,8 @@ def reference_training(model: torch.nn.Module, dp: int) -> list[float]:
     for _ in range(STEPS):
         opt.zero_grad()
         losses.append(reference_step(model, inputs, targets, dp))
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
     return losses
 
@@ -119,3 +125,14 @@ def flat_state(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
         elif isinstance(val, (int, float)):
             out[name] = torch.tensor(float(val))
     return out
+
+
+def torchrun(nproc: int, script: str, *args: str, timeout: float = 300) -> None:
+    """Launch tests/parallel/<script> on `nproc` gloo ranks; raise with the output tail if it fails."""
+    here = Path(__file__).parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           str(here / script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=here.parents[1], env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

@@ -13,7 +13,6 @@ parameters (mixed precision) are held to 3e-2.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -27,17 +26,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fsdp_cases as cases  # noqa: E402
 
 pytestmark = pytest.mark.slow
-HERE = Path(__file__).parent
-ROOT = HERE.parents[1]
-
-
-def torchrun(nproc: int, script: str, *args: str, timeout: float = 300) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           str(HERE / script), *args]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode:
-        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
 
 
 def dcp_quiet(fn, *args, **kwargs):
@@ -69,7 +57,7 @@ def save_single_process_checkpoint(out: Path) -> None:
 def run(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("fsdp")
     save_single_process_checkpoint(out)
-    torchrun(2, "fsdp_worker.py", str(out), *cases.FAMILIES)
+    cases.torchrun(2, "fsdp_worker.py", str(out), *cases.FAMILIES)
     return out, json.loads((out / "result.json").read_text())
 
 
@@ -136,7 +124,7 @@ def test_apply_fsdp_rejects_bad_input(run):
 
 def test_fsdp_over_dp_of_2d_mesh(tmp_path):
     """4 ranks, mesh dp=2 x tp=2: TP on the feed-forward, FSDP over dp, against one process."""
-    torchrun(4, "fsdp_2d_worker.py", str(tmp_path))
+    cases.torchrun(4, "fsdp_2d_worker.py", str(tmp_path))
     r = json.loads((tmp_path / "result.json").read_text())
     assert r["dtensor_mesh_dims"] == ["dp", "tp"]
     assert r["missing_grads"] == []
