@@ -94,7 +94,8 @@ def titans_plan(model: nn.Module, sp: bool) -> tuple[Plan, list[str]]:
         m = f"{p}.memory"
         plan[f"{p}.memory_norm"] = _norm(sp)
         gathered.append(f"{p}.memory_norm")
-        plan.update({f"{m}.{w}": ColwiseParallel() for w in ("wq", "wk", "wv", "w_gate", "w_theta", "w_eta", "w_alpha")})
+        column = ("wq", "wk", "wv", "w_gate", "w_theta", "w_eta", "w_alpha")
+        plan.update({f"{m}.{w}": ColwiseParallel() for w in column})
         plan[f"{m}.wo"] = RowwiseParallel(output_layouts=Replicate(), use_local_output=False)
         for c in ("conv_q", "conv_k", "conv_v"):
             plan[f"{m}.{c}"] = LocalRegion({"weight": Shard(0)})
