@@ -33,7 +33,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from titanforge.parallel.tp_styles import LocalRegion, ReplicateParams
+from titanforge.parallel.tp_styles import LocalRegion, PlaceParams, ReplicateParams
 
 Plan = dict[str, ParallelStyle]
 
@@ -105,7 +105,8 @@ def titans_plan(model: nn.Module, sp: bool) -> tuple[Plan, list[str]]:
         plan[f"{m}.out_norm"] = LocalRegion({"weight": (Replicate(), Partial())})
         if block.attention is not None:
             a = f"{p}.attention"
-            plan[a] = LocalRegion({"persistent": Replicate()})
+            # Persistent tokens go through the column-parallel wk/wv as a Replicate DTensor.
+            plan[a] = PlaceParams({"persistent": Replicate()})
             plan.update({f"{a}.{w}": ColwiseParallel() for w in ("wq", "wk", "wv")})
             plan[f"{a}.wo"] = RowwiseParallel(output_layouts=Replicate(), use_local_output=False)
         if block.attention_norm is not None:

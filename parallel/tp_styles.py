@@ -112,6 +112,20 @@ class LocalRegion(ParallelStyle):
         return module
 
 
+class PlaceParams(ParallelStyle):
+    """Only place the named parameters (no hooks): for tensors the module feeds to parallel
+    linears itself, which take DTensor inputs (e.g. Titans' persistent tokens)."""
+
+    def __init__(self, params: dict[str, Placement]):
+        super().__init__()
+        self.params = params
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for name, placement in self.params.items():
+            distribute_param(*_resolve(module, name), device_mesh, placement)
+        return module
+
+
 class ReplicateParams(ParallelStyle):
     """Parameters become Replicate DTensors; the module computes on DTensor inputs as written
     (norms without sequence parallelism, replicated compute on the replicated residual)."""
