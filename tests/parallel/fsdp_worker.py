@@ -3,7 +3,7 @@
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/parallel/fsdp_worker.py OUT FAMILY...
 
 One launch covers every check (a launch costs seconds): per family the loss and every gradient of
-one step, then STEPS AdamW steps; for llama also mixed precision / CPU offload / no-reshard, the
+one step, then STEPS AdamW steps, and initialisation on the meta device after sharding; for llama also mixed precision / CPU offload / no-reshard, the
 DCP round trips with a single process, and apply_fsdp's input errors. Rank 0 computes the
 single-process reference and writes the numbers to OUT/result.json; the pytest file asserts.
 """
@@ -24,6 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 sys.path.insert(0, str(Path(__file__).parent))
 import fsdp_cases as cases  # noqa: E402
 
+from titanforge.models.registry import build_model  # noqa: E402
 from titanforge.parallel.fsdp import apply_fsdp, clip_grad_norm_  # noqa: E402
 
 
@@ -110,6 +111,38 @@ def checkpoint_round_trips(out: Path, model, opt) -> dict:
             "grad_norm": clip_norm}
 
 
+def meta_init(family: str) -> dict:
+    """Build on meta, shard, materialise, init_weights on the shards (the trainer's path).
+
+    Values differ from a single-process init (each shard draws its own random numbers), so each
+    parameter is held to the reference's statistics: constants (std 0) exactly, random tensors a std
+    within a factor 1.5. The first loss must be near ln(V), as for any small init.
+    """
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("dp",))
+    try:
+        model = apply_fsdp(build_model(cases.tiny_config(family), device="meta"), mesh)
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            model.init_weights()
+    except Exception as e:  # reported, so one family's failure does not hide the others' results
+        return {"error": f"{type(e).__name__}: {e}"}
+    ref = dict(cases.build(family).named_parameters())
+    bad = []
+    for name, p in model.named_parameters():
+        full, want = p.full_tensor().detach(), ref[name].detach()
+        if not torch.isfinite(full).all():
+            bad.append(f"{name}: not finite")
+        elif want.numel() > 1 and want.std() == 0:
+            if not torch.equal(full, want):
+                bad.append(f"{name}: constant init differs")
+        elif want.numel() > 16 and not 1 / 1.5 < (full.std() / want.std()).item() < 1.5:
+            bad.append(f"{name}: std {full.std():.3g} vs {want.std():.3g}")
+    inputs, targets = cases.global_batch()
+    loss = cases.loss_fn(model, cases.shard(inputs, dist.get_rank(), dist.get_world_size()),
+                         cases.shard(targets, dist.get_rank(), dist.get_world_size()))
+    return {"bad_params": bad, "loss": global_mean(loss)}
+
+
 def input_errors() -> list[str]:
     """apply_fsdp's messages for a model without `layers` and for a non-mesh argument."""
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("dp",))
@@ -134,7 +167,7 @@ def main() -> None:
         model, ref = cases.build(family), cases.build(family)
         step = grad_errors(apply_fsdp(model, mesh), ref)
         train, model, opt = training(family)
-        result[family] = {**step, **train}
+        result[family] = {**step, **train, "meta_init": meta_init(family)}
         if family == "llama":
             variants = {"bf16": dict(param_dtype=torch.bfloat16), "cpu_offload": dict(cpu_offload=True),
                         "no_reshard": dict(reshard_after_forward=False)}

@@ -13,6 +13,7 @@ parameters (mixed precision) are held to 3e-2.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -77,6 +78,19 @@ def test_fsdp_adamw_steps_match_one_process(run, family):
     torch.testing.assert_close(losses, ref, rtol=1e-4, atol=0)
     # The optimizer really stepped: the loss on the repeated batch fell by far more than the tolerance.
     assert ref[-1] < ref[0] - 0.1
+
+
+@pytest.mark.parametrize("family", [
+    *cases.FAMILIES[:3],
+    pytest.param("jamba", marks=pytest.mark.xfail(strict=True, reason=(
+        "models/common/mamba.py init_weights copies a plain tensor into A_log, which fails on a DTensor "
+        "(fix: build the value from the parameter, e.g. torch.ones_like(A_log).cumsum(-1).log()")))])
+def test_fsdp_meta_init(run, family):
+    """Meta build -> apply_fsdp -> to_empty -> init_weights on the shards gives a usable model."""
+    r = run[1][family]["meta_init"]
+    assert "error" not in r, r.get("error")
+    assert r["bad_params"] == []
+    assert abs(r["loss"] - math.log(cases.VOCAB)) < 0.1
 
 
 @pytest.mark.parametrize("variant,tol", [("bf16", 3e-2), ("cpu_offload", 1e-5), ("no_reshard", 1e-5)])

@@ -42,8 +42,8 @@ def test_zero_matches_one_process(run, case):
     assert len(losses) == cases.STEPS
     torch.testing.assert_close(losses, ref, rtol=1e-4, atol=0)
     assert ref[-1] < ref[0] - 0.1
-    # No C++ op was compiled during start-up (minutes when it happens; seconds otherwise).
-    assert r["init_s"] < 60
+    # DeepSpeed's CPU shared-memory op (minutes to compile) was not built; gloo carried the collectives.
+    assert r["shm_op_built"] is False
 
 
 @pytest.mark.slow
