@@ -99,6 +99,9 @@ def checkpoint_round_trips(out: Path, model, opt) -> dict:
     loss = cases.loss_fn(fresh, cases.shard(inputs, rank, world), cases.shard(targets, rank, world))
     loss.backward()
     clip_norm = clip_grad_norm_(fresh, 1e9).item()
+    # Clipping to half the norm must leave gradients whose global norm is that half.
+    clip_grad_norm_(fresh, clip_norm / 2)
+    after_clip = clip_grad_norm_(fresh, 1e9).item()
     next_loss = global_mean(loss)
     if rank:
         return {}
@@ -108,7 +111,7 @@ def checkpoint_round_trips(out: Path, model, opt) -> dict:
     diffs = {k: (got[k].double() - want[k].double()).abs().max().item() for k in want if k in got}
     return {"load_keys_missing": sorted(set(want) - set(got)), "load_keys_extra": sorted(set(got) - set(want)),
             "load_max_abs_diff": max(diffs.values()), "n_keys": len(want), "next_loss": next_loss,
-            "grad_norm": clip_norm}
+            "grad_norm": clip_norm, "grad_norm_after_clip": after_clip}
 
 
 def meta_init(family: str) -> dict:

@@ -51,7 +51,8 @@ def save_single_process_checkpoint(out: Path) -> None:
     inputs, targets = cases.global_batch()
     opt.zero_grad()
     loss = cases.reference_step(model, inputs, targets, dp=2)
-    (out / "single_next.json").write_text(json.dumps({"next_loss": loss}))
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9).item()
+    (out / "single_next.json").write_text(json.dumps({"next_loss": loss, "grad_norm": norm}))
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +108,12 @@ def test_dcp_single_process_checkpoint_loads_into_fsdp(run):
     assert r["load_keys_missing"] == [] and r["load_keys_extra"] == []
     assert r["n_keys"] > 20
     assert r["load_max_abs_diff"] == 0.0
-    # Resuming at dp=2 gives the single process's next-step loss.
-    expected = json.loads((out / "single_next.json").read_text())["next_loss"]
-    assert abs(r["next_loss"] - expected) <= 1e-6 * expected
-    assert r["grad_norm"] > 0
+    # Resuming at dp=2 gives the single process's next-step loss and gradient norm.
+    expected = json.loads((out / "single_next.json").read_text())
+    assert abs(r["next_loss"] - expected["next_loss"]) <= 1e-6 * expected["next_loss"]
+    # parallel.fsdp.clip_grad_norm_: the global norm over shards, and clipping really scales.
+    assert abs(r["grad_norm"] - expected["grad_norm"]) <= 1e-5 * expected["grad_norm"]
+    assert abs(r["grad_norm_after_clip"] - expected["grad_norm"] / 2) <= 1e-5 * expected["grad_norm"]
 
 
 def test_dcp_fsdp_checkpoint_loads_into_single_process(run):
