@@ -1,13 +1,18 @@
-"""CPU forward+backward throughput of our Titans MAC against titans-pytorch 0.5.5 at one config.
+"""CPU forward+backward throughput and memory per token of our Titans MAC against titans-pytorch 0.5.5.
 
-Config (both sides): dim 256, depth 4, 4 heads of 64, SwiGLU/GEGLU ffn ~ 8/3 dim, memory MLP of
+Config (both sides): dim 256, depth 4, 4 heads of 64, gated ffn of inner width 682 (titans-pytorch's
+GEGLU at ff_mult 4 is int(256 * 4 * 2/3) = 682; ours is SwiGLU with ffn_hidden = 682), memory MLP of
 depth 2 and expansion 2 per head, memory chunk 16, segment 64, 4 persistent tokens, vocab 256,
 B = 2. titans-pytorch gets no long-term memory tokens and no hyper-connections
 (num_residual_streams = 1), so both run the same amount of sequence mixing. Both models run in
 this one process; steps alternate and each figure is the fastest of `--repeats` steps.
-Memory per token: peak RSS growth (ru_maxrss) measured in a fresh subprocess per model and T.
 
-Usage: python bench/titans.py [--seq 1024 2048 4096] [--repeats 3] [--skip-ref-above 4096]
+Memory per token: each (model, T) runs one training step in a fresh subprocess. Inside it, after
+the model is built, the kernel's peak-RSS mark is reset (`/proc/self/clear_refs` = 5, Linux), and
+peak growth = VmHWM after the step - VmRSS before it. Divided by B*T. A fresh process matters:
+after a first step the allocator keeps freed pages resident, so a second step shows no growth.
+
+Usage: python bench/titans.py [--seq 1024 2048 4096] [--repeats 3] [--skip-ref-above 4096] [--no-memory]
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import torch.nn.functional as F
 VOCAB, DIM, DEPTH, HEADS, B = 256, 256, 4, 4, 2
 CHUNK = 16
 SEGMENT = 64
+# titans-pytorch FeedForward(dim, mult=4): GEGLU with inner width int(dim * 4 * 2 / 3).
+FFN = int(DIM * 4 * 2 / 3)
 
 
 def build_ours(T):
@@ -33,7 +40,7 @@ def build_ours(T):
     from titanforge.models.registry import build_model
     from titanforge.models.titans.config import TitansConfig
     cfg = ModelConfig(family="titans", vocab_size=VOCAB, d_model=DIM, n_layers=DEPTH, n_heads=HEADS,
-                      max_seq_len=T, titans=TitansConfig(variant="mac", memory_depth=2, memory_expansion=2,
+                      max_seq_len=T, ffn_hidden=FFN, titans=TitansConfig(variant="mac", memory_depth=2, memory_expansion=2,
                                                          chunk_size=CHUNK, segment_len=SEGMENT, n_persistent=4))
     model = build_model(cfg)
 
@@ -66,22 +73,38 @@ def timed(step, tokens):
     return time.perf_counter() - t0
 
 
+def _proc_status_kib(*keys):
+    vals = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in keys:
+                vals[k] = int(v.split()[0])
+    return [vals[k] for k in keys]
+
+
+def step_peak_growth(name, T):
+    """In this (fresh) process: build the model, reset the peak-RSS mark, run one step; bytes."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    _, step = BUILDERS[name](T)
+    tokens = torch.randint(0, VOCAB, (B, T + 1))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    (rss0,) = _proc_status_kib("VmRSS")
+    step(tokens)
+    (hwm,) = _proc_status_kib("VmHWM")
+    return (hwm - rss0) * 1024
+
+
 def peak_rss_child(name, T):
-    """Run one step in a fresh process; report peak RSS growth over the process after model build."""
-    code = (f"import resource,torch,sys; sys.argv=['x']; import bench_titans_mod as b; torch.manual_seed(0);"
-            f"torch.set_num_threads(1); b.CHUNK={CHUNK}; b.SEGMENT={SEGMENT};"
-            f"m,s=b.BUILDERS[{name!r}]({T}); x=torch.randint(0,b.VOCAB,(b.B,{T}+1));"
-            f"r0=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; s(x);"
-            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss-r0)")
-    env_path = str(__import__("pathlib").Path(__file__).resolve().parent)
-    out = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {env_path!r}); "
-                          f"import importlib.util as u; spec=u.spec_from_file_location('bench_titans_mod', "
-                          f"{__file__!r}); mod=u.module_from_spec(spec); sys.modules['bench_titans_mod']=mod; "
-                          f"spec.loader.exec_module(mod); " + code.replace("import bench_titans_mod as b; ", "b=mod; ")],
-                         capture_output=True, text=True)
+    """Peak RSS growth of one step of `name` at T, measured in a fresh subprocess (None on failure)."""
+    out = subprocess.run([sys.executable, __file__, "--child", name, str(T), "--chunk", str(CHUNK),
+                          "--segment", str(SEGMENT)], capture_output=True, text=True)
     if out.returncode:
+        print(f"memory child {name} T={T} failed: {out.stderr[-2000:]}", file=sys.stderr)
         return None
-    return int(out.stdout.strip().splitlines()[-1]) * 1024  # ru_maxrss is KiB on Linux
+    return int(out.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -89,8 +112,9 @@ def main():
     ap.add_argument("--seq", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-ref-above", type=int, default=4096)
-    ap.add_argument("--memory", action="store_true",
-                    help="also measure peak RSS growth per token (unvalidated: reported 0 in the first run)")
+    ap.add_argument("--no-memory", dest="memory", action="store_false",
+                    help="skip the per-token peak RSS growth (one fresh subprocess per model and T)")
+    ap.add_argument("--child", nargs=2, metavar=("MODEL", "T"), help=argparse.SUPPRESS)
     ap.add_argument("--out", default="bench/results/titans.json")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 keeps timings stable on a shared 2-core host")
@@ -99,6 +123,9 @@ def main():
     args = ap.parse_args()
     global CHUNK, SEGMENT
     CHUNK, SEGMENT = args.chunk, args.segment
+    if args.child:
+        print(step_peak_growth(args.child[0], int(args.child[1])))
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     results = []
@@ -116,9 +143,12 @@ def main():
         for n in names:
             row[f"{n}_step_s"] = round(best[n], 3)
             row[f"{n}_tokens_per_s"] = round(B * T / best[n], 1)
+            row[f"{n}_s_per_1k_tokens"] = round(1000 * best[n] / (B * T), 3)
             if args.memory:
                 rss = peak_rss_child(n, T)
                 row[f"{n}_peak_rss_growth_bytes_per_token"] = None if rss is None else round(rss / (B * T))
+                if rss is not None and rss <= 0:
+                    print(f"WARNING: {n} T={T}: peak RSS growth {rss} <= 0; the measure failed", file=sys.stderr)
         if "titans_pytorch" in names:
             row["speedup"] = round(best["titans_pytorch"] / best["ours"], 2)
         print(json.dumps(row), flush=True)
@@ -133,10 +163,11 @@ def write(args, results):
             "torch": torch.__version__, "python": platform.python_version(),
             "load_average_1m_at_write": round(__import__("os").getloadavg()[0], 2),
             "titans_pytorch": __import__("importlib.metadata").metadata.version("titans-pytorch"),
-            "config": dict(vocab=VOCAB, dim=DIM, depth=DEPTH, heads=HEADS, batch=B, memory_depth=2,
+            "config": dict(vocab=VOCAB, dim=DIM, depth=DEPTH, heads=HEADS, batch=B, ffn_inner=FFN, memory_depth=2,
                            memory_expansion=2, chunk_size=CHUNK, segment_len=SEGMENT, n_persistent=4),
             "method": "one process, steps alternate, min of repeats after one warm-up step; "
-                      "peak RSS growth of one step in a fresh process per model and T"}
+                      "peak RSS growth (VmHWM after - VmRSS before, mark reset via clear_refs) of the first "
+                      "step in a fresh process per model and T, per token"}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
 

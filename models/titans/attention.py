@@ -81,18 +81,32 @@ class PersistentAttention(nn.Module):
         nn.init.trunc_normal_(self.wo.weight, std=out_std or self.init_std)
         nn.init.normal_(self.persistent, std=self.init_std)
 
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(*t.shape[:2], -1, self.head_dim)
+
+    def project_kv(self, x: torch.Tensor, freqs: torch.Tensor):
+        """Keys (with RoPE) and values of x [B, T, C] -> two [B, T, H, D]."""
+        return apply_rope(self._heads(self.wk(x)), freqs), self._heads(self.wv(x))
+
+    def project_q(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        return apply_rope(self._heads(self.wq(x)), freqs)
+
+    def persistent_kv(self, B: int):
+        """Keys and values of the persistent tokens, [B, P, H, D] each (no RoPE), or None if P = 0."""
+        P = self.persistent.shape[0]
+        if not P:
+            return None
+        return (self._heads(self.wk(self.persistent).expand(B, P, -1)),
+                self._heads(self.wv(self.persistent).expand(B, P, -1)))
+
+    def attend(self, q, k, v, mask_mod, persistent=None):
+        """Projected q [B, Tq, H, D] over [persistent | k, v] under mask_mod -> [B, Tq, C]."""
+        if persistent is not None:
+            k, v = torch.cat([persistent[0], k], 1), torch.cat([persistent[1], v], 1)
+        return self.wo(masked_attention(q, k, v, mask_mod).flatten(2))
+
     def forward(self, x, mask_mod, freqs_q, context=None, freqs_kv=None):
-        B, Tq, _ = x.shape
         context = x if context is None else context
         freqs_kv = freqs_q if freqs_kv is None else freqs_kv
-        heads = lambda t: t.view(B, t.shape[1], -1, self.head_dim)  # noqa: E731
-        q = apply_rope(heads(self.wq(x)), freqs_q)
-        k = apply_rope(heads(self.wk(context)), freqs_kv)
-        v = heads(self.wv(context))
-        P = self.persistent.shape[0]
-        if P:
-            pk = heads(self.wk(self.persistent).expand(B, P, -1))
-            pv = heads(self.wv(self.persistent).expand(B, P, -1))
-            k, v = torch.cat([pk, k], 1), torch.cat([pv, v], 1)
-        out = masked_attention(q, k, v, mask_mod)
-        return self.wo(out.flatten(2))
+        k, v = self.project_kv(context, freqs_kv)
+        return self.attend(self.project_q(x, freqs_q), k, v, mask_mod, self.persistent_kv(x.shape[0]))

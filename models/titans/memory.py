@@ -127,9 +127,14 @@ class NeuralMemory(nn.Module):
         theta = self.cfg.theta_max * torch.sigmoid(logits[0])
         return theta, torch.sigmoid(logits[1]), torch.sigmoid(logits[2])
 
-    def read_out(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Norm, learned gate sigmoid(x W_g), output projection: y [B, T, H, D] -> [B, T, C]."""
-        y = self.out_norm(y) * torch.sigmoid(self._heads(self.w_gate(x)))
+    def out_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The learned read gate sigmoid(x W_g), [B, T, H, D]."""
+        return torch.sigmoid(self._heads(self.w_gate(x)))
+
+    def read_out(self, y: torch.Tensor, x: torch.Tensor | None, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """Norm, learned gate sigmoid(x W_g) (or a precomputed `gate`), output projection:
+        y [B, T, H, D] -> [B, T, C]."""
+        y = self.out_norm(y) * (self.out_gate(x) if gate is None else gate)
         return self.wo(y.flatten(2))
 
     def initial_state(self):

@@ -76,27 +76,37 @@ class TitansBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
     def _mac(self, h: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-        mem, P = self.memory, self.tcfg.n_persistent
-        # Queries from the input are causal per token, so all segments' are computed at once.
+        mem, att, P, seg_len = self.memory, self.attention, self.tcfg.n_persistent, self.tcfg.segment_len
+        B, T, _ = h.shape
+        # Whatever reads only the layer input is computed for all segments at once, before the
+        # segment loop: the memory's queries and read gate, the attention's projections of S
+        # (segment-local RoPE positions t mod seg_len) and the persistent keys/values.
         q_x, _ = mem.query(h)
+        gate_x = mem.out_gate(h)
+        seg_freqs = freqs[torch.arange(T, device=h.device) % seg_len]
+        q_s, (k_s, v_s) = att.project_q(h, seg_freqs), att.project_kv(h, seg_freqs)
+        persistent = att.persistent_kv(B)
         state = mem.initial_state()
         cache_q = cache_k = cache_v = None
-        outs = []
-        for s in range(0, h.shape[1], self.tcfg.segment_len):
-            seg = h[:, s:s + self.tcfg.segment_len]
-            L = seg.shape[1]
+        ys, os = [], []
+        for s in range(0, T, seg_len):
+            seg = slice(s, s + seg_len)
+            L = q_s[:, seg].shape[1]
             # Eq. 21: retrieve from the memory as it stands before this segment.
-            retrieved = mem.read_out(mem.retrieve(q_x[:, s:s + L], state), seg)
+            retrieved = mem.read_out(mem.retrieve(q_x[:, seg], state), None, gate_x[:, seg])
             # Eq. 22-23: attention over [persistent | retrieved | segment].
-            y = self.attention(seg, mac_mask_mod(P, L), freqs[:L], context=torch.cat([retrieved, seg], 1),
-                               freqs_kv=torch.cat([freqs[:L], freqs[:L]]))
+            k_h, v_h = att.project_kv(retrieved, freqs[:L])
+            y = att.attend(q_s[:, seg], torch.cat([k_h, k_s[:, seg]], 1), torch.cat([v_h, v_s[:, seg]], 1),
+                           mac_mask_mod(P, L), persistent)
             # Eq. 24: update the memory with y (conv caches continue the y stream across segments).
             q_y, cache_q = mem.query(y, cache_q)
             k_y, v_y, (cache_k, cache_v) = mem.keys_values(y, (cache_k, cache_v))
             o, state = mem.update(q_y, k_y, v_y, mem.gates(y), state)
-            # Eq. 25: gate y with the updated memory's (causal) read.
-            outs.append(y * torch.sigmoid(mem.read_out(o, y)))
-        return torch.cat(outs, 1)
+            ys.append(y)
+            os.append(o)
+        # Eq. 25: gate y with the updated memory's (causal) read; per token, so once for all segments.
+        y, o = torch.cat(ys, 1), torch.cat(os, 1)
+        return y * torch.sigmoid(mem.read_out(o, y))
 
     def attention_context(self) -> int:
         t = self.tcfg
