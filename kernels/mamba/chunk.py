@@ -3,20 +3,25 @@
 Mamba-1 (`chunk_selective_scan`, Gu & Dao 2023, arXiv 2312.00752): the decay Ā_t = exp(Δ_t A) is
 per channel AND per state (A is [D, N]), so there is no matmul form (Mamba-2 has one because its
 decay is a scalar per head). The recurrence h_t = Ā_t ⊙ h_{t-1} + x_t is an elementwise linear
-scan over [B, T, D, N]; we run it as a two-level chunked scan:
+scan. On CPU its cost is the number of passes over the [B, T, N, D] states (and fresh buffers of
+that size, which cost page faults), not the flops, so:
 
-1. within chunks of L steps, a loop over the L positions, vectorised over all T/L chunks at once
-   (state from zero);
-2. across chunks, a loop over the T/L chunk boundaries on [B, D, N] carries the state;
-3. one vectorised correction h_t += (Π_{s<=t in chunk} Ā_s) ⊙ carry_c.
+- states are laid out [B, T, N, D] inside (the public A is [D, N], states [B, D, N]): with D
+  contiguous, the reductions over N (y_t = C_t h_t, Σ_n B g, Σ_n A q) are one bmm or a
+  vectorised plane sum, where the [.., D, N] layout made them several times slower;
+- the default (chunk_size 0) is ONE chunk: a loop over T, each step one in-place multiply-add on a
+  whole [B, N, D] plane (views made once by unbind). About 4 µs of overhead per step, cheaper than
+  the two extra passes chunking needs below, unless B·N·D is tiny;
+- chunk_size L > 0 runs a two-level scan: (1) within chunks, a loop over the L positions
+  vectorised over all T/L chunks (state from zero); (2) a loop over the T/L chunk boundaries on
+  [B, N, D] carries the state; (3) h_t += (Π_{s<=t in chunk} Ā_s) ⊙ carry_c. Only products of
+  decays in (0, 1] appear: unlike the "cumulative log-decay" factorisation exp(S_t) exp(-S_s)
+  (fine for Mamba-2's scalar per-head decay), nothing can overflow however large Δ A gets.
 
-That is about L + 2 T/L Python steps instead of T (on CPU the cost is the number of passes over
-[B, T, D, N], not the flops), and only products of decays in (0, 1] appear: unlike the
-"cumulative log-decay" factorisation exp(S_t) exp(-S_s) suggested for chunked scans (fine for
-Mamba-2's scalar per-head decay), nothing can overflow however large Δ A gets. The backward is
-the same scan run backwards in time (README.md has the derivation), written by hand in an
-autograd.Function that keeps u, Δ, B, C, the states h and the decays Ā (one extra [B, T, D, N]
-tensor, traded for two fewer exp passes in backward).
+The backward is the same scan run backwards in time (README.md has the derivation), written by
+hand in an autograd.Function that keeps u, Δ, B, C, the states h and the decays Ā. It allocates
+one [B, T, N, D] buffer and reuses the saved decays as scratch (so a retained graph cannot be
+backpropagated twice: the saved-tensor version check raises).
 
 Mamba-2 (`chunk_ssd`): the chunked SSD of Dao & Gu 2024 (arXiv 2405.21060), the
 `ssd_minimal_discrete` listing of mamba_ssm, with padding to a whole number of chunks, B/C groups
