@@ -19,6 +19,9 @@ must be the mean over its own micro-batch, exactly as with DDP.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -78,6 +81,24 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, param_dtype: torch.dtyp
     fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, offload_policy=offload_policy,
                 reshard_after_forward=reshard_after_forward)
     return model
+
+
+@contextlib.contextmanager
+def no_gradient_sync(model: nn.Module) -> Iterator[None]:
+    """FSDP2's counterpart of DDP's `no_sync()`: backward inside accumulates local, unsharded gradients.
+
+    For every micro-batch of an accumulation window but the last. It saves a reduce-scatter per
+    micro-batch at the price of holding full-size gradients until the last one; reducing every
+    micro-batch (not using this) is the memory-lean choice torchtitan makes.
+    """
+    if not isinstance(model, FSDPModule):
+        raise ValueError(f"no_gradient_sync: {type(model).__name__} is not sharded with apply_fsdp; "
+                         f"for DDP use model.no_sync()")
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:

@@ -10,6 +10,7 @@ single-process reference and writes the numbers to OUT/result.json; the pytest f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import traceback
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fsdp_cases as cases  # noqa: E402
 
 from titanforge.models.registry import build_model  # noqa: E402
-from titanforge.parallel.fsdp import apply_fsdp, clip_grad_norm_  # noqa: E402
+from titanforge.parallel.fsdp import apply_fsdp, clip_grad_norm_, no_gradient_sync  # noqa: E402
 
 
 def global_mean(x: torch.Tensor) -> float:
@@ -34,13 +35,24 @@ def global_mean(x: torch.Tensor) -> float:
     return x.item() / dist.get_world_size()
 
 
-def grad_errors(model, ref, **fsdp_kwargs) -> dict:
-    """One step of the global batch under FSDP vs the reference: loss and per-parameter errors."""
+def grad_errors(model, ref, accum: int = 1) -> dict:
+    """One step of the global batch under FSDP vs the reference: loss and per-parameter errors.
+
+    With accum > 1 each rank accumulates its shard as `accum` micro-batches, reducing only the last.
+    """
     rank, world = dist.get_rank(), dist.get_world_size()
     inputs, targets = cases.global_batch()
-    ref_loss = cases.reference_step(ref, inputs, targets, world) if rank == 0 else None
-    loss = cases.loss_fn(model, cases.shard(inputs, rank, world), cases.shard(targets, rank, world))
-    loss.backward()
+    ref_loss = cases.reference_step(ref, inputs, targets, world * accum) if rank == 0 else None
+    micro = zip(cases.shard(inputs, rank, world).chunk(accum), cases.shard(targets, rank, world).chunk(accum))
+    loss = torch.zeros(())
+    for i, (x, y) in enumerate(micro):
+        with no_gradient_sync(model) if i < accum - 1 else contextlib.nullcontext():
+            micro_loss = cases.loss_fn(model, x, y) / accum
+            micro_loss.backward()
+        loss += micro_loss.detach()
+        if i == 0 and accum > 1:
+            # Nothing reduced yet: sharded gradients appear only with the last micro-batch's reduce-scatter.
+            reduced_early = any(p.grad is not None for p in model.parameters())
     loss = global_mean(loss)
     ref_params = dict(ref.named_parameters())
     worst, worst_name, missing = 0.0, "", []
@@ -55,7 +67,8 @@ def grad_errors(model, ref, **fsdp_kwargs) -> dict:
         elif grad is not None and (err := cases.rel_err(grad, ref_grad)) >= worst:
             worst, worst_name = err, name
     return {"loss": loss, "ref_loss": ref_loss, "grad_rel_err": worst, "worst_param": worst_name,
-            "missing_grads": missing, "n_params": len(ref_params)}
+            "missing_grads": missing, "n_params": len(ref_params),
+            "reduced_early": reduced_early if accum > 1 else None}
 
 
 def training(family: str) -> dict:
@@ -147,12 +160,14 @@ def meta_init(family: str) -> dict:
 
 
 def input_errors() -> list[str]:
-    """apply_fsdp's messages for a model without `layers` and for a non-mesh argument."""
+    """The messages for a model without `layers`, a non-mesh argument, no_gradient_sync on a plain model."""
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("dp",))
     messages = []
-    for model, arg in ((torch.nn.Linear(3, 3), mesh), (cases.build("llama"), "dp")):
+    calls = (lambda: apply_fsdp(torch.nn.Linear(3, 3), mesh), lambda: apply_fsdp(cases.build("llama"), "dp"),
+             lambda: no_gradient_sync(torch.nn.Linear(3, 3)).__enter__())
+    for call in calls:
         try:
-            apply_fsdp(model, arg)
+            call()
             messages.append("no error")
         except ValueError as e:
             messages.append(str(e))
@@ -177,6 +192,7 @@ def main() -> None:
             for name, kwargs in variants.items():
                 result[f"llama_{name}"] = grad_errors(apply_fsdp(cases.build(family), mesh, **kwargs),
                                                       cases.build(family))
+            result["llama_accum"] = grad_errors(apply_fsdp(cases.build(family), mesh), cases.build(family), accum=2)
             result["dcp"] = checkpoint_round_trips(out, model, opt)
             result["errors"] = input_errors()
     if rank == 0:

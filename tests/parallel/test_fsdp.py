@@ -94,12 +94,16 @@ def test_fsdp_meta_init(run, family):
     assert abs(r["loss"] - math.log(cases.VOCAB)) < 0.1
 
 
-@pytest.mark.parametrize("variant,tol", [("bf16", 3e-2), ("cpu_offload", 1e-5), ("no_reshard", 1e-5)])
+@pytest.mark.parametrize("variant,tol", [("bf16", 3e-2), ("cpu_offload", 1e-5), ("no_reshard", 1e-5),
+                                         ("accum", 1e-5)])
 def test_fsdp_options(run, variant, tol):
     r = run[1][f"llama_{variant}"]
     assert r["missing_grads"] == []
     assert abs(r["loss"] - r["ref_loss"]) <= max(tol, 1e-6) * abs(r["ref_loss"]), r
     assert r["grad_rel_err"] < tol, f"{variant}: {r['worst_param']} rel err {r['grad_rel_err']:.2e}"
+    if variant == "accum":
+        # no_gradient_sync really skipped the first micro-batch's reduce-scatter.
+        assert r["reduced_early"] is False
 
 
 def test_dcp_single_process_checkpoint_loads_into_fsdp(run):
@@ -134,9 +138,10 @@ def test_dcp_fsdp_checkpoint_loads_into_single_process(run):
 
 
 def test_apply_fsdp_rejects_bad_input(run):
-    no_layers, not_a_mesh = run[1]["errors"]
+    no_layers, not_a_mesh, not_fsdp = run[1]["errors"]
     assert "no `layers` nn.ModuleDict" in no_layers
     assert "must be a DeviceMesh" in not_a_mesh
+    assert "is not sharded with apply_fsdp" in not_fsdp
 
 
 def test_fsdp_over_dp_of_2d_mesh(tmp_path):
