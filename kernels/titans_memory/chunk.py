@@ -113,6 +113,104 @@ def _read_forward(W, q, act):
     return xs, zs
 
 
+def _chain_forward(activation, q, k, v, c_M0, c_S0_M, c_S0_S, c, W, S):
+    """The chunk chain (see ChunkMemoryFunction); c = [c_g_M, c_g_S] stacked last, [BH, N, b, 2].
+    Returns (o, W_final, S_final, chunk-start W and S stacked [BH, N, ...], saved key activations,
+    read activations)."""
+    act, act_grads = ACTIVATIONS[activation]
+    L, N = len(W), q.shape[1]
+    W_starts, S_starts, saved = [], [], []
+    for n in range(N):
+        W_starts.append(W)
+        S_starts.append(S)
+        xs, deltas, d1s, d2s, Ps = _key_forward(W, k[:, n], v[:, n], act, act_grads)
+        saved.append((xs, deltas, d1s, d2s, Ps))
+        a_M, b_M, b_S = (t[:, n, None, None] for t in (c_M0, c_S0_M, c_S0_S))
+        W_new, S_new = [], []
+        for l in range(L):
+            d_out = deltas[l].shape[-1]
+            # One matmul for both weighted sums: a^T [c_M delta | c_S delta] -> [d_in, 2 d_out].
+            cd = (c[:, n, :, :, None] * deltas[l][:, :, None, :]).flatten(-2)
+            G = xs[l].transpose(-1, -2) @ cd
+            W_new.append(a_M * W[l] + b_M * S[l] - G[..., :d_out])
+            S_new.append(b_S * S[l] - G[..., d_out:])
+        W, S = W_new, S_new
+    # [BH, N, d_in, d_out] per layer.
+    W_st = [torch.stack([w[l] for w in W_starts], 1) for l in range(L)]
+    S_st = [torch.stack([s[l] for s in S_starts], 1) for l in range(L)]
+    xq, zq = _read_forward(W_st, q, act)
+    return zq[-1], W, S, W_st, S_st, saved, xq, zq
+
+
+def _chain_backward(activation, do, dW, dS, c_M0, c_S0_M, c_S0_S, c, W_st, S_st, saved, xq, zq):
+    """Gradients of the chunk chain (derivation in README.md), walking the chunks in reverse."""
+    act, act_grads = ACTIVATIONS[activation]
+    L = len(W_st)
+    BH, N = c.shape[:2]
+    # Read path, all chunks at once: its weight gradients enter the chain below chunk by chunk.
+    dW_read = [None] * L
+    dZ = do
+    for l in range(L - 1, -1, -1):
+        dW_read[l] = xq[l].transpose(-1, -2) @ dZ
+        dX = dZ @ W_st[l].transpose(-1, -2)
+        if l:
+            dZ = dX * act_grads(zq[l - 1])[0]
+    dq = dX
+    dk, dv = [None] * N, [None] * N
+    d_c_g = torch.empty_like(c)
+    dW_in, dS_in = [], []  # the state gradients arriving at each chunk's end, for the scalars below
+    for n in range(N - 1, -1, -1):
+        W = [w[:, n] for w in W_st]
+        xs, deltas, d1s, d2s, Ps = saved[n]
+        dW_in.append(dW)
+        dS_in.append(dS)
+        cn = c[:, n]  # [BH, b, 2]
+        a_M, b_M, b_S = (t[:, n, None, None] for t in (c_M0, c_S0_M, c_S0_S))
+        # Linear part: W' = a W + b_M S - G_M, S' = b_S S - G_S.
+        dW_prev = [a_M * g + r[:, n] for g, r in zip(dW, dW_read)]
+        dS_prev = [b_M * gw + b_S * gs for gw, gs in zip(dW, dS)]
+        # G_M = A^T (c_M delta), G_S = A^T (c_S delta), with dG_M = -dW', dG_S = -dS'.
+        d_deltas, dA = [], []
+        dcn = 0
+        for l in range(L):
+            d_out = deltas[l].shape[-1]
+            dG = torch.cat([dW[l], dS[l]], -1)  # [BH, d_in, 2 d_out]
+            AdG = (xs[l] @ dG).unflatten(-1, (2, d_out))  # [BH, b, 2, d_out]
+            dcn = dcn - (AdG * deltas[l][:, :, None, :]).sum(-1)
+            d_deltas.append(-(cn[..., None] * AdG).sum(-2))
+            cd = (cn[..., None] * deltas[l][:, :, None, :]).flatten(-2)  # [BH, b, 2 d_out]
+            dA.append(-(cd @ dG.transpose(-1, -2)))
+        d_c_g[:, n] = dcn
+        # Inner backprop delta_l = (delta_{l+1} W_{l+1}^T) act'(z_l), differentiated.
+        dz = [None] * L
+        for l in range(L - 1):
+            dP = d_deltas[l] * d1s[l]
+            d_deltas[l + 1] = d_deltas[l + 1] + dP @ W[l + 1]
+            dW_prev[l + 1] = dW_prev[l + 1] + dP.transpose(-1, -2) @ deltas[l + 1]
+            dz[l] = d_deltas[l] * Ps[l] * d2s[l]
+        # delta_L = 2 (z_L - v).
+        dz[L - 1] = 2 * d_deltas[L - 1]
+        dv[n] = -2 * d_deltas[L - 1]
+        # Key forward z_l = x_l W_l, x_{l+1} = act(z_l).
+        dZ = dz[L - 1]
+        for l in range(L - 1, -1, -1):
+            dW_prev[l] = dW_prev[l] + xs[l].transpose(-1, -2) @ dZ
+            dX = dZ @ W[l].transpose(-1, -2) + dA[l]
+            if l:
+                dZ = dX * d1s[l - 1] + dz[l - 1]
+        dk[n] = dX
+        dW, dS = dW_prev, dS_prev
+    # Scalar coefficients: d a = <dW', W>, d b_M = <dW', S>, d b_S = <dS', S>, all chunks at once.
+    dW_in = [torch.stack([g[l] for g in dW_in[::-1]], 1) for l in range(L)]
+    dS_in = [torch.stack([g[l] for g in dS_in[::-1]], 1) for l in range(L)]
+    inner = lambda xs, ys: sum((x * y).sum((-1, -2)) for x, y in zip(xs, ys))  # noqa: E731
+    d_c_M0, d_c_S0_M, d_c_S0_S = inner(dW_in, W_st), inner(dW_in, S_st), inner(dS_in, S_st)
+    return (dq, torch.stack(dk, 1), torch.stack(dv, 1),
+            d_c_M0, d_c_S0_M, d_c_S0_S, d_c_g, dW, dS)
+
+
+
+
 class ChunkMemoryFunction(torch.autograd.Function):
     """forward(activation, L, q, k, v [BH, N, b, D], c_M0, c_S0_M, c_S0_S [BH, N],
     c_g_M, c_g_S [BH, N, b], *W (L tensors [BH, d_in, d_out]), *S (L tensors, same shapes))
@@ -123,107 +221,27 @@ class ChunkMemoryFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, activation, L, q, k, v, c_M0, c_S0_M, c_S0_S, c_g_M, c_g_S, *WS):
-        act, act_grads = ACTIVATIONS[activation]
-        W, S = list(WS[:L]), list(WS[L:])
-        N = q.shape[1]
         # [BH, N, b, 2]: each token's gradient weight in the M-end and the S-end state.
         c = torch.stack([c_g_M, c_g_S], -1)
-        W_starts, S_starts, saved = [], [], []
-        for n in range(N):
-            W_starts.append(W)
-            S_starts.append(S)
-            xs, deltas, d1s, d2s, Ps = _key_forward(W, k[:, n], v[:, n], act, act_grads)
-            saved.append((xs, deltas, d1s, d2s, Ps))
-            a_M, b_M, b_S = (t[:, n, None, None] for t in (c_M0, c_S0_M, c_S0_S))
-            W_new, S_new = [], []
-            for l in range(L):
-                d_out = deltas[l].shape[-1]
-                # One matmul for both weighted sums: a^T [c_M delta | c_S delta] -> [d_in, 2 d_out].
-                cd = (c[:, n, :, :, None] * deltas[l][:, :, None, :]).flatten(-2)
-                G = xs[l].transpose(-1, -2) @ cd
-                W_new.append(a_M * W[l] + b_M * S[l] - G[..., :d_out])
-                S_new.append(b_S * S[l] - G[..., d_out:])
-            W, S = W_new, S_new
-        # [BH, N, d_in, d_out] per layer.
-        W_st = [torch.stack([w[l] for w in W_starts], 1) for l in range(L)]
-        S_st = [torch.stack([s[l] for s in S_starts], 1) for l in range(L)]
-        xq, zq = _read_forward(W_st, q, act)
+        o, W, S, W_st, S_st, saved, xq, zq = _chain_forward(activation, q, k, v, c_M0, c_S0_M, c_S0_S, c,
+                                                            list(WS[:L]), list(WS[L:]))
         ctx.activation, ctx.L = activation, L
         ctx.saved, ctx.xq, ctx.zq = saved, xq, zq
         ctx.save_for_backward(c_M0, c_S0_M, c_S0_S, c, *W_st, *S_st)
-        return (zq[-1], *W, *S)
+        return (o, *W, *S)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, *dWS):
         c_M0, c_S0_M, c_S0_S, c, *WS_st = ctx.saved_tensors
-        act, act_grads = ACTIVATIONS[ctx.activation]
         L = ctx.L
         W_st, S_st = WS_st[:L], WS_st[L:]
-        BH, N = c.shape[:2]
         dW = [torch.zeros_like(w[:, 0]) if g is None else g for g, w in zip(dWS[:L], W_st)]
         dS = [torch.zeros_like(w[:, 0]) if g is None else g for g, w in zip(dWS[L:], W_st)]
-        # Read path, all chunks at once: its weight gradients enter the chain below chunk by chunk.
-        xq, zq = ctx.xq, ctx.zq
-        dW_read = [None] * L
-        dZ = torch.zeros_like(zq[-1]) if do is None else do
-        for l in range(L - 1, -1, -1):
-            dW_read[l] = xq[l].transpose(-1, -2) @ dZ
-            dX = dZ @ W_st[l].transpose(-1, -2)
-            if l:
-                dZ = dX * act_grads(zq[l - 1])[0]
-        dq = dX
-        dk, dv = [None] * N, [None] * N
-        d_c_g = torch.empty_like(c)
-        dW_in, dS_in = [], []  # the state gradients arriving at each chunk's end, for the scalars below
-        for n in range(N - 1, -1, -1):
-            W = [w[:, n] for w in W_st]
-            xs, deltas, d1s, d2s, Ps = ctx.saved[n]
-            dW_in.append(dW)
-            dS_in.append(dS)
-            cn = c[:, n]  # [BH, b, 2]
-            a_M, b_M, b_S = (t[:, n, None, None] for t in (c_M0, c_S0_M, c_S0_S))
-            # Linear part: W' = a W + b_M S - G_M, S' = b_S S - G_S.
-            dW_prev = [a_M * g + r[:, n] for g, r in zip(dW, dW_read)]
-            dS_prev = [b_M * gw + b_S * gs for gw, gs in zip(dW, dS)]
-            # G_M = A^T (c_M delta), G_S = A^T (c_S delta), with dG_M = -dW', dG_S = -dS'.
-            d_deltas, dA = [], []
-            dcn = 0
-            for l in range(L):
-                d_out = deltas[l].shape[-1]
-                dG = torch.cat([dW[l], dS[l]], -1)  # [BH, d_in, 2 d_out]
-                AdG = (xs[l] @ dG).unflatten(-1, (2, d_out))  # [BH, b, 2, d_out]
-                dcn = dcn - (AdG * deltas[l][:, :, None, :]).sum(-1)
-                d_deltas.append(-(cn[..., None] * AdG).sum(-2))
-                cd = (cn[..., None] * deltas[l][:, :, None, :]).flatten(-2)  # [BH, b, 2 d_out]
-                dA.append(-(cd @ dG.transpose(-1, -2)))
-            d_c_g[:, n] = dcn
-            # Inner backprop delta_l = (delta_{l+1} W_{l+1}^T) act'(z_l), differentiated.
-            dz = [None] * L
-            for l in range(L - 1):
-                dP = d_deltas[l] * d1s[l]
-                d_deltas[l + 1] = d_deltas[l + 1] + dP @ W[l + 1]
-                dW_prev[l + 1] = dW_prev[l + 1] + dP.transpose(-1, -2) @ deltas[l + 1]
-                dz[l] = d_deltas[l] * Ps[l] * d2s[l]
-            # delta_L = 2 (z_L - v).
-            dz[L - 1] = 2 * d_deltas[L - 1]
-            dv[n] = -2 * d_deltas[L - 1]
-            # Key forward z_l = x_l W_l, x_{l+1} = act(z_l).
-            dZ = dz[L - 1]
-            for l in range(L - 1, -1, -1):
-                dW_prev[l] = dW_prev[l] + xs[l].transpose(-1, -2) @ dZ
-                dX = dZ @ W[l].transpose(-1, -2) + dA[l]
-                if l:
-                    dZ = dX * d1s[l - 1] + dz[l - 1]
-            dk[n] = dX
-            dW, dS = dW_prev, dS_prev
-        # Scalar coefficients: d a = <dW', W>, d b_M = <dW', S>, d b_S = <dS', S>, all chunks at once.
-        dW_in = [torch.stack([g[l] for g in dW_in[::-1]], 1) for l in range(L)]
-        dS_in = [torch.stack([g[l] for g in dS_in[::-1]], 1) for l in range(L)]
-        inner = lambda xs, ys: sum((x * y).sum((-1, -2)) for x, y in zip(xs, ys))  # noqa: E731
-        d_c_M0, d_c_S0_M, d_c_S0_S = inner(dW_in, W_st), inner(dW_in, S_st), inner(dS_in, S_st)
-        return (None, None, dq, torch.stack(dk, 1), torch.stack(dv, 1),
-                d_c_M0, d_c_S0_M, d_c_S0_S, d_c_g[..., 0], d_c_g[..., 1], *dW, *dS)
+        do = torch.zeros_like(ctx.zq[-1]) if do is None else do
+        dq, dk, dv, d_c_M0, d_c_S0_M, d_c_S0_S, d_c_g, dW, dS = _chain_backward(
+            ctx.activation, do, dW, dS, c_M0, c_S0_M, c_S0_S, c, W_st, S_st, ctx.saved, ctx.xq, ctx.zq)
+        return (None, None, dq, dk, dv, d_c_M0, d_c_S0_M, d_c_S0_S, d_c_g[..., 0], d_c_g[..., 1], *dW, *dS)
 
 
 def chunk_titans_memory_fwd(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, activation):
