@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/parallel/fsdp_zero_worker.py OUT CASE...
 
-CASE is `stage:grad_accum:clip:offload`, e.g. `3:1:0:0`. Per case one engine over the tiny llama,
+CASE is `family:stage:grad_accum:clip:offload`, e.g. `llama:3:1:0:0`. Per case one engine over a tiny model,
 client AdamW: the first step's loss and every parameter's full gradient, then STEPS steps' losses.
 Rank 0 computes the single-process reference and writes OUT/result.json.
 """
@@ -24,17 +24,17 @@ import fsdp_cases as cases  # noqa: E402
 from titanforge.parallel.zero import build_deepspeed_engine, full_grad  # noqa: E402
 
 
-def run_case(stage: int, accum: int, clip: float, offload: bool) -> dict:
+def run_case(family: str, stage: int, accum: int, clip: float, offload: bool) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     micro = world * accum
     inputs, targets = cases.global_batch()
     ref_losses, ref_params = None, {}
     if rank == 0:
-        ref_losses = cases.reference_training(cases.build("llama"), micro, clip)
-        ref = cases.build("llama")
+        ref_losses = cases.reference_training(cases.build(family), micro, clip)
+        ref = cases.build(family)
         cases.reference_step(ref, inputs, targets, micro)
         ref_params = dict(ref.named_parameters())
-    model = cases.build("llama")
+    model = cases.build(family)
     engine = build_deepspeed_engine(model, cases.optimizer(model), zero_stage=stage,
                                     micro_batch_size=cases.GLOBAL_BATCH // micro, grad_accum=accum, clip=clip,
                                     offload_optimizer=offload)
@@ -72,8 +72,8 @@ def main() -> None:
     torch.set_num_threads(1)
     result = {}
     for spec in specs:
-        stage, accum, clip, offload = spec.split(":")
-        result[spec] = run_case(int(stage), int(accum), float(clip), offload == "1")
+        family, stage, accum, clip, offload = spec.split(":")
+        result[spec] = run_case(family, int(stage), int(accum), float(clip), offload == "1")
     if dist.get_rank() == 0:
         (out / "result.json").write_text(json.dumps(result, indent=1))
     dist.destroy_process_group()

@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO 1/2/3 (parallel/zero.py) against one process, with one real 2-rank gloo launch.
 
-Llama tiny, client torch AdamW. Cases `stage:grad_accum:clip:offload`: stages 1, 2, 3 plain, and
-stage 2 with 2-step accumulation, clipping at 0.5 and optimizer offload. Tolerances (float32):
+Tiny models, client torch AdamW. Cases `family:stage:grad_accum:clip:offload`: llama at stages 1,
+2, 3 plain and stage 2 with 2-step accumulation, clipping at 0.5 and optimizer offload; Jamba
+(Mamba, attention, MoE with auxiliary losses) at stage 3. Tolerances (float32):
 every first-step gradient within 1e-5 relative of the single-process gradient (same global batch,
 taken as dp * grad_accum micro-batches), 5 AdamW steps' losses within 1e-4 relative.
 The launch skips DeepSpeed's shared-memory op build (parallel/zero.py docstring): about 20 s.
@@ -21,7 +22,7 @@ import fsdp_cases as cases  # noqa: E402
 
 from titanforge.parallel.zero import deepspeed_config  # noqa: E402
 
-CASES = ("1:1:0:0", "2:1:0:0", "3:1:0:0", "2:2:0.5:1")
+CASES = ("llama:1:1:0:0", "llama:2:1:0:0", "llama:3:1:0:0", "llama:2:2:0.5:1", "jamba:3:1:0:0")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_zero_matches_one_process(run, case):
 @pytest.mark.slow
 def test_zero_clipping_changes_training(run):
     # The clipped case must differ from the unclipped one, or the clip test proves nothing.
-    clipped, plain = run["2:2:0.5:1"]["ref_losses"], run["2:1:0:0"]["ref_losses"]
+    clipped, plain = run["llama:2:2:0.5:1"]["ref_losses"], run["llama:2:1:0:0"]["ref_losses"]
     assert abs(clipped[-1] - plain[-1]) > 1e-3
 
 
