@@ -4,6 +4,7 @@
 
 CASE is `family:stage:grad_accum:clip:offload`, e.g. `llama:3:1:0:0`. Per case one engine over a tiny model,
 client AdamW: the first step's loss and every parameter's full gradient, then STEPS steps' losses.
+CASE `resume:family:stage`: a DeepSpeed checkpoint saved after 2 steps resumes into a fresh engine.
 Rank 0 computes the single-process reference and writes OUT/result.json.
 """
 
@@ -66,12 +67,43 @@ def run_case(family: str, stage: int, accum: int, clip: float, offload: bool) ->
             "missing_grads": missing, "shm_op_built": shm_op is not None}
 
 
+def resume_case(out: Path, family: str, stage: int) -> dict:
+    """DeepSpeed's own checkpoint: save after 2 steps, resume a fresh engine, the same next 3 losses."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    inputs, targets = cases.global_batch()
+    x, y = cases.shard(inputs, rank, world), cases.shard(targets, rank, world)
+    runs = []
+    for seed, load in ((0, False), (123, True)):
+        model = cases.build(family, seed=seed)
+        engine = build_deepspeed_engine(model, cases.optimizer(model), zero_stage=stage,
+                                        micro_batch_size=x.shape[0], clip=1.0)
+        if load:
+            engine.load_checkpoint(str(out / "ds_ckpt"), tag="step2")
+        losses = []
+        for step in range(3 if load else 5):
+            if step == 2 and not load:
+                engine.save_checkpoint(str(out / "ds_ckpt"), tag="step2")
+            loss = cases.loss_fn(engine, x, y)
+            engine.backward(loss)
+            engine.step()
+            total = loss.detach().clone()
+            dist.all_reduce(total)
+            losses.append(total.item() / world)
+        runs.append(losses[-3:])
+        engine.destroy()
+    return {"uninterrupted": runs[0], "resumed": runs[1]}
+
+
 def main() -> None:
     out, specs = Path(sys.argv[1]), sys.argv[2:]
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     result = {}
     for spec in specs:
+        if spec.startswith("resume:"):
+            _, family, stage = spec.split(":")
+            result[spec] = resume_case(out, family, int(stage))
+            continue
         family, stage, accum, clip, offload = spec.split(":")
         result[spec] = run_case(family, int(stage), int(accum), float(clip), offload == "1")
     if dist.get_rank() == 0:

@@ -5,6 +5,7 @@ Tiny models, client torch AdamW. Cases `family:stage:grad_accum:clip:offload`: l
 (Mamba, attention, MoE with auxiliary losses) at stage 3. Tolerances (float32):
 every first-step gradient within 1e-5 relative of the single-process gradient (same global batch,
 taken as dp * grad_accum micro-batches), 5 AdamW steps' losses within 1e-4 relative.
+ZeRO-3 resume from DeepSpeed's own checkpoint is checked for identical losses.
 The launch skips DeepSpeed's shared-memory op build (parallel/zero.py docstring): about 20 s.
 """
 
@@ -23,13 +24,14 @@ import fsdp_cases as cases  # noqa: E402
 from titanforge.parallel.zero import deepspeed_config  # noqa: E402
 
 CASES = ("llama:1:1:0:0", "llama:2:1:0:0", "llama:3:1:0:0", "llama:2:2:0.5:1", "jamba:3:1:0:0")
+RESUME = "resume:llama:3"
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
     pytest.importorskip("deepspeed")
     out = tmp_path_factory.mktemp("zero")
-    cases.torchrun(2, "fsdp_zero_worker.py", str(out), *CASES)
+    cases.torchrun(2, "fsdp_zero_worker.py", str(out), *CASES, RESUME)
     return json.loads((out / "result.json").read_text())
 
 
@@ -52,6 +54,14 @@ def test_zero_clipping_changes_training(run):
     # The clipped case must differ from the unclipped one, or the clip test proves nothing.
     clipped, plain = run["llama:2:2:0.5:1"]["ref_losses"], run["llama:2:1:0:0"]["ref_losses"]
     assert abs(clipped[-1] - plain[-1]) > 1e-3
+
+
+@pytest.mark.slow
+def test_zero3_checkpoint_resume_is_exact(run):
+    """engine.save_checkpoint after 2 steps, load into a fresh engine (other init): the same 3 losses."""
+    r = run[RESUME]
+    assert len(r["resumed"]) == 3
+    assert r["resumed"] == r["uninterrupted"]
 
 
 def test_deepspeed_config_fields():
