@@ -28,21 +28,25 @@ from titanforge.models.titans.config import TitansConfig
 from titanforge.models.ttt.config import TTTConfig
 
 FAMILIES = ("llama", "titans", "ttt", "jamba")
+# The other variants, checked for one step's loss and gradients only (the launch stays short).
+VARIANTS = ("titans-mag", "titans-mal", "titans-lmm", "ttt-mlp")
 # Odd sizes on purpose: vocabulary and length are not powers of two.
 VOCAB, SEQ_LEN, GLOBAL_BATCH = 97, 37, 4
 LR, STEPS = 1e-2, 5
 
 
-def tiny_config(family: str) -> ModelConfig:
+def tiny_config(name: str) -> ModelConfig:
+    """`family` or `family-variant` (titans-mag, ttt-mlp, ...)."""
+    family, _, variant = name.partition("-")
     common = dict(family=family, vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, ffn_hidden=48,
                   max_seq_len=64, tie_embeddings=family != "llama")
     if family == "llama":
         return ModelConfig(**common, n_kv_heads=1)
     if family == "titans":
-        return ModelConfig(**common, titans=TitansConfig(variant="mac", chunk_size=8, segment_len=16, window=16,
-                                                         n_persistent=2))
+        titans = TitansConfig(variant=variant or "mac", chunk_size=8, segment_len=16, window=16, n_persistent=2)
+        return ModelConfig(**common, titans=titans)
     if family == "ttt":
-        return ModelConfig(**common, ttt=TTTConfig(inner="linear", backbone="mamba", mini_batch_size=8))
+        return ModelConfig(**common, ttt=TTTConfig(inner=variant or "linear", backbone="mamba", mini_batch_size=8))
     if family == "jamba":
         moe = MoEConfig(n_experts=4, top_k=2, load_balance_coef=1e-2, z_loss_coef=1e-3)
         return ModelConfig(**common, n_kv_heads=1, jamba=JambaConfig(layer_pattern="MD AE", d_state=8, chunk_size=16,

@@ -59,11 +59,11 @@ def save_single_process_checkpoint(out: Path) -> None:
 def run(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("fsdp")
     save_single_process_checkpoint(out)
-    cases.torchrun(2, "fsdp_worker.py", str(out), *cases.FAMILIES)
+    cases.torchrun(2, "fsdp_worker.py", str(out), *cases.FAMILIES, *cases.VARIANTS)
     return out, json.loads((out / "result.json").read_text())
 
 
-@pytest.mark.parametrize("family", cases.FAMILIES)
+@pytest.mark.parametrize("family", cases.FAMILIES + cases.VARIANTS)
 def test_fsdp_step_matches_one_process(run, family):
     r = run[1][family]
     assert r["missing_grads"] == []
