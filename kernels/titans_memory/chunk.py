@@ -85,7 +85,8 @@ def mlp_apply(W, x, act):
 def _key_forward(W, k, v, act, act_grads):
     """MLP forward of one chunk's keys k [BH, b, Dk] at its chunk-start weights W and the
     hand-written backprop of ||M(k) - v||^2. Returns (xs: layer inputs, deltas: errors at each
-    layer's output, d1s, d2s: act' and act'' of the hidden pre-activations, Ps: delta_{l+1} W_{l+1}^T)."""
+    layer's output, d1s: act' of the hidden pre-activations, Pd2s: (delta_{l+1} W_{l+1}^T) act''(z_l),
+    the factor the backward needs for d delta_l / d z_l)."""
     L = len(W)
     xs, zs = [k], []
     for l, w in enumerate(W):
@@ -93,13 +94,14 @@ def _key_forward(W, k, v, act, act_grads):
         if l < L - 1:
             xs.append(act(zs[-1]))
     delta = 2 * (zs[-1] - v)
-    deltas, d1s, d2s, Ps = [delta], [None] * (L - 1), [None] * (L - 1), [None] * (L - 1)
+    deltas, d1s, Pd2s = [delta], [None] * (L - 1), [None] * (L - 1)
     for l in range(L - 2, -1, -1):
-        d1s[l], d2s[l] = act_grads(zs[l])
-        Ps[l] = delta @ W[l + 1].transpose(-1, -2)
-        delta = Ps[l] * d1s[l]
+        d1s[l], d2 = act_grads(zs[l])
+        P = delta @ W[l + 1].transpose(-1, -2)
+        Pd2s[l] = P * d2
+        delta = P * d1s[l]
         deltas.append(delta)
-    return xs, deltas[::-1], d1s, d2s, Ps
+    return xs, deltas[::-1], d1s, Pd2s
 
 
 def _read_forward(W, q, act):
@@ -123,17 +125,16 @@ def _chain_forward(activation, q, k, v, c_M0, c_S0_M, c_S0_S, c, W, S):
     for n in range(N):
         W_starts.append(W)
         S_starts.append(S)
-        xs, deltas, d1s, d2s, Ps = _key_forward(W, k[:, n], v[:, n], act, act_grads)
-        saved.append((xs, deltas, d1s, d2s, Ps))
+        xs, deltas, d1s, Pd2s = _key_forward(W, k[:, n], v[:, n], act, act_grads)
+        saved.append((xs, deltas, d1s, Pd2s))
         a_M, b_M, b_S = (t[:, n, None, None] for t in (c_M0, c_S0_M, c_S0_S))
         W_new, S_new = [], []
         for l in range(L):
-            d_out = deltas[l].shape[-1]
-            # One matmul for both weighted sums: a^T [c_M delta | c_S delta] -> [d_in, 2 d_out].
-            cd = (c[:, n, :, :, None] * deltas[l][:, :, None, :]).flatten(-2)
-            G = xs[l].transpose(-1, -2) @ cd
-            W_new.append(a_M * W[l] + b_M * S[l] - G[..., :d_out])
-            S_new.append(b_S * S[l] - G[..., d_out:])
+            # W' = a W + b_M S - A^T (c_M delta), S' = b_S S - A^T (c_S delta); the adds ride on the bmm.
+            At = xs[l].transpose(-1, -2)
+            W_new.append(torch.baddbmm(torch.addcmul(a_M * W[l], b_M, S[l]), At, c[:, n, :, 0, None] * deltas[l],
+                                       alpha=-1))
+            S_new.append(torch.baddbmm(b_S * S[l], At, c[:, n, :, 1, None] * deltas[l], alpha=-1))
         W, S = W_new, S_new
     # [BH, N, d_in, d_out] per layer.
     W_st = [torch.stack([w[l] for w in W_starts], 1) for l in range(L)]
@@ -161,43 +162,43 @@ def _chain_backward(activation, do, dW, dS, c_M0, c_S0_M, c_S0_S, c, W_st, S_st,
     dW_in, dS_in = [], []  # the state gradients arriving at each chunk's end, for the scalars below
     for n in range(N - 1, -1, -1):
         W = [w[:, n] for w in W_st]
-        xs, deltas, d1s, d2s, Ps = saved[n]
+        xs, deltas, d1s, Pd2s = saved[n]
         dW_in.append(dW)
         dS_in.append(dS)
         cn = c[:, n]  # [BH, b, 2]
         a_M, b_M, b_S = (t[:, n, None, None] for t in (c_M0, c_S0_M, c_S0_S))
         # Linear part: W' = a W + b_M S - G_M, S' = b_S S - G_S.
-        dW_prev = [a_M * g + r[:, n] for g, r in zip(dW, dW_read)]
-        dS_prev = [b_M * gw + b_S * gs for gw, gs in zip(dW, dS)]
+        dW_prev = [torch.addcmul(r[:, n], a_M, g) for g, r in zip(dW, dW_read)]
+        dS_prev = [torch.addcmul(b_S * gs, b_M, gw) for gw, gs in zip(dW, dS)]
         # G_M = A^T (c_M delta), G_S = A^T (c_S delta), with dG_M = -dW', dG_S = -dS'.
         d_deltas, dA = [], []
         dcn = 0
         for l in range(L):
             d_out = deltas[l].shape[-1]
-            dG = torch.cat([dW[l], dS[l]], -1)  # [BH, d_in, 2 d_out]
-            AdG = (xs[l] @ dG).unflatten(-1, (2, d_out))  # [BH, b, 2, d_out]
-            dcn = dcn - (AdG * deltas[l][:, :, None, :]).sum(-1)
-            d_deltas.append(-(cn[..., None] * AdG).sum(-2))
+            ndG = torch.cat([dW[l], dS[l]], -1).neg_()  # [BH, d_in, 2 d_out]
+            AdG = (xs[l] @ ndG).unflatten(-1, (2, d_out))  # [BH, b, 2, d_out]
+            dcn = dcn + (AdG * deltas[l][:, :, None, :]).sum(-1)
+            d_deltas.append((cn[..., None] * AdG).sum(-2))
             cd = (cn[..., None] * deltas[l][:, :, None, :]).flatten(-2)  # [BH, b, 2 d_out]
-            dA.append(-(cd @ dG.transpose(-1, -2)))
+            dA.append(cd @ ndG.transpose(-1, -2))
         d_c_g[:, n] = dcn
         # Inner backprop delta_l = (delta_{l+1} W_{l+1}^T) act'(z_l), differentiated.
         dz = [None] * L
         for l in range(L - 1):
             dP = d_deltas[l] * d1s[l]
-            d_deltas[l + 1] = d_deltas[l + 1] + dP @ W[l + 1]
-            dW_prev[l + 1] = dW_prev[l + 1] + dP.transpose(-1, -2) @ deltas[l + 1]
-            dz[l] = d_deltas[l] * Ps[l] * d2s[l]
+            d_deltas[l + 1] = torch.baddbmm(d_deltas[l + 1], dP, W[l + 1])
+            dW_prev[l + 1] = torch.baddbmm(dW_prev[l + 1], dP.transpose(-1, -2), deltas[l + 1])
+            dz[l] = d_deltas[l] * Pd2s[l]
         # delta_L = 2 (z_L - v).
         dz[L - 1] = 2 * d_deltas[L - 1]
         dv[n] = -2 * d_deltas[L - 1]
         # Key forward z_l = x_l W_l, x_{l+1} = act(z_l).
         dZ = dz[L - 1]
         for l in range(L - 1, -1, -1):
-            dW_prev[l] = dW_prev[l] + xs[l].transpose(-1, -2) @ dZ
-            dX = dZ @ W[l].transpose(-1, -2) + dA[l]
+            dW_prev[l] = torch.baddbmm(dW_prev[l], xs[l].transpose(-1, -2), dZ)
+            dX = torch.baddbmm(dA[l], dZ, W[l].transpose(-1, -2))
             if l:
-                dZ = dX * d1s[l - 1] + dz[l - 1]
+                dZ = torch.addcmul(dz[l - 1], dX, d1s[l - 1])
         dk[n] = dX
         dW, dS = dW_prev, dS_prev
     # Scalar coefficients: d a = <dW', W>, d b_M = <dW', S>, d b_S = <dS', S>, all chunks at once.

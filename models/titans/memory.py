@@ -44,7 +44,12 @@ class ShortConv(nn.Module):
         B, T, C = x.shape
         pad = cache if cache is not None else x.new_zeros(B, self.kernel - 1, C)
         xp = torch.cat([pad, x], dim=1)  # [B, K-1+T, C]
-        y = F.conv1d(xp.transpose(1, 2), self.weight, groups=C).transpose(1, 2)
+        # K shifted multiply-adds rather than F.conv1d: on CPU the depthwise conv's backward
+        # (mkldnn) cost ~4 ms per call at [2, 64, 256], the shifted form ~0.1 ms.
+        w = self.weight[:, 0]  # [C, K]
+        y = xp[:, :T] * w[:, 0]
+        for j in range(1, self.kernel):
+            y = torch.addcmul(y, xp[:, j:j + T], w[:, j])
         return y, xp[:, xp.shape[1] - (self.kernel - 1):]
 
     def init_weights(self) -> None:

@@ -184,3 +184,17 @@ def test_meta_build_then_init_and_flops():
 def test_bad_config_raises_value_error(bad, match):
     with pytest.raises(ValueError, match=match):
         build_model(make_cfg(bad.pop("variant", "mac"), **bad))
+
+
+def test_short_conv_matches_conv1d_and_streams():
+    """ShortConv's shifted multiply-adds equal a causal depthwise F.conv1d, and the cache continues a stream."""
+    conv = tmemory.ShortConv(7, 4).double()
+    conv.init_weights()
+    x = torch.randn(2, 23, 7, dtype=torch.float64)
+    y, _ = conv(x)
+    ref = torch.nn.functional.conv1d(torch.nn.functional.pad(x.transpose(1, 2), (3, 0)), conv.weight,
+                                     groups=7).transpose(1, 2)
+    assert rel_rms(y, ref) < 1e-14
+    y1, cache = conv(x[:, :10])
+    y2, _ = conv(x[:, 10:], cache)
+    assert rel_rms(torch.cat([y1, y2], 1), ref) < 1e-14
