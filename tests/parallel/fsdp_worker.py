@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fsdp_cases as cases  # noqa: E402
 
 from titanforge.models.registry import build_model  # noqa: E402
+from titanforge.parallel.data_parallel import apply_activation_checkpointing  # noqa: E402
 from titanforge.parallel.fsdp import apply_fsdp, clip_grad_norm_, no_gradient_sync  # noqa: E402
 
 
@@ -64,7 +65,8 @@ def grad_errors(model, ref, accum: int = 1) -> dict:
         grad = p.grad.full_tensor() if p.grad is not None else None
         if rank:
             continue
-        ref_grad = ref_params[name].grad
+        # Activation checkpointing inserts a wrapper into the names; the parameters are the same.
+        ref_grad = ref_params[name.replace("_checkpoint_wrapped_module.", "")].grad
         if (grad is None) != (ref_grad is None):
             missing.append(name)
         elif grad is not None and (err := cases.rel_err(grad, ref_grad)) >= worst:
@@ -199,6 +201,9 @@ def main() -> None:
                 result[f"llama_{name}"] = grad_errors(apply_fsdp(cases.build(family), mesh, **kwargs),
                                                       cases.build(family))
             result["llama_accum"] = grad_errors(apply_fsdp(cases.build(family), mesh), cases.build(family), accum=2)
+            # The trainer's order: activation checkpointing per block, then FSDP over the wrapped blocks.
+            checkpointed = apply_fsdp(apply_activation_checkpointing(cases.build(family)), mesh)
+            result["llama_checkpointing"] = grad_errors(checkpointed, cases.build(family))
             result["dcp"] = checkpoint_round_trips(out, model, opt)
             result["errors"] = input_errors()
     if rank == 0:

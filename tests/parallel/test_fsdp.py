@@ -95,7 +95,7 @@ def test_fsdp_meta_init(run, family):
 
 
 @pytest.mark.parametrize("variant,tol", [("bf16", 3e-2), ("cpu_offload", 1e-5), ("no_reshard", 1e-5),
-                                         ("accum", 1e-5)])
+                                         ("accum", 1e-5), ("checkpointing", 1e-5)])
 def test_fsdp_options(run, variant, tol):
     r = run[1][f"llama_{variant}"]
     assert r["missing_grads"] == []
