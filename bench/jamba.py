@@ -1,13 +1,18 @@
 """Jamba training-step speed on CPU: tokens/s of forward + backward against Hugging Face Jamba.
 
 Both models have the configs/jamba-tiny.yaml architecture and the same weights (HF's are mapped
-from ours by models/jamba/hf.py). HF runs its CPU path with `use_mambapy=True` (the mamba.py
+from ours by models/jamba/hf.py); `--vocab-sizes` runs it at several vocabularies (default: the
+preset's 50304, GPT-2's, and 8192, a tiny model's BPE: at width 128 the 50304-way head and its
+cross entropy are over half of either model's step, identical work in both, which is why issue 5's
+HF figure of about 1,120 tokens/s at 1k fits the smaller vocabulary). HF runs its CPU path with `use_mambapy=True` (the mamba.py
 parallel scan; without the `mambapy` package HF falls back to its per-token loop, and the JSON
 says which ran). One step = logits for a [1, T] batch, cross entropy, backward. Steps of the two
 models alternate in one process and the fastest of several repeats is kept, since these hosts are
-shared. "Linear in T" is checked by reporting seconds per 1k tokens at each T.
+shared. "Linear in T" is checked by reporting seconds per 1k tokens at each T. `breakdown` times
+each kind of component alone (forward + backward of one layer of each kind, times the number of
+such layers; head = final norm, LM head and cross entropy), again alternating the two models.
 
-    .venv/bin/python bench/jamba.py [--lengths 1024 2048 4096] [--repeats 3]
+    .venv/bin/python bench/jamba.py [--vocab-sizes 8192 50304] [--lengths 1024 2048 4096] [--repeats 3]
 writes bench/results/jamba.json.
 """
 
@@ -58,18 +63,64 @@ def step(model, tokens, hf: bool) -> float:
     return dt
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ROOT / "configs/jamba-tiny.yaml"))
-    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default=str(ROOT / "bench/results/jamba.json"))
-    args = ap.parse_args()
+def _component_fns(ours, hf, tokens):
+    """{name: (n_layers, ours_fn, hf_fn)}: each fn maps an input [1, T, C] to a scalar."""
+    def first(kind):
+        return next(i for i, sp in enumerate(ours.specs) if (sp.mixer if kind in ("mamba", "attention") else sp.ffn) == kind)
+    count = lambda kind: sum(1 for sp in ours.specs if kind in (sp.mixer, sp.ffn))  # noqa: E731
+    hl = hf.model.layers
+    out = {}
+    for kind in ("mamba", "attention"):
+        i = first(kind)
+        hf_mixer = hl[i].mamba if kind == "mamba" else hl[i].self_attn
+        ours_fn = lambda x, m=ours.layers[str(i)].mixer: m(x).square().mean()  # noqa: E731
+        if kind == "mamba":
+            hf_fn = lambda x, m=hf_mixer: m(x).square().mean()  # noqa: E731
+        else:
+            T = tokens.shape[1]
+            pos = torch.arange(T)[None]
+            mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
+            hf_fn = lambda x, m=hf_mixer: m(x, attention_mask=mask, position_ids=pos)[0].square().mean()  # noqa: E731
+        out[kind] = (count(kind), ours_fn, hf_fn)
+    for kind in ("moe", "mlp"):
+        i = first(kind)
+        out[kind] = (count(kind), lambda x, m=ours.layers[str(i)].feed_forward: m(x).square().mean(),
+                     lambda x, m=hl[i].feed_forward: m(x).square().mean())
 
+    def head(norm, weight):
+        def fn(x):
+            logits = norm(x) @ weight.t()
+            return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        return fn
+    out["head"] = (1, head(ours.norm, ours.tok_embeddings.weight if ours.output is None else ours.output.weight),
+                   head(hf.model.final_layernorm, hf.lm_head.weight))
+    return out
+
+
+def breakdown(ours, hf, tokens, repeats: int) -> dict:
+    """Seconds per step spent in each kind of component (one layer timed, times the layer count)."""
+    x = torch.randn(1, tokens.shape[1], ours.cfg.d_model) * 0.5
+
+    def timed(fn):
+        xx = x.clone().requires_grad_(True)
+        t0 = time.perf_counter()
+        fn(xx).backward()
+        return time.perf_counter() - t0
+
+    rows = {}
+    for name, (n, fo, fh) in _component_fns(ours, hf, tokens).items():
+        timed(fo), timed(fh)
+        bo = bh = float("inf")
+        for _ in range(repeats):
+            bo, bh = min(bo, timed(fo)), min(bh, timed(fh))
+        rows[name] = {"layers": n, "ours_s": round(n * bo, 4), "hf_s": round(n * bh, 4), "speedup": round(bh / bo, 2)}
+        ours.zero_grad(set_to_none=True), hf.zero_grad(set_to_none=True)
+    return rows
+
+
+def run_config(cfg, lengths, repeats, with_breakdown):
     from transformers import JambaForCausalLM
-    from transformers.utils.import_utils import is_mambapy_available
 
-    cfg = load_config(args.config).model
     torch.manual_seed(0)
     ours = build_model(cfg)
     hf_config, sd = to_hf(ours)
@@ -78,25 +129,63 @@ def main() -> None:
     hf.load_state_dict(sd)
     ours.train()
     hf.train()
-    info = machine()
-    info["hf_scan"] = "mambapy pscan" if is_mambapy_available() else "sequential loop (mambapy missing)"
     rows = []
-    for T in args.lengths:
+    for T in lengths:
         tokens = torch.randint(0, cfg.vocab_size, (1, T))
         step(ours, tokens, False), step(hf, tokens, True)  # warm-up
         best = {"ours": float("inf"), "hf": float("inf")}
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             best["ours"] = min(best["ours"], step(ours, tokens, False))
             best["hf"] = min(best["hf"], step(hf, tokens, True))
-        row = {"T": T, "ours_s": round(best["ours"], 3), "hf_s": round(best["hf"], 3),
+        row = {"vocab_size": cfg.vocab_size, "T": T, "ours_s": round(best["ours"], 3), "hf_s": round(best["hf"], 3),
                "ours_tokens_per_s": round(T / best["ours"], 1), "hf_tokens_per_s": round(T / best["hf"], 1),
                "speedup": round(best["hf"] / best["ours"], 2),
                "ours_s_per_1k_tokens": round(best["ours"] / T * 1024, 3),
                "hf_s_per_1k_tokens": round(best["hf"] / T * 1024, 3)}
+        if with_breakdown:
+            row["breakdown"] = breakdown(ours, hf, tokens, repeats)
         print(json.dumps(row), flush=True)
         rows.append(row)
+    return sum(p.numel() for p in ours.parameters()), rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(ROOT / "configs/jamba-tiny.yaml"))
+    ap.add_argument("--vocab-sizes", type=int, nargs="+", default=[8192, 50304])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-breakdown", action="store_true")
+    # One thread by default: the hosts are shared 2-core machines and the ratio is what counts.
+    ap.add_argument("--threads", type=int, default=1)
+    # glibc returns freed blocks over 32 MB (and the heap top) to the OS, so every step page-faults
+    # its activations in again; this keeps freed memory in the process, as jemalloc/tcmalloc do.
+    # It applies to both models alike and is off by default (the plain-process numbers).
+    ap.add_argument("--keep-freed-memory", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/jamba.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        # M_TRIM_THRESHOLD (-1) and M_MMAP_THRESHOLD (-3): never trim, never mmap below 1 GiB.
+        if not (libc.mallopt(-1, 2 << 30) and libc.mallopt(-3, 1 << 30)):
+            raise SystemExit("mallopt failed: --keep-freed-memory needs glibc")
+
+    from transformers.utils.import_utils import is_mambapy_available
+
+    info = machine()
+    info["keep_freed_memory"] = args.keep_freed_memory
+    info["hf_scan"] = "mambapy pscan" if is_mambapy_available() else "sequential loop (mambapy missing)"
+    rows, n_params = [], {}
+    for V in args.vocab_sizes:
+        cfg = load_config(args.config).model
+        cfg.vocab_size = V
+        n_params[V], r = run_config(cfg, args.lengths, args.repeats, not args.no_breakdown)
+        rows += r
     result = {"benchmark": "Jamba forward+backward tokens/s, batch 1, ours vs HF JambaForCausalLM (CPU)",
-              "config": Path(args.config).name, "n_params": sum(p.numel() for p in ours.parameters()),
+              "config": Path(args.config).name, "vocab_sizes": args.vocab_sizes, "n_params": n_params,
               "repeats": args.repeats, "machine": info, "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
