@@ -79,6 +79,11 @@ class Checkpointer:
         self.cfg = cfg
         self.info = info
         self._pending: tuple[int, Path, Any] | None = None
+        # Async saves run their collectives from a background thread while training issues its
+        # own on the default group; sharing one group interleaves them and deadlocks (gloo), so
+        # async saves get a group of their own (as torchtitan does).
+        self._async_group = (dist.new_group(backend="gloo") if cfg.async_save and dist.is_initialized()
+                             else None)
 
     # -- save ---------------------------------------------------------------------------------
     def save(self, step: int, model, optimizer, rank_state: dict, meta: dict, config_yaml: str) -> None:
@@ -96,7 +101,7 @@ class Checkpointer:
             (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": self.info.world_size}))
             (tmp / "config.yaml").write_text(config_yaml)
         if self.cfg.async_save and dist.is_initialized():
-            future = dcp.async_save(state, checkpoint_id=str(tmp))
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group)
             self._pending = (step, tmp, future)
         else:
             with warnings.catch_warnings():
