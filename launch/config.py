@@ -19,6 +19,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 from titanforge.data.config import DataConfig
 from titanforge.models.config import ModelConfig
 from titanforge.parallel.config import ParallelConfig
+from titanforge.parallel.tensor_parallel import check_tp
 from titanforge.trainer.config import CheckpointConfig, OptimConfig, TrainConfig, WandbConfig
 
 
@@ -131,9 +132,9 @@ def validate(job: JobConfig, world_size: int | None = None) -> None:
         errs.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                     f"train.micro_batch_size * dp = {t.micro_batch_size} * {dp}; use a multiple of {fit} "
                     f"(e.g. train.global_batch_size={max(fit, (t.global_batch_size // fit) * fit)})")
-    if job.model.n_heads % par.tp or job.model.kv_heads % par.tp:
-        errs.append(f"model.n_heads={job.model.n_heads} / n_kv_heads={job.model.kv_heads} not divisible by "
-                    f"parallel.tp={par.tp}; choose tp dividing both")
+    if par.tp > 1 and not job.model.validate():
+        # Heads, kv heads, memory heads, Mamba channels and the vocabulary must split evenly.
+        errs += check_tp(job.model, par.tp)
     if job.optim.schedule not in ("cosine", "wsd", "constant"):
         errs.append(f"optim.schedule={job.optim.schedule!r} must be cosine | wsd | constant")
     if t.dtype not in ("float32", "bfloat16"):

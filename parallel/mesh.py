@@ -41,19 +41,23 @@ class ParallelDims:
             raise LayoutError(f"dp*tp*pp*cp = {dp}*{cfg.tp}*{cfg.pp}*{cfg.cp} = {dp * model_par} != world size "
                               f"{world_size}; set parallel.dp={world_size // model_par} or parallel.dp=-1")
         dims = cls(dp=dp, tp=cfg.tp, pp=cfg.pp, cp=cfg.cp, ep=cfg.ep, world_size=world_size)
-        unsupported = [f"{k}={v}" for k, v in (("tp", dims.tp), ("pp", dims.pp), ("cp", dims.cp), ("ep", dims.ep))
-                       if v != 1]
+        unsupported = [f"{k}={v}" for k, v in (("pp", dims.pp), ("cp", dims.cp), ("ep", dims.ep)) if v != 1]
         if unsupported:
-            # Tensor, pipeline, context and expert parallelism arrive with issue 6.
+            # Pipeline, context and expert parallelism are not wired into the trainer yet (issue 6).
             raise LayoutError(f"parallel {', '.join(unsupported)} is not available in this release; "
-                              f"use data parallelism only (parallel.dp=-1, others 1)")
-        if cfg.dp_backend != "ddp":
-            raise LayoutError(f"parallel.dp_backend={cfg.dp_backend!r} is not available in this release; use ddp")
+                              f"use data and tensor parallelism (parallel.dp, parallel.tp)")
+        if cfg.dp_backend not in ("ddp", "fsdp"):
+            raise LayoutError(f"parallel.dp_backend={cfg.dp_backend!r} is not available in the trainer yet; use ddp "
+                              f"or fsdp (ZeRO via DeepSpeed exists as a library: titanforge.parallel.zero)")
+        if dims.tp > 1 and dims.dp > 1 and cfg.dp_backend != "fsdp":
+            raise LayoutError(f"tp={dims.tp} with dp={dims.dp} needs parallel.dp_backend=fsdp (DDP does not "
+                              f"compose with tensor-parallel DTensor parameters)")
         return dims
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh | None:
-    """A 1-D ("dp",) mesh over all ranks, or None in a single process without a process group."""
+    """A ("dp", "tp") mesh over all ranks (tp innermost: a TP group shares a node), or None in a
+    single process without a process group."""
     if not torch.distributed.is_initialized():
         return None
-    return init_device_mesh(device_type, (dims.dp,), mesh_dim_names=("dp",))
+    return init_device_mesh(device_type, (dims.dp, dims.tp), mesh_dim_names=("dp", "tp"))

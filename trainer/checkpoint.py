@@ -156,11 +156,15 @@ class Checkpointer:
         """Load model + optimizer in place; return (this rank's state, meta)."""
         meta = json.loads((ckpt / "meta.json").read_text())
         rank_file = ckpt / f"rank_{self.info.rank:05d}.pt"
-        if meta["world_size"] != self.info.world_size or not rank_file.exists():
-            raise CheckpointError(
-                f"{ckpt} was written by {meta['world_size']} ranks, this run has {self.info.world_size}: "
-                f"the data position cannot be mapped. Resume with --nproc {meta['world_size']}, or start "
-                f"fresh in a new output_dir (checkpoint.resume=never)")
+        same_world = meta["world_size"] == self.info.world_size and rank_file.exists()
+        if not same_world:
+            # A new layout: DCP reshards model and optimizer; the data position is global (the
+            # same on every rank), so rank 0's copy serves every new rank. RNG streams are per
+            # rank and cannot be mapped: the caller reseeds them.
+            rank_file = ckpt / "rank_00000.pt"
+            if self.info.is_main:
+                print(f"[checkpoint] {ckpt} was written by {meta['world_size']} ranks, this run has "
+                      f"{self.info.world_size}: resharding; RNG streams restart from the seed", flush=True)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
         with warnings.catch_warnings():
@@ -168,6 +172,8 @@ class Checkpointer:
             dcp.load(state, checkpoint_id=str(ckpt))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         rank_state = torch.load(rank_file, weights_only=False)
+        if not same_world:
+            rank_state.pop("rng", None)
         return rank_state, meta
 
     def close(self) -> None:

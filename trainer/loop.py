@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from titanforge.data import build_train_loader, build_val_loader, read_manifest
 from titanforge.models.registry import build_model, collect_aux_losses, collect_metrics
-from titanforge.parallel import ParallelDims, apply_activation_checkpointing, apply_compile, apply_ddp
+from titanforge.parallel import ParallelDims, build_mesh, clip_grad_norm, no_grad_sync, parallelize
+from titanforge.parallel.tp_loss import tp_cross_entropy
 from titanforge.trainer.checkpoint import Checkpointer
 from titanforge.trainer.dist import DistInfo, all_reduce, broadcast_object, init_distributed
 from titanforge.trainer.optim import build_optimizer, build_scheduler
@@ -85,7 +85,8 @@ def _lm_loss(model, raw_model, tokens: torch.Tensor, autocast) -> tuple[torch.Te
     inp, tgt = tokens[:, :-1], tokens[:, 1:]
     with autocast:
         logits = model(inp)
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+    # Plain logits -> F.cross_entropy in float32; vocab-sharded logits (TP) never gathered.
+    loss = tp_cross_entropy(logits, tgt)
     aux = collect_aux_losses(raw_model)
     total = loss + sum(aux.values()) if aux else loss
     return loss, total
@@ -110,6 +111,9 @@ def train(job, *, config_yaml: str = "", info: DistInfo | None = None) -> TrainR
     t, out = job.train, Path(job.output_dir)
     info = info or init_distributed(t.device, job.parallel.backend)
     dims = ParallelDims.from_config(job.parallel, info.world_size)
+    mesh = build_mesh(dims, info.device.type)
+    # Every tensor-parallel rank of a data-parallel group reads the same batches.
+    dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     manifest = read_manifest(job.data.path)
     _check_data(job, manifest)
     seq_len = manifest["seq_len"]
@@ -120,16 +124,12 @@ def train(job, *, config_yaml: str = "", info: DistInfo | None = None) -> TrainR
     model.to_empty(device=info.device)
     model.init_weights()
     raw_model = model
-    if t.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if t.compile:
-        apply_compile(model)
-    if info.world_size > 1:
-        model = apply_ddp(model, info.device)
+    model = parallelize(model, job.model.family, dims, mesh, job.parallel, info.device,
+                        activation_checkpointing=t.activation_checkpointing, compile=t.compile)
     optimizer = build_optimizer(model, job.optim)
     scheduler = build_scheduler(optimizer, job.optim, t.steps)
 
-    loader = build_train_loader(job.data, micro_batch_size=t.micro_batch_size, dp_rank=info.rank,
+    loader = build_train_loader(job.data, micro_batch_size=t.micro_batch_size, dp_rank=dp_rank,
                                 dp_size=dims.dp, seed=t.seed)
     ckpt = Checkpointer(out / "checkpoints", job.checkpoint, info)
     result = TrainResult(checkpoint_dir=str(out / "checkpoints"))
@@ -140,7 +140,8 @@ def train(job, *, config_yaml: str = "", info: DistInfo | None = None) -> TrainR
             rank_state, meta = ckpt.load(latest, model, optimizer)
             scheduler.load_state_dict(rank_state["scheduler"])
             loader.load_state_dict(rank_state["data"])
-            _set_rng_state(rank_state["rng"])
+            if "rng" in rank_state:
+                _set_rng_state(rank_state["rng"])
             step, skipped, run_id = meta["step"], meta.get("skipped_steps", 0), meta.get("wandb_run_id")
             result.resumed_from = str(latest)
             if info.is_main:
@@ -159,7 +160,6 @@ def train(job, *, config_yaml: str = "", info: DistInfo | None = None) -> TrainR
     flops_per_token = raw_model.flops_per_token(seq_len)
     peak = peak_flops(info.device, t.peak_tflops)
     autocast = _autocast(info.device, t.dtype)
-    params = [p for p in model.parameters() if p.requires_grad]
     clip = job.optim.grad_clip if job.optim.grad_clip > 0 else float("inf")
     watcher = PreemptionWatcher()
     data_iter = iter(loader)
@@ -177,13 +177,14 @@ def train(job, *, config_yaml: str = "", info: DistInfo | None = None) -> TrainR
             loss_sum = torch.zeros((), device=info.device)
             for micro in range(accum):
                 tokens = next(data_iter)["tokens"].to(info.device, non_blocking=True)
-                sync = micro == accum - 1 or info.world_size == 1
-                with contextlib.nullcontext() if sync else model.no_sync():
+                sync = micro == accum - 1
+                with contextlib.nullcontext() if sync else no_grad_sync(model, job.parallel.dp_backend):
                     loss, total = _lm_loss(model, raw_model, tokens, autocast)
                     (total / accum).backward()
                 loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            loss_mean = all_reduce(loss_sum / accum) / dims.dp
+            grad_norm = clip_grad_norm(model, clip)
+            # Tensor-parallel ranks hold the same loss: averaging over all ranks is the dp mean.
+            loss_mean = all_reduce(loss_sum / accum) / info.world_size
             finite = bool(torch.isfinite(loss_mean).item() and torch.isfinite(grad_norm).item())
             if finite:
                 optimizer.step()
@@ -214,7 +215,7 @@ def train(job, *, config_yaml: str = "", info: DistInfo | None = None) -> TrainR
                           flush=True)
                 break
             if t.val_every and step % t.val_every == 0:
-                val_loader = build_val_loader(job.data, micro_batch_size=t.micro_batch_size, dp_rank=info.rank,
+                val_loader = build_val_loader(job.data, micro_batch_size=t.micro_batch_size, dp_rank=dp_rank,
                                               dp_size=dims.dp)
                 val = evaluate(model, raw_model, val_loader, t.val_batches, info.device, autocast)
                 result.val_losses[step] = val

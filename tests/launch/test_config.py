@@ -70,7 +70,7 @@ def test_batch_not_divisible_by_dp_spells_out_fix():
 
 
 def test_heads_not_divisible_by_tp():
-    with pytest.raises(ConfigError, match=r"n_heads=4 .* not divisible by parallel\.tp=3"):
+    with pytest.raises(ConfigError, match=r"model\.n_heads=4 is not divisible by parallel\.tp=3; tp must divide it \(tp in \[1, 2, 4\]\)"):
         load_config(None, ["model.n_heads=4", "model.d_model=64", "parallel.tp=3", "data.path=d"])
 
 
@@ -85,8 +85,9 @@ def test_every_problem_is_listed_at_once():
 @pytest.mark.parametrize("cfg,world,pattern", [
     (ParallelConfig(dp=3), 4, r"dp\*tp\*pp\*cp = 3\*1\*1\*1 = 3 != world size 4; set parallel\.dp=4"),
     (ParallelConfig(tp=3), 4, r"world size 4 is not divisible by tp\*pp\*cp = 3"),
-    (ParallelConfig(tp=2), 2, r"parallel tp=2 is not available in this release"),
-    (ParallelConfig(dp_backend="fsdp"), 2, r"dp_backend='fsdp' is not available"),
+    (ParallelConfig(pp=2), 2, r"parallel pp=2 is not available in this release"),
+    (ParallelConfig(dp_backend="deepspeed"), 2, r"dp_backend='deepspeed' is not available in the trainer"),
+    (ParallelConfig(tp=2), 4, r"tp=2 with dp=2 needs parallel\.dp_backend=fsdp"),
 ])
 def test_impossible_layouts_rejected(cfg, world, pattern):
     with pytest.raises(LayoutError, match=pattern):
@@ -95,6 +96,7 @@ def test_impossible_layouts_rejected(cfg, world, pattern):
 
 def test_dp_minus_one_takes_the_rest():
     assert ParallelDims.from_config(ParallelConfig(), 4).dp == 4
+    assert ParallelDims.from_config(ParallelConfig(tp=2, dp_backend="fsdp"), 4).dp == 2
 
 
 @pytest.mark.parametrize("family,override,pattern", [

@@ -87,9 +87,13 @@ def test_keep_last_n(tmp_path):
     assert {".metadata", "meta.json", "config.yaml", "rank_00000.pt"} <= set(sums)
 
 
-def test_resume_with_other_world_size_names_the_fix(tmp_path):
+def test_resume_with_another_world_size_reshards_and_drops_rng(tmp_path, capsys):
     model, opt = _model_and_opt(0)
-    _save(Checkpointer(tmp_path, CheckpointConfig(), INFO), 1, model, opt)
+    ck = Checkpointer(tmp_path, CheckpointConfig(), INFO)
+    ck.save(1, model, opt, {"data": {"pos": 7}, "scheduler": {}, "rng": {"torch": 1}}, {}, "")
     two = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
-    with pytest.raises(CheckpointError, match=r"written by 1 ranks, this run has 2.*--nproc 1"):
-        Checkpointer(tmp_path, CheckpointConfig(), two).load(Path(tmp_path / "step_00000001"), model, opt)
+    other, other_opt = _model_and_opt(1)
+    rank_state, meta = Checkpointer(tmp_path, CheckpointConfig(), two).load(tmp_path / "step_00000001", other, other_opt)
+    assert rank_state["data"] == {"pos": 7} and "rng" not in rank_state and meta["world_size"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
+    assert "written by 1 ranks, this run has 2: resharding" in capsys.readouterr().out
