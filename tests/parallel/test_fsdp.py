@@ -81,11 +81,7 @@ def test_fsdp_adamw_steps_match_one_process(run, family):
     assert ref[-1] < ref[0] - 0.1
 
 
-@pytest.mark.parametrize("family", [
-    *cases.FAMILIES[:3],
-    pytest.param("jamba", marks=pytest.mark.xfail(strict=True, reason=(
-        "models/common/mamba.py init_weights copies a plain tensor into A_log, which fails on a DTensor "
-        "(fix: build the value from the parameter, e.g. torch.ones_like(A_log).cumsum(-1).log()")))])
+@pytest.mark.parametrize("family", cases.FAMILIES)
 def test_fsdp_meta_init(run, family):
     """Meta build -> apply_fsdp -> to_empty -> init_weights on the shards gives a usable model."""
     r = run[1][family]["meta_init"]
