@@ -70,3 +70,6 @@ class TrainConfig:
     # Peak FLOP/s per device for MFU, in TFLOP/s; 0 = look up the GPU (bf16 dense) or estimate
     # the CPU as cores * 2 GHz * 32 FLOP/cycle (AVX2 FMA, fp32).
     peak_tflops: float = 0.0
+    # Keep freed host memory in the process (glibc mallopt) so activations are not page-faulted
+    # in again every step; a large win for CPU training, harmless on GPU.
+    keep_freed_memory: bool = True

@@ -27,7 +27,7 @@ from titanforge.parallel.tp_loss import tp_cross_entropy
 from titanforge.trainer.checkpoint import Checkpointer
 from titanforge.trainer.dist import DistInfo, all_reduce, broadcast_object, init_distributed
 from titanforge.trainer.optim import build_optimizer, build_scheduler
-from titanforge.trainer.perf import peak_flops, peak_memory_gib
+from titanforge.trainer.perf import keep_freed_memory, peak_flops, peak_memory_gib
 from titanforge.trainer.signals import PreemptionWatcher
 from titanforge.trainer.tracking import Tracker, format_line
 
@@ -109,6 +109,8 @@ def evaluate(model, raw_model, val_loader, n_batches: int, device, autocast) -> 
 
 def train(job, *, config_yaml: str = "", info: DistInfo | None = None) -> TrainResult:
     t, out = job.train, Path(job.output_dir)
+    if t.keep_freed_memory:
+        keep_freed_memory()
     info = info or init_distributed(t.device, job.parallel.backend)
     dims = ParallelDims.from_config(job.parallel, info.world_size)
     mesh = build_mesh(dims, info.device.type)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import resource
 
@@ -29,3 +31,25 @@ def peak_memory_gib(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     # ru_maxrss is in KiB on Linux: the resident peak of this process.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory in the process instead of returning it to the OS.
+
+    By default glibc serves blocks over 32 MiB with fresh mmaps and trims the heap, so every
+    step's activations are page-faulted in again (measured here: a fresh 64 MiB buffer costs
+    ~42 ms, a reused one ~6 ms; about half of a 2 s Jamba step). Never trim (M_TRIM_THRESHOLD)
+    and serve blocks below 1 GiB from the heap (M_MMAP_THRESHOLD). Returns False where the C
+    library is not glibc. The cost: memory freed by the process stays mapped to it.
+    """
+    name = ctypes.util.find_library("c")
+    if not name or not hasattr(os, "confstr"):
+        return False
+    try:
+        if "glibc" not in os.confstr("CS_GNU_LIBC_VERSION").lower():
+            return False
+        libc = ctypes.CDLL(name)
+    except (OSError, ValueError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_TRIM_THRESHOLD, 2 << 30)) and bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30))
