@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -108,6 +109,12 @@ def peak_rss_child(name, T):
 
 
 def main():
+    # glibc raises its mmap threshold after large frees and then keeps freed activations in the
+    # heap: the two models' step peaks add up in one process (T = 4k was OOM-killed at 17 GB on a
+    # 23 GB host). A fixed threshold returns large blocks to the OS on free.
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--repeats", type=int, default=3)
@@ -161,7 +168,8 @@ def write(args, results):
     model_name = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?")
     meta = {"machine": model_name, "cores": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
-            "load_average_1m_at_write": round(__import__("os").getloadavg()[0], 2),
+            "load_average_1m_at_write": round(os.getloadavg()[0], 2),
+            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
             "titans_pytorch": __import__("importlib.metadata").metadata.version("titans-pytorch"),
             "config": dict(vocab=VOCAB, dim=DIM, depth=DEPTH, heads=HEADS, batch=B, ffn_inner=FFN, memory_depth=2,
                            memory_expansion=2, chunk_size=CHUNK, segment_len=SEGMENT, n_persistent=4),

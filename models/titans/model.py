@@ -89,15 +89,17 @@ class TitansBlock(nn.Module):
         state = mem.initial_state()
         cache_q = cache_k = cache_v = None
         ys, os = [], []
-        for s in range(0, T, seg_len):
-            seg = slice(s, s + seg_len)
-            L = q_s[:, seg].shape[1]
+        # split, not per-segment slicing: each slice's backward writes a full-length zero gradient,
+        # which made the backward quadratic in T (64 segments x 5 tensors of [B, T, C] at T = 4k).
+        segments = zip(*(t.split(seg_len, 1) for t in (q_x, gate_x, q_s, k_s, v_s)))
+        for q_xs, gate, q_seg, k_seg, v_seg in segments:
+            L = q_seg.shape[1]
             # Eq. 21: retrieve from the memory as it stands before this segment.
-            retrieved = mem.read_out(mem.retrieve(q_x[:, seg], state), None, gate_x[:, seg])
+            retrieved = mem.read_out(mem.retrieve(q_xs, state), None, gate)
             # Eq. 22-23: attention over [persistent | retrieved | segment].
             k_h, v_h = att.project_kv(retrieved, freqs[:L])
-            y = att.attend(q_s[:, seg], torch.cat([k_h, k_s[:, seg]], 1), torch.cat([v_h, v_s[:, seg]], 1),
-                           mac_mask_mod(P, L), persistent)
+            y = att.attend(q_seg, torch.cat([k_h, k_seg], 1), torch.cat([v_h, v_seg], 1), mac_mask_mod(P, L),
+                           persistent)
             # Eq. 24: update the memory with y (conv caches continue the y stream across segments).
             q_y, cache_q = mem.query(y, cache_q)
             k_y, v_y, (cache_k, cache_v) = mem.keys_values(y, (cache_k, cache_v))
