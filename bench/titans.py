@@ -18,6 +18,7 @@ Usage: python bench/titans.py [--seq 1024 2048 4096] [--repeats 3] [--skip-ref-a
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -68,7 +69,19 @@ def build_ref(T):
 BUILDERS = {"ours": build_ours, "titans_pytorch": build_ref}
 
 
+def _release_freed_memory():
+    """glibc keeps freed activations in its heap (its mmap threshold rises after large frees), so
+    the two models' step peaks add up in one process: T = 4k was OOM-killed at 17 GB on a 23 GB
+    host. malloc_trim hands the free pages back; it runs between steps, outside the timing.
+    (A fixed MALLOC_MMAP_THRESHOLD_ also works but makes every step 3-4x slower in page faults.)"""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 def timed(step, tokens):
+    _release_freed_memory()
     t0 = time.perf_counter()
     step(tokens)
     return time.perf_counter() - t0
@@ -109,12 +122,6 @@ def peak_rss_child(name, T):
 
 
 def main():
-    # glibc raises its mmap threshold after large frees and then keeps freed activations in the
-    # heap: the two models' step peaks add up in one process (T = 4k was OOM-killed at 17 GB on a
-    # 23 GB host). A fixed threshold returns large blocks to the OS on free.
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
-        os.execv(sys.executable, [sys.executable, *sys.argv])
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--repeats", type=int, default=3)
@@ -169,7 +176,7 @@ def write(args, results):
     meta = {"machine": model_name, "cores": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "load_average_1m_at_write": round(os.getloadavg()[0], 2),
-            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+            "allocator": "glibc default; malloc_trim(0) between (untimed) steps",
             "titans_pytorch": __import__("importlib.metadata").metadata.version("titans-pytorch"),
             "config": dict(vocab=VOCAB, dim=DIM, depth=DEPTH, heads=HEADS, batch=B, ffn_inner=FFN, memory_depth=2,
                            memory_expansion=2, chunk_size=CHUNK, segment_len=SEGMENT, n_persistent=4),
