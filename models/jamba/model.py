@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from titanforge.models.common import Attention, RMSNorm, SwiGLU, depth_scaled_std
+from titanforge.models.common.lm import CausalLM
 from titanforge.models.common.mamba import Mamba2Mixer, MambaMixer
 from titanforge.models.common.moe import MoE
 from titanforge.models.common.pattern import LayerSpec, parse_layer_pattern
@@ -89,38 +90,21 @@ class JambaBlock(nn.Module):
         return mix + ffn
 
 
-class Jamba(nn.Module):
+class Jamba(CausalLM):
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
         errs = cfg.jamba.moe.validate()
         if errs:
             raise ValueError("invalid model.jamba.moe: " + "; ".join(errs))
-        self.cfg = cfg
-        self.specs = parse_layer_pattern(cfg.jamba.layer_pattern, cfg.n_layers, allowed_mixers=SUPPORTED_MIXERS)
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleDict({str(i): JambaBlock(cfg, s) for i, s in enumerate(self.specs)})
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        specs = parse_layer_pattern(cfg.jamba.layer_pattern, cfg.n_layers, allowed_mixers=SUPPORTED_MIXERS)
+        super().__init__(cfg, nn.ModuleDict({str(i): JambaBlock(cfg, s) for i, s in enumerate(specs)}))
+        self.specs = specs
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V]. MoE layers leave their weighted aux losses in `aux_losses`."""
-        # Pipeline stages without the embedding receive hidden states instead of tokens.
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        h = self.embed(tokens)
         for layer in self.layers.values():
             h = layer(h)
-        if self.norm is None:
-            return h
-        h = self.norm(h)
-        weight = self.output.weight if self.output is not None else self.tok_embeddings.weight
-        return h @ weight.t()
-
-    def init_weights(self) -> None:
-        nn.init.normal_(self.tok_embeddings.weight, std=self.cfg.init_std)
-        for layer in self.layers.values():
-            layer.init_weights()
-        self.norm.init_weights()
-        if self.output is not None:
-            nn.init.trunc_normal_(self.output.weight, std=self.cfg.init_std)
+        return self.head(h)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: every layer's mixer and feed-forward (MoE: k active experts)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from titanforge.models.common import RMSNorm, SwiGLU, depth_scaled_std
+from titanforge.models.common.lm import CausalLM
 from titanforge.models.config import ModelConfig
 from titanforge.models.ttt.layer import CausalConv, TTTLayer
 
@@ -56,42 +57,25 @@ class TTTBlock(nn.Module):
         self.feed_forward.init_weights(self.out_std)
 
 
-class TTTModel(nn.Module):
+class TTTModel(CausalLM):
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
         errs = cfg.ttt.validate()
         if errs:
             raise ValueError("; ".join(errs))
-        self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleDict({str(i): TTTBlock(cfg) for i in range(cfg.n_layers)})
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        super().__init__(cfg, nn.ModuleDict({str(i): TTTBlock(cfg) for i in range(cfg.n_layers)}))
 
     def forward(self, tokens: torch.Tensor, initial_states: dict | None = None,
                 return_final_states: bool = False):
         """tokens [B, T] -> logits [B, T, V]; with return_final_states, (logits, states) where
         states[str(i)] is layer i's recurrent state, to pass as `initial_states` for the next piece.
         A piece boundary at a multiple of model.ttt.mini_batch_size reproduces one pass exactly."""
-        # Pipeline stages without the embedding receive hidden states instead of tokens.
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        h = self.embed(tokens)
         initial_states = initial_states or {}
         states = {}
         for name, layer in self.layers.items():
             h, states[name] = layer(h, initial_states.get(name))
-        if self.norm is not None:
-            h = self.norm(h)
-            weight = self.output.weight if self.output is not None else self.tok_embeddings.weight
-            h = h @ weight.t()
+        h = self.head(h)
         return (h, states) if return_final_states else h
-
-    def init_weights(self) -> None:
-        nn.init.normal_(self.tok_embeddings.weight, std=self.cfg.init_std)
-        for layer in self.layers.values():
-            layer.init_weights()
-        self.norm.init_weights()
-        if self.output is not None:
-            nn.init.trunc_normal_(self.output.weight, std=self.cfg.init_std)
 
     def flops_per_token(self, seq_len: int) -> float:
         """6N for the matmuls (fwd + bwd) plus 3x the dual-form TTT update per layer.
