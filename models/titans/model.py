@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from titanforge.models.common import RMSNorm, SwiGLU, depth_scaled_std, rope_frequencies
+from titanforge.models.common.lm import CausalLM
 from titanforge.models.config import ModelConfig
 from titanforge.models.titans.attention import PersistentAttention, mac_mask_mod, sliding_window_mask_mod
 from titanforge.models.titans.memory import NeuralMemory
@@ -116,40 +117,25 @@ class TitansBlock(nn.Module):
                 "mal": t.n_persistent + t.window, "lmm": 0}[self.variant]
 
 
-class Titans(nn.Module):
+class Titans(CausalLM):
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleDict({str(i): TitansBlock(cfg) for i in range(cfg.n_layers)})
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        super().__init__(cfg, nn.ModuleDict({str(i): TitansBlock(cfg) for i in range(cfg.n_layers)}))
         self.register_buffer("freqs", rope_frequencies(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta),
                              persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        # Pipeline stages without the embedding receive hidden states instead of tokens.
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        h = self.embed(tokens)
         for layer in self.layers.values():
             h = layer(h, self.freqs)
-        if self.norm is None:
-            return h
-        h = self.norm(h)
-        weight = self.output.weight if self.output is not None else self.tok_embeddings.weight
-        return h @ weight.t()
+        return self.head(h)
 
     def init_weights(self) -> None:
         with torch.no_grad():
             self.freqs.copy_(rope_frequencies(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta,
                                               device=self.freqs.device))
-        nn.init.normal_(self.tok_embeddings.weight, std=self.cfg.init_std)
-        for layer in self.layers.values():
-            layer.init_weights()
-        self.norm.init_weights()
-        if self.output is not None:
-            nn.init.trunc_normal_(self.output.weight, std=self.cfg.init_std)
+        super().init_weights()
 
     def flops_per_token(self, seq_len: int) -> float:
         """6N over the ordinary matmuls, plus attention scores (6 * context * C per layer, the Llama
