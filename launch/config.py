@@ -19,6 +19,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 from titanforge.data.config import DataConfig
 from titanforge.models.config import ModelConfig
 from titanforge.parallel.config import ParallelConfig
+from titanforge.parallel.mesh import LayoutError, ParallelDims
 from titanforge.parallel.tensor_parallel import check_tp
 from titanforge.trainer.config import CheckpointConfig, OptimConfig, TrainConfig, WandbConfig
 
@@ -116,17 +117,13 @@ def validate(job: JobConfig, world_size: int | None = None) -> None:
     par = job.parallel
     if par.dp != -1 and par.dp < 1:
         errs.append(f"parallel.dp={par.dp} must be >= 1 (or -1 for world_size / (tp*pp*cp))")
-    model_par = par.tp * par.pp * par.cp
-    if world_size is not None and world_size % model_par:
-        errs.append(f"world size {world_size} is not divisible by tp*pp*cp = {model_par}; "
-                    f"launch a multiple of {model_par} processes")
-    if world_size is None:
-        dp = par.dp if par.dp != -1 else 1
-    else:
-        dp = par.dp if par.dp != -1 else max(1, world_size // model_par)
-    if world_size is not None and par.dp != -1 and dp * model_par != world_size:
-        errs.append(f"parallel.dp*tp*pp*cp = {dp * model_par} != world size {world_size}; "
-                    f"set parallel.dp={world_size // model_par} or parallel.dp=-1")
+    dp = par.dp if par.dp != -1 else 1
+    if world_size is not None:
+        # The layout rules live in one place, ParallelDims; its message says what would fit.
+        try:
+            dp = ParallelDims.from_config(par, world_size).dp
+        except LayoutError as e:
+            errs.append(str(e))
     if t.global_batch_size % (t.micro_batch_size * dp):
         fit = t.micro_batch_size * dp
         errs.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
