@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from titanforge.models.common.layers import RMSNorm
+from titanforge.models.common.layers import RMSNorm, rope_frequencies
 from titanforge.models.config import ModelConfig
 
 
 class CausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, layers: nn.ModuleDict):
+    def __init__(self, cfg: ModelConfig, layers: nn.ModuleDict, *, rope: bool = False):
         super().__init__()
         self.cfg = cfg
         # Registration order embeddings, layers, norm, head: parameter order (state dicts,
@@ -27,9 +27,18 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         # Tied by default (small models): the LM head reuses the embedding matrix.
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # Rotary table for families with positional attention. Not in the state dict: it is
+        # derived from the config, and checkpoints stay small.
+        if rope:
+            self.register_buffer("freqs", rope_frequencies(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta),
+                                 persistent=False)
+        else:
+            self.freqs = None
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] -> hidden [B, T, C]; a stage without the embedding passes hidden states on."""
+        if self.freqs is not None and tokens.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         return self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -41,7 +50,12 @@ class CausalLM(nn.Module):
         return h @ weight.t()
 
     def init_weights(self) -> None:
-        """Embeddings N(0, init_std), every layer's own init, norm gains 1, untied head truncated normal."""
+        """Embeddings N(0, init_std), every layer's own init, norm gains 1, untied head truncated normal;
+        the rotary table is recomputed (after a meta-device build it holds no values)."""
+        if self.freqs is not None:
+            with torch.no_grad():
+                self.freqs.copy_(rope_frequencies(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta,
+                                                  device=self.freqs.device))
         nn.init.normal_(self.tok_embeddings.weight, std=self.cfg.init_std)
         for layer in self.layers.values():
             layer.init_weights()

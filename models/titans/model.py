@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from titanforge.models.common import RMSNorm, SwiGLU, depth_scaled_std, rope_frequencies
+from titanforge.models.common import RMSNorm, SwiGLU, depth_scaled_std
 from titanforge.models.common.lm import CausalLM
 from titanforge.models.config import ModelConfig
 from titanforge.models.titans.attention import PersistentAttention, mac_mask_mod, sliding_window_mask_mod
@@ -119,23 +119,13 @@ class TitansBlock(nn.Module):
 
 class Titans(CausalLM):
     def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg, nn.ModuleDict({str(i): TitansBlock(cfg) for i in range(cfg.n_layers)}))
-        self.register_buffer("freqs", rope_frequencies(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta),
-                             persistent=False)
+        super().__init__(cfg, nn.ModuleDict({str(i): TitansBlock(cfg) for i in range(cfg.n_layers)}), rope=True)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         h = self.embed(tokens)
         for layer in self.layers.values():
             h = layer(h, self.freqs)
         return self.head(h)
-
-    def init_weights(self) -> None:
-        with torch.no_grad():
-            self.freqs.copy_(rope_frequencies(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta,
-                                              device=self.freqs.device))
-        super().init_weights()
 
     def flops_per_token(self, seq_len: int) -> float:
         """6N over the ordinary matmuls, plus attention scores (6 * context * C per layer, the Llama
