@@ -19,7 +19,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 from titanforge.data.config import DataConfig
 from titanforge.models.config import ModelConfig
 from titanforge.parallel.config import ParallelConfig
-from titanforge.parallel.mesh import LayoutError, ParallelDims
+from titanforge.parallel.mesh import LayoutError, ParallelDims, check_model_layout
 from titanforge.parallel.tensor_parallel import check_tp
 from titanforge.trainer.config import CheckpointConfig, OptimConfig, TrainConfig, WandbConfig
 
@@ -121,7 +121,10 @@ def validate(job: JobConfig, world_size: int | None = None) -> None:
     if world_size is not None:
         # The layout rules live in one place, ParallelDims; its message says what would fit.
         try:
-            dp = ParallelDims.from_config(par, world_size).dp
+            dims = ParallelDims.from_config(par, world_size)
+            dp = dims.dp
+            if not job.model.validate():
+                errs += check_model_layout(job.model, dims, par)
         except LayoutError as e:
             errs.append(str(e))
     if t.global_batch_size % (t.micro_batch_size * dp):

@@ -11,6 +11,11 @@ class ParallelConfig:
     dp: int = -1
     tp: int = 1
     pp: int = 1
+    # Pipeline schedule: 1f1b | interleaved_1f1b | gpipe. The number of pipeline micro-batches
+    # is the step's gradient-accumulation count, train.global_batch_size / (micro_batch_size * dp).
+    pp_schedule: str = "1f1b"
+    # Model chunks (virtual stages) per pipeline rank; interleaved_1f1b needs >= 2.
+    pp_virtual_stages: int = 1
     # Context parallel (reserved for the context-parallel issue).
     cp: int = 1
     # Expert parallel; experts are spread over ep ranks taken from the dp ranks.

@@ -41,6 +41,11 @@ class ParallelDims:
             raise LayoutError(f"dp*tp*pp*cp = {dp}*{cfg.tp}*{cfg.pp}*{cfg.cp} = {dp * model_par} != world size "
                               f"{world_size}; set parallel.dp={world_size // model_par} or parallel.dp=-1")
         dims = cls(dp=dp, tp=cfg.tp, pp=cfg.pp, cp=cfg.cp, ep=cfg.ep, world_size=world_size)
+        if dp % cfg.ep:
+            # Expert parallelism borrows its ranks from data parallelism (see ParallelMesh).
+            fits = [e for e in range(1, dp + 1) if dp % e == 0]
+            raise LayoutError(f"parallel.ep={cfg.ep} must divide the data-parallel degree dp={dp} (expert "
+                              f"parallelism uses data-parallel ranks); choose ep in {fits} or raise dp")
         unsupported = [f"{k}={v}" for k, v in (("pp", dims.pp), ("cp", dims.cp), ("ep", dims.ep)) if v != 1]
         if unsupported:
             # Pipeline, context and expert parallelism are not wired into the trainer yet (issue 6).
@@ -55,9 +60,54 @@ class ParallelDims:
         return dims
 
 
-def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh | None:
-    """A ("dp", "tp") mesh over all ranks (tp innermost: a TP group shares a node), or None in a
-    single process without a process group."""
+def check_model_layout(model, dims: ParallelDims, cfg: ParallelConfig) -> list[str]:
+    """Problems of this layout for this model (a `ModelConfig`): more pipeline stages than layers,
+    experts that do not split over the ep ranks. Empty when it fits; messages say what would."""
+    errs = []
+    stages = dims.pp * cfg.pp_virtual_stages
+    if dims.pp > 1 and stages > model.n_layers:
+        errs.append(f"parallel.pp={dims.pp} x parallel.pp_virtual_stages={cfg.pp_virtual_stages} = {stages} "
+                    f"pipeline stages but the model has {model.n_layers} layers; use at most {model.n_layers} "
+                    f"stages in all")
+    if dims.ep > 1:
+        moe = getattr(getattr(model, model.family, None), "moe", None)
+        if moe is None:
+            errs.append(f"parallel.ep={dims.ep} but model.family={model.family!r} has no mixture-of-experts "
+                        f"layers; set parallel.ep=1")
+        elif moe.n_experts % dims.ep:
+            fits = [e for e in range(1, moe.n_experts + 1) if moe.n_experts % e == 0 and dims.dp % e == 0]
+            errs.append(f"parallel.ep={dims.ep} does not divide the {moe.n_experts} experts "
+                        f"(model.{model.family}.moe.n_experts); choose ep in {fits}")
+    return errs
+
+
+class ParallelMesh:
+    """The device meshes of one layout, by name: "pp", "dp_rep", "ep", "tp" and "dp".
+
+    `root` has dimensions, outermost first, ("pp", "dp_rep", "ep", "tp"): tp innermost, so a TP
+    group shares a node; pp outermost, so stages exchange only activations. The data-parallel
+    mesh "dp" is "dp_rep" x "ep" flattened: expert parallelism borrows its ranks from data
+    parallelism, so experts are sharded over "ep" and replicated over "dp_rep", while every other
+    weight is replicated (or FSDP-sharded) over all of "dp". With ep=1, "dp" holds the same ranks
+    as "dp_rep". Kept as a name -> mesh table (torchtitan's bookkeeping) because slicing a
+    flattened dimension out of the root mesh is deprecated.
+    """
+
+    def __init__(self, root: DeviceMesh):
+        self.root = root
+        self._meshes = {name: root[name] for name in root.mesh_dim_names}
+        self._meshes["dp"] = root["dp_rep", "ep"]._flatten("dp")
+
+    def __getitem__(self, name: str) -> DeviceMesh:
+        if name not in self._meshes:
+            raise KeyError(f"no mesh dimension {name!r}; the layout has {sorted(self._meshes)}")
+        return self._meshes[name]
+
+
+def build_mesh(dims: ParallelDims, device_type: str) -> ParallelMesh | None:
+    """The layout's meshes over all ranks, or None in a single process without a process group."""
     if not torch.distributed.is_initialized():
         return None
-    return init_device_mesh(device_type, (dims.dp, dims.tp), mesh_dim_names=("dp", "tp"))
+    root = init_device_mesh(device_type, (dims.pp, dims.dp // dims.ep, dims.ep, dims.tp),
+                            mesh_dim_names=("pp", "dp_rep", "ep", "tp"))
+    return ParallelMesh(root)

@@ -9,7 +9,6 @@ A step whose loss or gradient is not finite is skipped (no optimizer update) and
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import random
@@ -21,14 +20,14 @@ import numpy as np
 import torch
 
 from titanforge.data import build_train_loader, build_val_loader, read_manifest
-from titanforge.models.registry import build_model, collect_aux_losses, collect_metrics
-from titanforge.parallel import ParallelDims, build_mesh, clip_grad_norm, no_grad_sync, parallelize
-from titanforge.parallel.tp_loss import tp_cross_entropy
+from titanforge.models.registry import build_model
+from titanforge.parallel import ParallelDims, build_mesh
 from titanforge.trainer.checkpoint import Checkpointer
 from titanforge.trainer.dist import DistInfo, all_reduce, broadcast_object, init_distributed
-from titanforge.trainer.optim import build_optimizer, build_scheduler
+from titanforge.trainer.optim import build_scheduler
 from titanforge.trainer.perf import keep_freed_memory, peak_flops, peak_memory_gib
 from titanforge.trainer.signals import PreemptionWatcher
+from titanforge.trainer.step import build_train_step
 from titanforge.trainer.tracking import Tracker, format_line
 
 
@@ -73,36 +72,17 @@ def _check_data(job, manifest: dict) -> None:
                          f"{m.max_seq_len}; raise model.max_seq_len or prepare with a shorter --seq-len")
 
 
-def _autocast(device: torch.device, dtype: str):
-    if dtype == "bfloat16":
-        ok = device.type == "cpu" or torch.cuda.is_bf16_supported()
-        if ok:
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _lm_loss(model, raw_model, tokens: torch.Tensor, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    inp, tgt = tokens[:, :-1], tokens[:, 1:]
-    with autocast:
-        logits = model(inp)
-    # Plain logits -> F.cross_entropy in float32; vocab-sharded logits (TP) never gathered.
-    loss = tp_cross_entropy(logits, tgt)
-    aux = collect_aux_losses(raw_model)
-    total = loss + sum(aux.values()) if aux else loss
-    return loss, total
-
-
 @torch.no_grad()
-def evaluate(model, raw_model, val_loader, n_batches: int, device, autocast) -> float:
-    model.eval()
+def evaluate(step_fn, val_loader, n_batches: int, device) -> float:
+    step_fn.train(False)
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for i, batch in enumerate(val_loader):
         if i >= n_batches:
             break
-        loss, _ = _lm_loss(model, raw_model, batch["tokens"].to(device), autocast)
-        total += loss.double()
-        count += 1
-    model.train()
+        loss, n = step_fn.val_loss(batch["tokens"].to(device))
+        total += loss
+        count += n
+    step_fn.train(True)
     stats = all_reduce(torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)]))
     return (stats[0] / stats[1].clamp(min=1)).item()
 
@@ -114,21 +94,14 @@ def train(job, *, config_yaml: str = "", info: DistInfo | None = None) -> TrainR
     info = info or init_distributed(t.device, job.parallel.backend)
     dims = ParallelDims.from_config(job.parallel, info.world_size)
     mesh = build_mesh(dims, info.device.type)
-    # Every tensor-parallel rank of a data-parallel group reads the same batches.
+    # Every tensor-parallel (and pipeline) rank of a data-parallel group reads the same batches.
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     manifest = read_manifest(job.data.path)
     _check_data(job, manifest)
     seq_len = manifest["seq_len"]
 
-    # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
-    torch.manual_seed(t.seed)
-    model = build_model(job.model, device="meta")
-    model.to_empty(device=info.device)
-    model.init_weights()
-    raw_model = model
-    model = parallelize(model, job.model.family, dims, mesh, job.parallel, info.device,
-                        activation_checkpointing=t.activation_checkpointing, compile=t.compile)
-    optimizer = build_optimizer(model, job.optim)
+    step_fn = build_train_step(job, dims, mesh, info)
+    model, optimizer = step_fn.model, step_fn.optimizer
     scheduler = build_scheduler(optimizer, job.optim, t.steps)
 
     loader = build_train_loader(job.data, micro_batch_size=t.micro_batch_size, dp_rank=dp_rank,
@@ -159,9 +132,9 @@ def train(job, *, config_yaml: str = "", info: DistInfo | None = None) -> TrainR
 
     accum = t.global_batch_size // (t.micro_batch_size * dims.dp)
     tokens_per_step = t.global_batch_size * seq_len
-    flops_per_token = raw_model.flops_per_token(seq_len)
+    # From the whole model (built on meta: no memory), whatever part of it this rank holds.
+    flops_per_token = build_model(job.model, device="meta").flops_per_token(seq_len)
     peak = peak_flops(info.device, t.peak_tflops)
-    autocast = _autocast(info.device, t.dtype)
     clip = job.optim.grad_clip if job.optim.grad_clip > 0 else float("inf")
     watcher = PreemptionWatcher()
     data_iter = iter(loader)
@@ -176,17 +149,9 @@ def train(job, *, config_yaml: str = "", info: DistInfo | None = None) -> TrainR
     try:
         while step < t.steps:
             t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=info.device)
-            for micro in range(accum):
-                tokens = next(data_iter)["tokens"].to(info.device, non_blocking=True)
-                sync = micro == accum - 1
-                with contextlib.nullcontext() if sync else no_grad_sync(model, job.parallel.dp_backend):
-                    loss, total = _lm_loss(model, raw_model, tokens, autocast)
-                    (total / accum).backward()
-                loss_sum += loss.detach()
-            grad_norm = clip_grad_norm(model, clip)
-            # Tensor-parallel ranks hold the same loss: averaging over all ranks is the dp mean.
-            loss_mean = all_reduce(loss_sum / accum) / info.world_size
+            batches = [next(data_iter)["tokens"].to(info.device, non_blocking=True) for _ in range(accum)]
+            loss_mean = step_fn.forward_backward(batches)
+            grad_norm = step_fn.clip_grad_norm(clip)
             finite = bool(torch.isfinite(loss_mean).item() and torch.isfinite(grad_norm).item())
             if finite:
                 optimizer.step()
@@ -203,7 +168,7 @@ def train(job, *, config_yaml: str = "", info: DistInfo | None = None) -> TrainR
             metrics = {"loss": loss_mean.item(), "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tok_s,
                        "mfu": tok_s / info.world_size * flops_per_token / peak,
                        "peak_mem_gib": peak_memory_gib(info.device), "skipped": not finite,
-                       "skipped_total": skipped, **collect_metrics(raw_model)}
+                       "skipped_total": skipped, **step_fn.metrics()}
             result.losses[step] = metrics["loss"]
             result.last_step = step
             if info.is_main and (step % t.log_every == 0 or not finite):
@@ -219,7 +184,7 @@ def train(job, *, config_yaml: str = "", info: DistInfo | None = None) -> TrainR
             if t.val_every and step % t.val_every == 0:
                 val_loader = build_val_loader(job.data, micro_batch_size=t.micro_batch_size, dp_rank=dp_rank,
                                               dp_size=dims.dp)
-                val = evaluate(model, raw_model, val_loader, t.val_batches, info.device, autocast)
+                val = evaluate(step_fn, val_loader, t.val_batches, info.device)
                 result.val_losses[step] = val
                 tracker.log(step, {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
                 if info.is_main:

@@ -1,0 +1,100 @@
+"""How one layout builds its model and runs a step: the seam between the loop and the layouts.
+
+`build_train_step(job, dims, mesh, info)` returns an object with
+
+- `model`, `optimizer`: what checkpoints save and load (DCP state dicts by parameter name);
+  `raw_model`: the plain model whose modules hold auxiliary losses and metrics;
+- `forward_backward(batches) -> Tensor`: forward and backward of one optimizer step's
+  micro-batches (each [micro_batch, seq_len + 1] tokens), gradients reduced as the layout needs;
+  returns the global mean training loss (the same value on every rank);
+- `clip_grad_norm(max_norm) -> Tensor`: the global gradient norm, clipping when finite;
+- `val_loss(tokens) -> Tensor`: forward-only loss sum and count for validation, reduced by the caller;
+- `metrics() -> dict`: per-module metrics of the last forward (expert load, aux losses).
+
+`TrainStep` is the plain layout: one model replica per rank, tensor parallel inside, DDP or FSDP2
+across data-parallel ranks, micro-batches accumulated with the gradient reduction only on the last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from titanforge.models.registry import build_model, collect_aux_losses, collect_metrics
+from titanforge.parallel import clip_grad_norm, no_grad_sync, parallelize
+from titanforge.parallel.tp_loss import tp_cross_entropy
+from titanforge.trainer.dist import all_reduce
+from titanforge.trainer.optim import build_optimizer
+
+
+def autocast_for(device: torch.device, dtype: str):
+    if dtype == "bfloat16":
+        ok = device.type == "cpu" or torch.cuda.is_bf16_supported()
+        if ok:
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_plain_model(job, device: torch.device) -> torch.nn.Module:
+    """The full model with its initial weights; the same seed on every rank gives the same weights."""
+    torch.manual_seed(job.train.seed)
+    model = build_model(job.model, device="meta")
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+def lm_loss(model, raw_model, tokens: torch.Tensor, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, cross-entropy + auxiliary losses) of next-token prediction on `tokens`."""
+    inp, tgt = tokens[:, :-1], tokens[:, 1:]
+    with autocast:
+        logits = model(inp)
+    # Plain logits -> F.cross_entropy in float32; vocab-sharded logits (TP) never gathered.
+    loss = tp_cross_entropy(logits, tgt)
+    aux = collect_aux_losses(raw_model)
+    total = loss + sum(aux.values()) if aux else loss
+    return loss, total
+
+
+class TrainStep:
+    def __init__(self, job, dims, mesh, info):
+        self.job, self.dims, self.info = job, dims, info
+        self.autocast = autocast_for(info.device, job.train.dtype)
+        self.raw_model = build_plain_model(job, info.device)
+        self.model = parallelize(self.raw_model, job.model.family, dims, mesh, job.parallel, info.device,
+                                 activation_checkpointing=job.train.activation_checkpointing,
+                                 compile=job.train.compile)
+        self.optimizer = build_optimizer(self.model, job.optim)
+
+    def forward_backward(self, batches: list[torch.Tensor]) -> torch.Tensor:
+        loss_sum = torch.zeros((), device=self.info.device)
+        n = len(batches)
+        for i, tokens in enumerate(batches):
+            sync = i == n - 1
+            with contextlib.nullcontext() if sync else no_grad_sync(self.model, self.job.parallel.dp_backend):
+                loss, total = lm_loss(self.model, self.raw_model, tokens, self.autocast)
+                (total / n).backward()
+            loss_sum += loss.detach()
+        # Tensor-parallel ranks hold the same loss: averaging over all ranks is the dp mean.
+        return all_reduce(loss_sum / n) / self.info.world_size
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm(self.model, max_norm)
+
+    @torch.no_grad()
+    def val_loss(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(loss sum, count) over this rank's share; tensor-parallel replicas count once."""
+        loss, _ = lm_loss(self.model, self.raw_model, tokens, self.autocast)
+        return loss.double(), 1
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def metrics(self) -> dict:
+        return collect_metrics(self.raw_model)
+
+
+def build_train_step(job, dims, mesh, info):
+    """The step object for this layout (see the module docstring)."""
+    return TrainStep(job, dims, mesh, info)
