@@ -97,4 +97,12 @@ class TrainStep:
 
 def build_train_step(job, dims, mesh, info):
     """The step object for this layout (see the module docstring)."""
+    if job.parallel.dp_backend == "deepspeed":
+        from titanforge.trainer.deepspeed_step import DeepSpeedTrainStep
+
+        return DeepSpeedTrainStep(job, dims, mesh, info)
+    if dims.pp > 1:
+        from titanforge.trainer.pipeline_step import PipelineTrainStep
+
+        return PipelineTrainStep(job, dims, mesh, info)
     return TrainStep(job, dims, mesh, info)
