@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -68,6 +69,10 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, param_dtype: torch.dtyp
         raise ValueError("apply_fsdp: the model is already sharded with FSDP; apply it once, last")
     _check_dtype("param_dtype", param_dtype)
     _check_dtype("reduce_dtype", reduce_dtype)
+    widest = max((p.dtype.itemsize for p in model.parameters() if p.is_floating_point()), default=4)
+    if param_dtype is None and reduce_dtype is not None and reduce_dtype.itemsize < widest:
+        # Never reduce gradients in a narrower dtype than the parameters compute in (float64 runs).
+        reduce_dtype = None
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     # Pinned host memory needs an accelerator; on a CPU-only machine pinning raises.
     pin = torch.accelerator.is_available()
@@ -77,10 +82,24 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, param_dtype: torch.dtyp
         # Prefetching in backward starts from the last block, which forward has just used.
         reshard = reshard_after_forward and i < len(blocks) - 1
         fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy, offload_policy=offload_policy,
-                    reshard_after_forward=reshard)
+                    reshard_after_forward=reshard, shard_placement_fn=_shard_placement)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, offload_policy=offload_policy,
-                reshard_after_forward=reshard_after_forward)
+                reshard_after_forward=reshard_after_forward, shard_placement_fn=_shard_placement)
     return model
+
+
+def _shard_placement(param: nn.Parameter) -> Shard | None:
+    """FSDP's shard dim: dim 0 (None), except for a tensor-parallel `_StridedShard` on dim 0.
+
+    Mamba's in_proj rows are [x | z] and tensor parallelism gives each rank a block of both halves
+    (`_StridedShard(0, split_factor=2)`). FSDP's own dim-0 sharding of such a parameter would nest
+    a second strided split in the same dim, which DTensor does not redistribute correctly (the
+    gradient came back permuted); sharding those on dim 1 keeps the two splits independent.
+    """
+    if isinstance(param, DTensor) and param.ndim > 1 and any(
+            isinstance(p, _StridedShard) and p.dim == 0 for p in param.placements):
+        return Shard(1)
+    return None
 
 
 @contextlib.contextmanager

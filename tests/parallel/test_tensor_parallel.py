@@ -1,8 +1,11 @@
-"""Tensor + sequence parallelism against one process, with real 2-rank gloo processes.
+"""Tensor + sequence parallelism, alone and under FSDP2, against one process, with real gloo processes.
 
-One torchrun launch (tp_worker.py) runs every family's case in float64: the TP=2 loss equals the
-single-process loss to 1e-10 (relative), every parameter's gradient to 1e-9 (max abs error over
-max abs value), and 3 AdamW steps' losses to 1e-9; Titans and TTT hold half the memory heads per
+Two torchrun launches (tp_worker.py) run every family's case in float64: TP=2 on 2 ranks, and
+dp=2 x tp=2 on 4 ranks through the trainer's `parallelize` (TP+SP inside, FSDP2 over dp, each dp
+rank taking half the global batch). In both the loss equals the single-process loss to 1e-10
+(relative), every parameter's gradient to 1e-9 (max abs error over max abs value), and 5 AdamW
+steps' losses to 1e-9. float64 leaves only summation-order differences (~1e-15); the margin
+covers their growth through AdamW's normalisation. Titans and TTT hold half the memory heads per
 rank. `check_tp` is tested in-process.
 """
 
@@ -26,15 +29,26 @@ CASES = ["llama", "llama_untied_nosp", "titans_mac", "titans_mag", "titans_mal",
 LOSS_TOL, GRAD_TOL = 1e-10, 1e-9
 
 
+def _launch(tmp_path_factory, nproc: int) -> list[dict]:
+    out = tmp_path_factory.mktemp(f"tp{nproc}")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(nproc), str(WORKER), str(out), *CASES], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tp")
-    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(WORKER), str(out), *CASES], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    """tp=2 on 2 ranks."""
+    return _launch(tmp_path_factory, 2)
+
+
+@pytest.fixture(scope="module")
+def results_2d(tmp_path_factory):
+    """dp=2 (FSDP2) x tp=2 on 4 ranks."""
+    return _launch(tmp_path_factory, 4)
 
 
 def _case(results, name):
@@ -43,15 +57,26 @@ def _case(results, name):
     return results
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_tp_matches_single_process(results, name):
+def _check_matches(results, name):
     for res in (r[name] for r in _case(results, name)):
-        assert res["plain_params"] == [], f"parameters left outside the tp mesh: {res['plain_params']}"
+        assert res["plain_params"] == [], f"parameters left outside the mesh: {res['plain_params']}"
         assert abs(res["loss"] - res["ref_loss"]) <= LOSS_TOL * abs(res["ref_loss"])
         bad = {k: v for k, v in res["grad_rel"].items() if v == "missing" or v > GRAD_TOL}
         assert not bad, f"gradients differ from one process: {bad}"
+        assert len(res["losses"]) == 5
         for lo, ref in zip(res["losses"], res["ref_losses"], strict=True):
             assert abs(lo - ref) <= GRAD_TOL * abs(ref), (res["losses"], res["ref_losses"])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_tp_matches_single_process(results, name):
+    _check_matches(results, name)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_dp_x_tp_matches_single_process(results_2d, name):
+    """Includes Mamba's in_proj (_StridedShard over tp), which FSDP must shard on another dim."""
+    _check_matches(results_2d, name)
 
 
 @pytest.mark.parametrize("name", [c for c in CASES if c.startswith(("titans", "ttt"))])

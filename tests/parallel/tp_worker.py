@@ -1,10 +1,14 @@
-"""Worker for test_tensor_parallel.py, run as `torchrun --nproc-per-node 2 tp_worker.py OUT_DIR [case ...]`.
+"""Worker for test_tensor_parallel.py, run as `torchrun --nproc-per-node N tp_worker.py OUT_DIR [case ...]`.
 
-Every case builds one float64 model per rank with the same seed, keeps a single-process copy and
-shards the other with `apply_tensor_parallel` on a 2-rank "tp" mesh, then compares the loss,
-every parameter's gradient (DTensor grads gathered with full_tensor) and the losses of a few
-AdamW steps. Each rank writes its results to OUT_DIR/rank<r>.json; the test asserts on them, so
-one launch (about 6 s of start-up on CPU) covers every family.
+Every case builds one float64 model per rank with the same seed and keeps a single-process copy.
+With 2 ranks the other copy is sharded with `apply_tensor_parallel` on a 2-rank "tp" mesh; with 4
+ranks it goes through the trainer's own `parallelize` on a dp=2 x tp=2 layout (tensor + sequence
+parallel inside, FSDP2 over dp), each dp rank taking its half of the global batch. The test
+compares the loss, every parameter's gradient (DTensor grads gathered with full_tensor) and the
+losses of STEPS AdamW steps. The single-process reference takes the same global batch as dp
+micro-batches and averages their losses, as the trainer's gradient accumulation does (the MoE
+load-balancing loss is per micro-batch, so this is the comparable quantity). Each rank writes its
+results to OUT_DIR/rank<r>.json; the test asserts on them, so one launch covers every family.
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ from torch.distributed.tensor import DTensor
 
 from titanforge.models.config import ModelConfig
 from titanforge.models.registry import build_model, collect_aux_losses
+from titanforge.parallel import ParallelDims, build_mesh, parallelize
+from titanforge.parallel.config import ParallelConfig
 from titanforge.parallel.tensor_parallel import apply_tensor_parallel, tp_cross_entropy
 from titanforge.parallel.tp_loss import vocab_parallel_cross_entropy
 
-STEPS = 3
+STEPS = 5
 T = 32
+MICRO = 2  # sequences per data-parallel rank
 
 
 def tiny(family: str, **kw) -> ModelConfig:
@@ -90,21 +97,44 @@ def local_heads(model, cfg) -> dict:
     return out
 
 
-def run_case(name: str, mesh) -> dict:
+def _mean_loss(model, tokens, dp: int, mesh=None):
+    """Mean of the dp micro-batches' losses (one process) or this rank's micro-batch loss."""
+    if mesh is None:
+        return sum(loss_of(model, chunk) for chunk in tokens.chunk(dp)) / dp
+    return loss_of(model, tokens, mesh)
+
+
+def _global(loss: torch.Tensor, dp_group) -> float:
+    """The global mean loss from each data-parallel rank's micro-batch loss."""
+    t = loss.detach().clone()
+    if dp_group is not None:
+        dist.all_reduce(t, group=dp_group)
+        t /= dist.get_world_size(dp_group)
+    return float(t)
+
+
+def run_case(name: str, layout) -> dict:
     cfg = CASES[name]()
     sp = name not in NO_SP
     torch.manual_seed(0)
     ref = build_model(cfg).double()
-    model = apply_tensor_parallel(copy.deepcopy(ref), mesh, cfg.family, sequence_parallel=sp, loss_parallel=sp)
+    tp_mesh, dp, dp_rank, dp_group = layout["tp"], layout["dp"], layout["dp_rank"], layout["dp_group"]
+    if dp == 1:
+        model = apply_tensor_parallel(copy.deepcopy(ref), tp_mesh, cfg.family, sequence_parallel=sp,
+                                      loss_parallel=sp)
+    else:
+        model = parallelize(copy.deepcopy(ref), cfg.family, layout["dims"], layout["mesh"], layout["cfg"],
+                            torch.device("cpu"))
     g = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, cfg.vocab_size, (2, T + 1), generator=g) for _ in range(STEPS + 1)]
+    batches = [torch.randint(0, cfg.vocab_size, (MICRO * dp, T + 1), generator=g) for _ in range(STEPS + 1)]
+    local = [b.chunk(dp)[dp_rank] for b in batches]
     res = {"plain_params": [n for n, p in model.named_parameters() if not isinstance(p, DTensor)],
-           "heads": local_heads(model, cfg), "n_heads": cfg.n_heads}
-    ref_loss = loss_of(ref, batches[0])
-    loss = loss_of(model, batches[0], mesh)
+           "heads": local_heads(model, cfg) if dp == 1 else {}, "n_heads": cfg.n_heads}
+    ref_loss = _mean_loss(ref, batches[0], dp)
+    loss = _mean_loss(model, local[0], dp, tp_mesh)
     ref_loss.backward()
     loss.backward()
-    res["loss"], res["ref_loss"] = float(loss), float(ref_loss)
+    res["loss"], res["ref_loss"] = _global(loss, dp_group), float(ref_loss)
     tp_params = dict(model.named_parameters())
     grads = {}
     for pname, p in ref.named_parameters():
@@ -120,13 +150,16 @@ def run_case(name: str, mesh) -> dict:
     opt_ref.step()
     opt.step()
     res["losses"], res["ref_losses"] = [], []
-    for tokens in batches[1:]:
-        for o, m, mesh_ in ((opt_ref, ref, None), (opt, model, mesh)):
+    for tokens, mine in zip(batches[1:], local[1:]):
+        for o, m, mesh_ in ((opt_ref, ref, None), (opt, model, tp_mesh)):
             o.zero_grad()
-            lo = loss_of(m, tokens, mesh_)
+            lo = _mean_loss(m, tokens if mesh_ is None else mine, dp, mesh_)
             lo.backward()
             o.step()
-            (res["ref_losses"] if mesh_ is None else res["losses"]).append(float(lo))
+            if mesh_ is None:
+                res["ref_losses"].append(float(lo))
+            else:
+                res["losses"].append(_global(lo, dp_group))
     return res
 
 
@@ -151,11 +184,25 @@ def main() -> None:
     out_dir, names = sys.argv[1], sys.argv[2:] or list(CASES)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
+    world = dist.get_world_size()
+    if world == 2:
+        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+        layout = {"tp": mesh, "dp": 1, "dp_rank": 0, "dp_group": None}
+        extra = ["vocab_ce"]
+    elif world == 4:
+        cfg = ParallelConfig(tp=2, dp_backend="fsdp")
+        dims = ParallelDims.from_config(cfg, world)
+        pmesh = build_mesh(dims, "cpu")
+        mesh = pmesh["tp"]
+        layout = {"tp": mesh, "dp": dims.dp, "dp_rank": pmesh["dp"].get_local_rank(),
+                  "dp_group": pmesh["dp"].get_group(), "dims": dims, "mesh": pmesh, "cfg": cfg}
+        extra = []
+    else:
+        raise SystemExit(f"tp_worker.py runs on 2 ranks (tp=2) or 4 ranks (dp=2 x tp=2), not {world}")
     results = {}
-    for name in names + ["vocab_ce"]:
+    for name in names + extra:
         try:
-            results[name] = vocab_ce_case(mesh) if name == "vocab_ce" else run_case(name, mesh)
+            results[name] = vocab_ce_case(mesh) if name == "vocab_ce" else run_case(name, layout)
         except Exception:  # recorded per case so one failure does not hide the others
             results[name] = {"error": traceback.format_exc()}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
