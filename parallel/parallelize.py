@@ -1,5 +1,7 @@
 """Apply the configured parallelism to a plain model, in the fixed order of STYLE.md section 3:
-tensor/sequence parallel -> activation checkpointing -> compile -> data parallel (DDP or FSDP2).
+tensor/sequence parallel -> expert parallel -> activation checkpointing -> compile -> data parallel
+(DDP or FSDP2; with expert parallelism the experts are reduced over "dp_rep" only, see
+parallel/expert_parallel.py).
 
 The model must already hold its initial weights, identical on every rank (same seed): tensor
 parallelism scatters them from tp rank 0's copy and DDP broadcasts rank 0's.
@@ -24,6 +26,10 @@ def parallelize(model: nn.Module, family: str, dims: ParallelDims, mesh: DeviceM
         from titanforge.parallel.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model, mesh["tp"], family, sequence_parallel=True, loss_parallel=True)
+    if dims.ep > 1:
+        from titanforge.parallel.expert_parallel import apply_expert_parallel
+
+        apply_expert_parallel(model, mesh["ep"])
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
@@ -32,8 +38,19 @@ def parallelize(model: nn.Module, family: str, dims: ParallelDims, mesh: DeviceM
         if cfg.dp_backend == "fsdp":
             from titanforge.parallel.fsdp import apply_fsdp
 
+            if dims.ep > 1:
+                from torch.distributed.fsdp import MixedPrecisionPolicy
+
+                from titanforge.parallel.expert_parallel import shard_experts_fsdp
+
+                # The same reduce dtype as apply_fsdp's default for the rest of the model.
+                shard_experts_fsdp(model, mesh["dp_rep"], mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
             model = apply_fsdp(model, mesh["dp"])
         else:
+            if dims.ep > 1:
+                from titanforge.parallel.expert_parallel import ignore_experts_in_ddp
+
+                ignore_experts_in_ddp(model, mesh["dp_rep"])
             model = apply_ddp(model, device)
     return model
 
@@ -49,8 +66,21 @@ def no_grad_sync(model: nn.Module, backend: str):
     return contextlib.nullcontext()
 
 
+def finish_grad_reduction(model: nn.Module) -> None:
+    """After the last micro-batch's backward: reductions DDP/FSDP2 do not do themselves (the
+    experts' gradients over "dp_rep" under DDP with expert parallelism); a no-op otherwise."""
+    from titanforge.parallel.expert_parallel import expert_modules, reduce_expert_grads
+
+    if expert_modules(model):
+        reduce_expert_grads(model)
+
+
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Global gradient norm over every shard, as a plain tensor; clips when max_norm is finite."""
+    from titanforge.parallel import expert_parallel
     from titanforge.parallel.fsdp import clip_grad_norm_
 
+    if expert_parallel.expert_modules(model):
+        # Expert gradients live on the ep mesh, the others elsewhere: one norm per mesh.
+        return expert_parallel.clip_grad_norm_(model, max_norm)
     return clip_grad_norm_(model, max_norm)

@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from titanforge.trainer.config import OptimConfig
 
@@ -20,8 +21,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    # foreach kernels cannot mix DTensor and plain parameters (DDP with expert parallelism: the
+    # experts are DTensors on the ep mesh, the rest plain); such a model steps per parameter.
+    kinds = {isinstance(p, DTensor) for p in model.parameters()}
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=len(kinds) < 2)
 
 
 def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:

@@ -22,7 +22,7 @@ import contextlib
 import torch
 
 from titanforge.models.registry import build_model, collect_aux_losses, collect_metrics
-from titanforge.parallel import clip_grad_norm, no_grad_sync, parallelize
+from titanforge.parallel import clip_grad_norm, finish_grad_reduction, no_grad_sync, parallelize
 from titanforge.parallel.tp_loss import tp_cross_entropy
 from titanforge.trainer.dist import all_reduce
 from titanforge.trainer.optim import build_optimizer
@@ -76,6 +76,7 @@ class TrainStep:
                 loss, total = lm_loss(self.model, self.raw_model, tokens, self.autocast)
                 (total / n).backward()
             loss_sum += loss.detach()
+        finish_grad_reduction(self.model)
         # Tensor-parallel ranks hold the same loss: averaging over all ranks is the dp mean.
         return all_reduce(loss_sum / n) / self.info.world_size
 
