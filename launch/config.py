@@ -20,6 +20,7 @@ from titanforge.data.config import DataConfig
 from titanforge.models.config import ModelConfig
 from titanforge.parallel.config import ParallelConfig
 from titanforge.parallel.mesh import LayoutError, ParallelDims, check_model_layout
+from titanforge.parallel.pipeline import check_pipeline_microbatches
 from titanforge.parallel.tensor_parallel import check_tp
 from titanforge.trainer.config import CheckpointConfig, OptimConfig, TrainConfig, WandbConfig
 
@@ -132,6 +133,9 @@ def validate(job: JobConfig, world_size: int | None = None) -> None:
         errs.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                     f"train.micro_batch_size * dp = {t.micro_batch_size} * {dp}; use a multiple of {fit} "
                     f"(e.g. train.global_batch_size={max(fit, (t.global_batch_size // fit) * fit)})")
+    elif par.pp > 1 and world_size is not None:
+        # The pipeline's micro-batches are the step's accumulation micro-batches.
+        errs += check_pipeline_microbatches(par, t.global_batch_size // (t.micro_batch_size * dp))
     if par.tp > 1 and not job.model.validate():
         # Heads, kv heads, memory heads, Mamba channels and the vocabulary must split evenly.
         errs += check_tp(job.model, par.tp)

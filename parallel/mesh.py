@@ -53,9 +53,15 @@ class ParallelDims:
                 raise LayoutError(f"parallel.ep={dims.ep} with {', '.join(others)} is not available: expert "
                                   f"parallelism runs with data parallelism only (ep x tp/pp/cp is not implemented); "
                                   f"set {', '.join(o.split('=')[0] + '=1' for o in others)} or parallel.ep=1")
-        unsupported = [f"{k}={v}" for k, v in (("pp", dims.pp), ("cp", dims.cp)) if v != 1]
+        if dims.pp > 1:
+            from titanforge.parallel.pipeline import check_pipeline_config
+
+            errs = check_pipeline_config(cfg)
+            if errs:
+                raise LayoutError(errs[0])
+        unsupported = [f"{k}={v}" for k, v in (("cp", dims.cp),) if v != 1]
         if unsupported:
-            # Pipeline and context parallelism are not wired into the trainer yet (issue 6).
+            # Context parallelism is not wired into the trainer yet (issue 6).
             raise LayoutError(f"parallel {', '.join(unsupported)} is not available in this release; "
                               f"use data and tensor parallelism (parallel.dp, parallel.tp)")
         if cfg.dp_backend not in ("ddp", "fsdp"):

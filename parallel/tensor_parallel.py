@@ -22,13 +22,13 @@ from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import parallelize_module
 
 from titanforge.models.config import ModelConfig
 from titanforge.parallel import tp_plans
 from titanforge.parallel.tp_loss import tp_cross_entropy, vocab_parallel_cross_entropy
-from titanforge.parallel.tp_styles import finalize_grads, redistribute_output
+from titanforge.parallel.tp_styles import PlaceParams, finalize_grads, redistribute_output
 
 __all__ = ["apply_tensor_parallel", "check_tp", "tp_cross_entropy", "vocab_parallel_cross_entropy"]
 
@@ -69,6 +69,22 @@ def check_tp(cfg: ModelConfig, tp: int) -> list[str]:
     return errs
 
 
+def _fit_plan_to_stage(model: nn.Module, plan: dict) -> dict:
+    """A pipeline stage (parallel/pipeline.py) lacks some modules (set to None): their plan entries are
+    skipped. Its copy of a tied embedding, used only by the LM head, gets only the embedding's weight
+    placement (vocabulary rows, Shard(0)) and no input/output hooks."""
+    out = {}
+    for name, style in plan.items():
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if mod is None:
+            continue
+        out[name] = PlaceParams({"weight": Shard(0)}) if getattr(mod, "head_only", False) else style
+    return out
+
+
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, family: str, *, sequence_parallel: bool = True,
                           loss_parallel: bool = True) -> nn.Module:
     """Shard `model` (built by models.registry for `family`) over `tp_mesh` in place; returns it.
@@ -97,11 +113,13 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, family: str, *,
         plan = tp_plans.jamba_plan(model, sequence_parallel)
     else:
         raise ValueError(f"no tensor-parallel plan for family {family!r}; choose llama, titans, ttt or jamba")
+    plan = _fit_plan_to_stage(model, plan)
     parallelize_module(model, tp_mesh, plan)
     # Mixers that read the whole sequence (and the LM head) get the gathered norm output.
     for name in gathered + ["norm"]:
-        redistribute_output(model.get_submodule(name), Replicate())
-    if not sequence_parallel:
+        if name in plan:
+            redistribute_output(model.get_submodule(name), Replicate())
+    if not sequence_parallel and "tok_embeddings" in plan:
         model.tok_embeddings.register_forward_hook(
             lambda mod, args, out: DTensor.from_local(out, tp_mesh, [Replicate()], run_check=False))
     finalize_grads(model)

@@ -85,7 +85,12 @@ def test_every_problem_is_listed_at_once():
 @pytest.mark.parametrize("cfg,world,pattern", [
     (ParallelConfig(dp=3), 4, r"dp\*tp\*pp\*cp = 3\*1\*1\*1 = 3 != world size 4; set parallel\.dp=4"),
     (ParallelConfig(tp=3), 4, r"world size 4 is not divisible by tp\*pp\*cp = 3"),
-    (ParallelConfig(pp=2), 2, r"parallel pp=2 is not available in this release"),
+    (ParallelConfig(pp=2, pp_schedule="zb"), 2, r"parallel\.pp_schedule='zb' is unknown; choose one of 1f1b, "
+     r"interleaved_1f1b, gpipe"),
+    (ParallelConfig(pp=2, pp_schedule="interleaved_1f1b"), 2, r"interleaved_1f1b needs parallel\.pp_virtual_stages "
+     r">= 2 .* set parallel\.pp_virtual_stages=2"),
+    (ParallelConfig(pp=2, pp_virtual_stages=2), 2, r"pp_schedule=1f1b runs one stage per rank but "
+     r"parallel\.pp_virtual_stages=2; set parallel\.pp_virtual_stages=1 or parallel\.pp_schedule=interleaved_1f1b"),
     (ParallelConfig(dp_backend="deepspeed"), 2, r"dp_backend='deepspeed' is not available in the trainer"),
     (ParallelConfig(tp=2), 4, r"tp=2 with dp=2 needs parallel\.dp_backend=fsdp"),
 ])
@@ -96,6 +101,7 @@ def test_impossible_layouts_rejected(cfg, world, pattern):
 
 def test_dp_minus_one_takes_the_rest():
     assert ParallelDims.from_config(ParallelConfig(), 4).dp == 4
+    assert ParallelDims.from_config(ParallelConfig(pp=2), 4).dp == 2
     assert ParallelDims.from_config(ParallelConfig(tp=2, dp_backend="fsdp"), 4).dp == 2
 
 
@@ -125,3 +131,20 @@ def test_cli_flags_and_overrides_in_any_order(capsys):
     rc = main(["train", PRESET, "train.steps=abc", "--nproc", "2", "optim.lr=1"])
     assert rc == 2
     assert "bad value for 'train.steps'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    # More stages than layers: pp x virtual stages counts every stage.
+    (["model.n_layers=2", "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2"],
+     r"parallel\.pp=2 x parallel\.pp_virtual_stages=2 = 4 pipeline stages but the model has 2 layers"),
+    # The pipeline's micro-batches are the accumulation micro-batches: 4 / (4 * 1) = 1 < pp.
+    (["parallel.pp=2", "train.global_batch_size=4", "train.micro_batch_size=4"],
+     r"1f1b needs at least pp=2 micro-batches per step, got 1 .*raise train\.global_batch_size"),
+    (["model.n_layers=4", "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2",
+      "train.global_batch_size=6", "train.micro_batch_size=2"],
+     r"interleaved_1f1b needs the micro-batches per step \(3\) to be a multiple of pp=2"),
+])
+def test_pipeline_layouts_checked_before_start(overrides, pattern):
+    job = load_config(None, ["data.path=d", *overrides])
+    with pytest.raises(ConfigError, match=pattern):
+        validate(job, world_size=2)
