@@ -91,7 +91,19 @@ def check_model_layout(model, dims: ParallelDims, cfg: ParallelConfig) -> list[s
             fits = [e for e in range(1, moe.n_experts + 1) if moe.n_experts % e == 0 and dims.dp % e == 0]
             errs.append(f"parallel.ep={dims.ep} does not divide the {moe.n_experts} experts "
                         f"(model.{model.family}.moe.n_experts); choose ep in {fits}")
+        elif not _has_moe_layer(model):
+            pattern = getattr(model, model.family).layer_pattern
+            errs.append(f"parallel.ep={dims.ep} but model.{model.family}.layer_pattern={pattern!r} has no "
+                        f"mixture-of-experts layer (feed-forward letter E); set parallel.ep=1 or add E layers")
     return errs
+
+
+def _has_moe_layer(model) -> bool:
+    """Whether the family's layer pattern (if it has one) places at least one MoE feed-forward."""
+    from titanforge.models.common.pattern import parse_layer_pattern
+
+    pattern = getattr(getattr(model, model.family), "layer_pattern", None)
+    return pattern is None or any(s.ffn == "moe" for s in parse_layer_pattern(pattern, model.n_layers))
 
 
 class ParallelMesh:

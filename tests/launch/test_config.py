@@ -148,3 +148,38 @@ def test_pipeline_layouts_checked_before_start(overrides, pattern):
     job = load_config(None, ["data.path=d", *overrides])
     with pytest.raises(ConfigError, match=pattern):
         validate(job, world_size=2)
+
+
+@pytest.mark.parametrize("cfg,world,pattern", [
+    (ParallelConfig(ep=3), 4, r"parallel\.ep=3 must divide the data-parallel degree dp=4 .*choose ep in \[1, 2, 4\]"),
+    (ParallelConfig(ep=2, tp=2, dp_backend="fsdp"), 8, r"parallel\.ep=2 with parallel\.tp=2 is not available: "
+     r"expert parallelism runs with data parallelism only .*set parallel\.tp=1 or parallel\.ep=1"),
+    (ParallelConfig(ep=2, pp=2), 4, r"parallel\.ep=2 with parallel\.pp=2 is not available.*set parallel\.pp=1 or "
+     r"parallel\.ep=1"),
+])
+def test_impossible_expert_parallel_layouts_rejected(cfg, world, pattern):
+    with pytest.raises(LayoutError, match=pattern):
+        ParallelDims.from_config(cfg, world)
+
+
+def test_expert_parallel_layouts_accepted():
+    assert ParallelDims.from_config(ParallelConfig(ep=2), 2).ep == 2
+    assert ParallelDims.from_config(ParallelConfig(ep=2, dp_backend="fsdp"), 4).dp == 4
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    (["model.family=jamba", "model.jamba.moe.n_experts=6", "model.jamba.moe.top_k=2", "parallel.ep=4"],
+     r"parallel\.ep=4 does not divide the 6 experts \(model\.jamba\.moe\.n_experts\); choose ep in \[1, 2\]"),
+    (["model.family=llama", "parallel.ep=2"],
+     r"parallel\.ep=2 but model\.family='llama' has no mixture-of-experts layers; set parallel\.ep=1"),
+    (["model.family=jamba", "model.jamba.layer_pattern=MD AD", "parallel.ep=2"],
+     r"parallel\.ep=2 but model\.jamba\.layer_pattern='MD AD' has no mixture-of-experts layer"),
+])
+def test_expert_parallel_model_checked_before_start(overrides, pattern):
+    job = load_config(None, ["data.path=d", "train.global_batch_size=16", *overrides])
+    with pytest.raises(ConfigError, match=pattern):
+        validate(job, world_size=4)
+    # The same layout fits a model with MoE layers and an expert count that ep divides.
+    if "model.family=jamba" in overrides:
+        fixed = [o for o in overrides if not o.startswith(("model.jamba.layer_pattern", "model.jamba.moe.n_experts"))]
+        validate(load_config(None, ["data.path=d", "train.global_batch_size=16", *fixed]), world_size=4)
