@@ -106,8 +106,10 @@ class ExpertParallelGroupedExperts(GroupedExperts):
         weights = [_ScaleGrad.apply(getattr(self, n).to_local(), 1.0 / ep) for n in EXPERT_WEIGHTS]
         y_local = expert_forward(x_local, counts_recv.sum(0), *weights)
         if x_local.shape[0] == 0:
-            # No rows for my experts: keep the weights in the graph so every rank gets (zero) gradients.
-            y_local = y_local + sum(w.sum() for w in weights) * 0
+            # No rows for my experts: keep the received rows and the weights in the graph, so this
+            # rank's backward still runs the reverse of the first all-to-all (the other ranks wait
+            # in it for the gradients of the rows they sent) and its experts get zero gradients.
+            y_local = y_local + (x_local.sum() + sum(w.sum() for w in weights)) * 0
         y_recv = torch.empty_like(y_local).index_copy(0, perm, y_local) if perm.numel() else y_local
         return all_to_all_single_autograd(y_recv, input_splits, output_splits, group)
 

@@ -29,7 +29,8 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, str(Path(__file__).parent))
 import fsdp_cases as cases  # noqa: E402
 
-from titanforge.models.common.moe import MoE, MoEConfig  # noqa: E402
+from titanforge.models.common.moe import GroupedExperts, MoE, MoEConfig  # noqa: E402
+from titanforge.models.common.moe_dispatch import expert_forward  # noqa: E402
 from titanforge.models.config import ModelConfig  # noqa: E402
 from titanforge.models.jamba.config import JambaConfig  # noqa: E402
 from titanforge.models.registry import build_model, collect_aux_losses  # noqa: E402
@@ -216,6 +217,44 @@ def via_parallelize(backend: str, dims_mesh) -> dict:
     return out
 
 
+def zero_rows(mesh) -> dict:
+    """The experts alone, with counts that leave rank 1's experts without rows (and rank 0 sending
+    none to rank 1): outputs, input gradients and expert gradients (the ep mean, 1/ep in the graph)
+    against `expert_forward` on the full weights."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    counts = torch.tensor([3, 2, 0, 0])
+
+    def data(r):
+        g = torch.Generator().manual_seed(100 + r)
+        return (torch.randn(5, 8, generator=g, dtype=torch.float64, requires_grad=True),
+                torch.randn(5, 8, generator=g, dtype=torch.float64))
+
+    torch.manual_seed(3)
+    experts = GroupedExperts(4, 8, 16).double()
+    experts.init_weights()
+    full = [getattr(experts, w).detach().clone().requires_grad_() for w in ("w1", "w3", "w2")]
+    holder = apply_expert_parallel(torch.nn.ModuleDict({"experts": experts}), mesh["ep"])
+    x, gy = data(rank)
+    y = holder["experts"](x, counts)
+    (y * gy).sum().backward()
+    ep_group = [r for r in range(world) if r // EP == rank // EP]
+    errs = []
+    for r in ep_group:
+        xr, gyr = data(r)
+        yr = expert_forward(xr, counts, *full)
+        if r == rank:
+            errs.append(cases.rel_err(y, yr))
+            errs.append(cases.rel_err(x.grad, torch.autograd.grad((yr * gyr).sum(), xr, retain_graph=True)[0]))
+        (yr * gyr).sum().div(EP).backward()
+    errs += [cases.rel_err(getattr(experts, w).grad.full_tensor(), f.grad) for w, f in zip(("w1", "w3", "w2"), full)]
+    worst = torch.tensor([max(errs)], dtype=torch.float64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    # Rank 1 of each ep group owns experts 2 and 3, which get no rows: zero gradients, not None.
+    idle = torch.tensor([float(rank % EP == 0 or experts.w1.grad.to_local().abs().sum() == 0)])
+    dist.all_reduce(idle, op=dist.ReduceOp.MIN)
+    return {"max_rel_err": worst.item(), "idle_grad_is_zero": bool(idle.item())}
+
+
 def input_errors(mesh) -> list[str]:
     messages = []
     calls = (lambda: apply_expert_parallel(cases.build("llama"), mesh["ep"]),
@@ -253,6 +292,7 @@ def main() -> None:
         for backend in ("ddp", "fsdp"):
             result[f"parallelize/{backend}"] = via_parallelize(backend, dims_mesh)
         result["errors"] = input_errors(mesh)
+    result["zero_rows"] = zero_rows(mesh)
     if rank == 0:
         (out / "result.json").write_text(json.dumps(result, indent=1))
     dist.destroy_process_group()

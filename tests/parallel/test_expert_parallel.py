@@ -139,3 +139,11 @@ def test_apply_expert_parallel_rejects_bad_input(run2):
     assert "Llama has no mixture-of-experts layers" in no_moe and "parallel.ep=1" in no_moe
     assert "ep_mesh must be a 1-D DeviceMesh" in not_a_mesh
     assert "already expert parallel" in twice
+
+
+def test_ep_experts_with_empty_segments(run2, run4):
+    """Counts that send no rows to one rank's experts: outputs, input and expert gradients still
+    equal `expert_forward` on the full weights (expert gradients: the ep mean), float64."""
+    for r in (run2[1]["zero_rows"], run4["zero_rows"]):
+        assert r["max_rel_err"] < GRAD_TOL, r
+        assert r["idle_grad_is_zero"]
