@@ -46,6 +46,19 @@ class ParallelDims:
             fits = [e for e in range(1, dp + 1) if dp % e == 0]
             raise LayoutError(f"parallel.ep={cfg.ep} must divide the data-parallel degree dp={dp} (expert "
                               f"parallelism uses data-parallel ranks); choose ep in {fits} or raise dp")
+        if cfg.dp_backend == "deepspeed":
+            # The DeepSpeed step drives one engine over the whole model: pure data parallelism only.
+            others = [f"{k}={v}" for k, v in (("tp", dims.tp), ("pp", dims.pp), ("cp", dims.cp), ("ep", dims.ep))
+                      if v != 1]
+            if others:
+                raise LayoutError(f"parallel.dp_backend=deepspeed runs pure data parallelism (ZeRO over all "
+                                  f"{world_size} ranks); {', '.join(others)} does not compose with it here. Use "
+                                  f"parallel.dp_backend=fsdp (ZeRO-3-style sharding that composes with "
+                                  f"tp/pp/ep), or set {', '.join(o.split('=')[0] + '=1' for o in others)}")
+            if cfg.zero_stage not in (1, 2, 3):
+                raise LayoutError(f"parallel.zero_stage={cfg.zero_stage} must be 1, 2 or 3 with "
+                                  f"parallel.dp_backend=deepspeed (plain data parallelism: parallel.dp_backend=ddp)")
+            return dims
         if dims.ep > 1:
             # Combinations of expert parallelism that are not implemented or not checked (docs/design.md).
             others = [f"parallel.{k}={v}" for k, v in (("tp", dims.tp), ("pp", dims.pp), ("cp", dims.cp)) if v != 1]
@@ -65,8 +78,7 @@ class ParallelDims:
             raise LayoutError(f"parallel {', '.join(unsupported)} is not available in this release; "
                               f"use data and tensor parallelism (parallel.dp, parallel.tp)")
         if cfg.dp_backend not in ("ddp", "fsdp"):
-            raise LayoutError(f"parallel.dp_backend={cfg.dp_backend!r} is not available in the trainer yet; use ddp "
-                              f"or fsdp (ZeRO via DeepSpeed exists as a library: titanforge.parallel.zero)")
+            raise LayoutError(f"parallel.dp_backend={cfg.dp_backend!r} must be ddp | fsdp | deepspeed")
         if dims.tp > 1 and dims.dp > 1 and cfg.dp_backend != "fsdp":
             raise LayoutError(f"tp={dims.tp} with dp={dims.dp} needs parallel.dp_backend=fsdp (DDP does not "
                               f"compose with tensor-parallel DTensor parameters)")

@@ -9,6 +9,14 @@ Layout of `<output_dir>/checkpoints/`:
         checksums.json         sha256 of every file above, written last
     step_00000060.tmp/        a save in progress (never taken for a finished one)
 
+With `parallel.dp_backend=deepspeed` the model is a DeepSpeed engine and DCP's get_state_dict does
+not see ZeRO partitions, so the DCP files are replaced by DeepSpeed's own
+(`engine.save_checkpoint` into `step_N.tmp/deepspeed/`: model states, one optimizer partition per
+rank); everything else (per-rank files, meta, checksums, rename, keep-last, fallback) is the same.
+Such a checkpoint resumes only on the same number of ranks with the DeepSpeed backend (ZeRO
+partitions are tied to the data-parallel size; DeepSpeed's universal-checkpoint conversion is not
+wired in): anything else is rejected by `load` with a message naming the fix.
+
 DCP has no checksums (a shard with flipped bytes loads silently wrong: STACK-FACTS), so every
 file is hashed into `checksums.json`; on resume the newest checkpoint whose files all match is
 used and a corrupt one is reported and left on disk untouched (nothing saved is ever deleted
@@ -21,6 +29,7 @@ import hashlib
 import json
 import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,6 +43,14 @@ from titanforge.trainer.config import CheckpointConfig
 from titanforge.trainer.dist import DistInfo, barrier, broadcast_object
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+# DeepSpeed's files go into step_N.tmp/<tag>/.
+DEEPSPEED_TAG = "deepspeed"
+
+
+def is_deepspeed_engine(model) -> bool:
+    """True for a DeepSpeed engine; never imports DeepSpeed (slow) when nothing else has."""
+    ds = sys.modules.get("deepspeed")
+    return ds is not None and isinstance(model, ds.DeepSpeedEngine)
 
 
 class CheckpointError(RuntimeError):
@@ -94,12 +111,20 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optimizer": optim_sd}
+        deepspeed = is_deepspeed_engine(model)
         torch.save(rank_state, tmp / f"rank_{self.info.rank:05d}.pt")
         if self.info.is_main:
-            (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": self.info.world_size}))
+            (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": self.info.world_size,
+                                                       "format": "deepspeed" if deepspeed else "dcp"}))
             (tmp / "config.yaml").write_text(config_yaml)
+        if deepspeed:
+            # Collective: every rank writes its ZeRO partition (synchronous even with async_save).
+            model.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False)
+            self._pending = (step, tmp, None)
+            self.wait()
+            return
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
         if self.cfg.async_save and dist.is_initialized():
             future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group)
             self._pending = (step, tmp, future)
@@ -121,7 +146,7 @@ class Checkpointer:
             future.result()
         barrier()
         if self.info.is_main:
-            sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            sums = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
             final = self.root / f"step_{step:08d}"
             if final.exists():
@@ -157,6 +182,27 @@ class Checkpointer:
         meta = json.loads((ckpt / "meta.json").read_text())
         rank_file = ckpt / f"rank_{self.info.rank:05d}.pt"
         same_world = meta["world_size"] == self.info.world_size and rank_file.exists()
+        saved_format, deepspeed = meta.get("format", "dcp"), is_deepspeed_engine(model)
+        if saved_format == "deepspeed" and not same_world:
+            raise CheckpointError(
+                f"{ckpt} was written by DeepSpeed ZeRO on {meta['world_size']} ranks and this run has "
+                f"{self.info.world_size}: ZeRO partitions are tied to the data-parallel size (DeepSpeed's "
+                f"universal-checkpoint conversion is not supported here). Resume with "
+                f"{meta['world_size']} processes in all (e.g. --nproc {meta['world_size']}), or start afresh "
+                f"with checkpoint.resume=never or another output_dir")
+        if saved_format != ("deepspeed" if deepspeed else "dcp"):
+            fix = ("parallel.dp_backend=deepspeed" if saved_format == "deepspeed"
+                   else "parallel.dp_backend=ddp or fsdp")
+            raise CheckpointError(
+                f"{ckpt} was saved in the {saved_format} format and this run uses "
+                f"{'deepspeed' if deepspeed else 'dcp'} checkpoints; resume with {fix} (as when it was saved), or "
+                f"start afresh with checkpoint.resume=never or another output_dir")
+        if deepspeed:
+            path, _ = model.load_checkpoint(str(ckpt), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                            load_lr_scheduler_states=False)
+            if path is None:
+                raise CheckpointError(f"{ckpt / DEEPSPEED_TAG}: DeepSpeed found no checkpoint to load")
+            return torch.load(rank_file, weights_only=False), meta
         if not same_world:
             # A new layout: DCP reshards model and optimizer; the data position is global (the
             # same on every rank), so rank 0's copy serves every new rank. RNG streams are per

@@ -154,12 +154,12 @@ def train(job, *, config_yaml: str = "", info: DistInfo | None = None) -> TrainR
             grad_norm = step_fn.clip_grad_norm(clip)
             finite = bool(torch.isfinite(loss_mean).item() and torch.isfinite(grad_norm).item())
             if finite:
-                optimizer.step()
+                step_fn.optimizer_step()
                 consecutive_bad = 0
             else:
                 skipped += 1
                 consecutive_bad += 1
-            optimizer.zero_grad(set_to_none=True)
+            step_fn.zero_grad()
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             step += 1

@@ -8,6 +8,8 @@
   micro-batches (each [micro_batch, seq_len + 1] tokens), gradients reduced as the layout needs;
   returns the global mean training loss (the same value on every rank);
 - `clip_grad_norm(max_norm) -> Tensor`: the global gradient norm, clipping when finite;
+- `optimizer_step()`: apply the update (the loop calls it only when loss and norm are finite);
+  `zero_grad()`: drop the gradients (called after every step, applied or skipped);
 - `val_loss(tokens) -> Tensor`: forward-only loss sum and count for validation, reduced by the caller;
 - `metrics() -> dict`: per-module metrics of the last forward (expert load, aux losses).
 
@@ -82,6 +84,12 @@ class TrainStep:
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         return clip_grad_norm(self.model, max_norm)
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def val_loss(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:

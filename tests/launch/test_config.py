@@ -91,7 +91,10 @@ def test_every_problem_is_listed_at_once():
      r">= 2 .* set parallel\.pp_virtual_stages=2"),
     (ParallelConfig(pp=2, pp_virtual_stages=2), 2, r"pp_schedule=1f1b runs one stage per rank but "
      r"parallel\.pp_virtual_stages=2; set parallel\.pp_virtual_stages=1 or parallel\.pp_schedule=interleaved_1f1b"),
-    (ParallelConfig(dp_backend="deepspeed"), 2, r"dp_backend='deepspeed' is not available in the trainer"),
+    (ParallelConfig(dp_backend="deepspeed", tp=2), 4, r"dp_backend=deepspeed runs pure data parallelism .*tp=2 .*"
+     r"Use parallel\.dp_backend=fsdp .* or set tp=1"),
+    (ParallelConfig(dp_backend="deepspeed", zero_stage=0), 2, r"parallel\.zero_stage=0 must be 1, 2 or 3"),
+    (ParallelConfig(dp_backend="zero"), 2, r"parallel\.dp_backend='zero' must be ddp \| fsdp \| deepspeed"),
     (ParallelConfig(tp=2), 4, r"tp=2 with dp=2 needs parallel\.dp_backend=fsdp"),
 ])
 def test_impossible_layouts_rejected(cfg, world, pattern):
@@ -103,6 +106,7 @@ def test_dp_minus_one_takes_the_rest():
     assert ParallelDims.from_config(ParallelConfig(), 4).dp == 4
     assert ParallelDims.from_config(ParallelConfig(pp=2), 4).dp == 2
     assert ParallelDims.from_config(ParallelConfig(tp=2, dp_backend="fsdp"), 4).dp == 2
+    assert ParallelDims.from_config(ParallelConfig(dp_backend="deepspeed", zero_stage=3), 2).dp == 2
 
 
 @pytest.mark.parametrize("family,override,pattern", [
