@@ -2,6 +2,8 @@
 
     titanforge prepare [--out DIR --corpus ... --tokenizer ...]   tokenize a corpus into shards
     titanforge train CONFIG [key=value ...] [--nproc N] [multi-node flags]
+    titanforge slurm CONFIG --nodes N --gpus-per-node G [--partition P --time HH:MM:SS ...] [key=value ...]
+                                                                  write an sbatch script (launch/slurm.py)
 
 `train` with --nproc 1 on one node runs in this process; otherwise it validates the config for
 the whole world first (so a bad layout fails before anything starts) and then hands over to
@@ -63,7 +65,13 @@ def _prepare(argv: list[str]) -> int:
     return prepare_main(argv)
 
 
-COMMANDS = {"train": _train, "prepare": _prepare}
+def _slurm(argv: list[str]) -> int:
+    from titanforge.launch.slurm import main as slurm_main
+
+    return slurm_main(argv)
+
+
+COMMANDS = {"train": _train, "prepare": _prepare, "slurm": _slurm}
 
 
 def main(argv: list[str] | None = None) -> int:
