@@ -85,10 +85,11 @@ class ExpertParallelGroupedExperts(GroupedExperts):
 
     # Data-dependent splits and collectives: compiled blocks run this part eagerly.
     @torch.compiler.disable
-    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor | list[int]) -> torch.Tensor:
         """x_sorted [M, C] in segments of `counts` [E] rows for the E global experts -> [M, C]."""
         group = self.ep_mesh.get_group()
         ep = self.ep_mesh.size()
+        counts = torch.as_tensor(counts, device=x_sorted.device)
         E = counts.numel()
         n_local = self.w1.to_local().shape[0]
         if n_local * ep != E:
