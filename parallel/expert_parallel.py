@@ -62,19 +62,20 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-def _local_expert_order(counts_recv: torch.Tensor) -> torch.Tensor:
+def _local_expert_order(counts_recv: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Row permutation from (source rank, local expert) blocks to (local expert, source rank).
 
-    counts_recv: [ep, L] rows received from each rank for each local expert, in received order.
-    Returns `perm` [M] with received[perm] local-expert-contiguous (sources in rank order).
+    counts_recv: [ep, L] rows received from each rank for each local expert, in received order;
+    n_rows: their sum (known on the host). Returns `perm` [n_rows] with received[perm]
+    local-expert-contiguous (within an expert, sources in rank order).
     """
     ep, L = counts_recv.shape
     flat = counts_recv.reshape(-1)
     starts = (torch.cumsum(flat, 0) - flat).view(ep, L)  # where block (r, j) begins
     counts_t, starts_t = counts_recv.t().reshape(-1), starts.t().reshape(-1)  # blocks in (j, r) order
-    M = int(flat.sum())
-    block_begin = torch.repeat_interleave(torch.cumsum(counts_t, 0) - counts_t, counts_t, output_size=M)
-    return torch.repeat_interleave(starts_t, counts_t, output_size=M) + torch.arange(M, device=flat.device) - block_begin
+    block_begin = torch.repeat_interleave(torch.cumsum(counts_t, 0) - counts_t, counts_t, output_size=n_rows)
+    offset_in_block = torch.arange(n_rows, device=flat.device) - block_begin
+    return torch.repeat_interleave(starts_t, counts_t, output_size=n_rows) + offset_in_block
 
 
 class ExpertParallelGroupedExperts(GroupedExperts):
@@ -101,7 +102,7 @@ class ExpertParallelGroupedExperts(GroupedExperts):
             # One host synchronisation: the all-to-all needs its split sizes on the host.
             splits = torch.stack([counts.view(ep, n_local).sum(1), counts_recv.sum(1)]).tolist()
             input_splits, output_splits = splits
-            perm = _local_expert_order(counts_recv)
+            perm = _local_expert_order(counts_recv, sum(output_splits))
         x_recv = all_to_all_single_autograd(x_sorted.contiguous(), output_splits, input_splits, group)
         x_local = x_recv[perm]  # [M_local, C]
         weights = [_ScaleGrad.apply(getattr(self, n).to_local(), 1.0 / ep) for n in EXPERT_WEIGHTS]

@@ -34,7 +34,13 @@ from titanforge.models.common.moe_dispatch import expert_forward  # noqa: E402
 from titanforge.models.config import ModelConfig  # noqa: E402
 from titanforge.models.jamba.config import JambaConfig  # noqa: E402
 from titanforge.models.registry import build_model, collect_aux_losses  # noqa: E402
-from titanforge.parallel import ParallelDims, build_mesh, clip_grad_norm, finish_grad_reduction, parallelize  # noqa: E402
+from titanforge.parallel import (  # noqa: E402
+    ParallelDims,
+    build_mesh,
+    clip_grad_norm,
+    finish_grad_reduction,
+    parallelize,
+)
 from titanforge.parallel.config import ParallelConfig  # noqa: E402
 from titanforge.parallel.data_parallel import apply_activation_checkpointing, apply_ddp  # noqa: E402
 from titanforge.parallel.expert_parallel import (  # noqa: E402
