@@ -23,7 +23,10 @@ them:
 
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.distributed as dist
 
 from titanforge.models.registry import collect_metrics
 from titanforge.parallel.zero import build_deepspeed_engine
@@ -36,6 +39,12 @@ class DeepSpeedTrainStep:
     def __init__(self, job, dims, mesh, info):
         t = job.train
         self.job, self.dims, self.info = job, dims, info
+        if not dist.is_initialized():
+            # One process: DeepSpeed still needs a process group (without one it looks for MPI)
+            # and LOCAL_RANK (which torchrun would set).
+            os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
+            dist.init_process_group("nccl" if info.device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                    rank=0, world_size=1, device_id=info.device if info.device.type == "cuda" else None)
         self.autocast = autocast_for(info.device, t.dtype)
         self.raw_model = build_plain_model(job, info.device)
         # The client torch AdamW with the trainer's param groups (never a DeepSpeed-config optimizer).

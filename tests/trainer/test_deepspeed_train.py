@@ -15,12 +15,14 @@ AdamW steps; measured differences are <= 1e-7 absolute (losses ~10.8). The logge
 its float64 value, while DeepSpeed sums squares per partition (two halves) and lands within 1e-7
 of the float64 norm (checked by hand on the first step). A ZeRO-3 run resumed from its own
 checkpoint repeats the uninterrupted run's losses exactly (float32 bit-identical).
-DeepSpeed's import and engine start cost ~15-20 s per launch; five launches in all.
+Non-finite steps: ZeRO skips the update itself and the loop counts it (lr 1e30).
+DeepSpeed's import and engine start cost ~10-20 s per launch; seven launches in all (~2.5 min).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -141,3 +143,21 @@ def test_deepspeed_checkpoint_into_another_backend_is_rejected(runs):
     with pytest.raises(CheckpointError, match=r"saved in the deepspeed format and this run uses dcp checkpoints; "
                                               r"resume with parallel\.dp_backend=deepspeed"):
         Checkpointer(runs[3] / "checkpoints", CheckpointConfig(), two).load(ckpt, model, None)
+
+
+def test_nonfinite_steps_are_skipped_by_the_engine_and_counted(shakespeare64, tmp_path):
+    """lr 1e30: after step 1 the gradients overflow; ZeRO skips the update (the loss repeats exactly), the loop
+    counts the skip from the infinite norm, and stops after 3 in a row without saving."""
+    proc = lu.run(CONFIG, _overrides(shakespeare64, tmp_path, **{
+        "parallel.dp_backend": "deepspeed", "parallel.zero_stage": 2, "optim.lr": 1e30, "optim.warmup_steps": 0,
+        "optim.grad_clip": 0, "checkpoint.enabled": True, "checkpoint.every": 1,
+        "train.max_consecutive_nonfinite": 3, "train.val_every": 0}), nproc=2, timeout=240)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "3 non-finite steps in a row at step 4" in proc.stdout
+    rows = [m for m in lu.metrics(tmp_path) if "loss" in m]
+    assert [r["skipped"] for r in rows] == [False, True, True, True]
+    assert all(r["grad_norm"] is None for r in rows[1:])  # inf, written as null
+    # The blown-up model predicts uniformly (loss ln V) and stays finite: had the engine applied the
+    # inf/nan gradients, the weights and so the next losses would be NaN (logged as null).
+    assert all(r["loss"] == pytest.approx(math.log(50304), abs=1e-3) for r in rows[1:])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001"]
