@@ -16,7 +16,8 @@ Choices, and where this differs from a stock DeepSpeed setup:
   accelerators never use this op.
 - `engine.backward(loss)` divides the loss by `grad_accum` itself: pass each micro-batch's mean loss.
 - Checkpoints use DeepSpeed's own format (`engine.save_checkpoint`): DCP's get_state_dict does not
-  see ZeRO partitions. Changing layout goes through DeepSpeed's universal checkpoint.
+  see ZeRO partitions. Changing the world size would need DeepSpeed's universal checkpoint; the
+  trainer rejects it instead (trainer/checkpoint.py).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ AdamW steps; measured differences are <= 1e-7 absolute (losses ~10.8). The logge
 its float64 value, while DeepSpeed sums squares per partition (two halves) and lands within 1e-7
 of the float64 norm (checked by hand on the first step). A ZeRO-3 run resumed from its own
 checkpoint repeats the uninterrupted run's losses exactly (float32 bit-identical).
-Non-finite steps: ZeRO skips the update itself and the loop counts it (lr 1e30).
+Non-finite steps: ZeRO skips the update itself and the loop counts it (lr 1e30, one process).
 DeepSpeed's import and engine start cost ~10-20 s per launch; seven launches in all (~2.5 min).
 """
 
@@ -146,12 +146,13 @@ def test_deepspeed_checkpoint_into_another_backend_is_rejected(runs):
 
 
 def test_nonfinite_steps_are_skipped_by_the_engine_and_counted(shakespeare64, tmp_path):
-    """lr 1e30: after step 1 the gradients overflow; ZeRO skips the update (the loss repeats exactly), the loop
-    counts the skip from the infinite norm, and stops after 3 in a row without saving."""
+    """lr 1e30: after step 1 the gradients overflow; ZeRO skips the update, the loop counts the skip from the
+    infinite norm and stops after 3 in a row without saving. One process (no torchrun): DeepSpeed gets a
+    one-rank process group from the step."""
     proc = lu.run(CONFIG, _overrides(shakespeare64, tmp_path, **{
         "parallel.dp_backend": "deepspeed", "parallel.zero_stage": 2, "optim.lr": 1e30, "optim.warmup_steps": 0,
         "optim.grad_clip": 0, "checkpoint.enabled": True, "checkpoint.every": 1,
-        "train.max_consecutive_nonfinite": 3, "train.val_every": 0}), nproc=2, timeout=240)
+        "train.max_consecutive_nonfinite": 3, "train.val_every": 0}), nproc=1, timeout=240)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "3 non-finite steps in a row at step 4" in proc.stdout
     rows = [m for m in lu.metrics(tmp_path) if "loss" in m]
