@@ -93,13 +93,14 @@ def test_gpu_script_holds_the_expected_lines(tmp_path):
     assert (tmp_path / "run").is_dir()
 
 
-def test_cpu_script_requests_no_gpus(tmp_path):
+def test_cpu_script_requests_no_gpus(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     script = _write(tmp_path, "--nodes", "1", "--nproc-per-node", "2").read_text()
     assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0
     assert "--gpus-per-node" not in script and "--nproc-per-node=2" in script
     assert "#SBATCH --cpus-per-task=16" in script
     # The config's output_dir, made absolute.
-    assert f"output_dir={(Path.cwd() / 'runs' / 'llama-tiny').resolve()}" in script
+    assert f"output_dir={(tmp_path / 'runs' / 'llama-tiny').resolve()}" in script
 
 
 def test_overrides_reach_the_trainer_quoted_as_given(tmp_path, fake_slurm):
