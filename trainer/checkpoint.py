@@ -17,6 +17,12 @@ Such a checkpoint resumes only on the same number of ranks with the DeepSpeed ba
 partitions are tied to the data-parallel size; DeepSpeed's universal-checkpoint conversion is not
 wired in): anything else is rejected by `load` with a message naming the fix.
 
+Tensor-parallel parameters sharded as a `_StridedShard` that no later mesh dimension refines
+(Mamba's in_proj: each rank a block of both its x and z halves) are not contiguous chunks of the
+global tensor, which DCP cannot write ("overlapping chunks"). They are stored re-sharded as plain
+`Shard` on the same dims (the same global tensor, so layouts still interchange) and converted back
+after loading: see `dcp_storable`.
+
 DCP has no checksums (a shard with flipped bytes loads silently wrong: STACK-FACTS), so every
 file is hashed into `checksums.json`; on resume the newest checkpoint whose files all match is
 used and a corrupt one is reported and left on disk untouched (nothing saved is ever deleted
@@ -38,6 +44,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from titanforge.trainer.config import CheckpointConfig
 from titanforge.trainer.dist import DistInfo, barrier, broadcast_object
@@ -51,6 +59,44 @@ def is_deepspeed_engine(model) -> bool:
     """True for a DeepSpeed engine; never imports DeepSpeed (slow) when nothing else has."""
     ds = sys.modules.get("deepspeed")
     return ds is not None and isinstance(model, ds.DeepSpeedEngine)
+
+
+def _unstorable(t) -> bool:
+    """A DTensor whose _StridedShard on some dim is not followed (in mesh order) by a Shard of the
+    same dim: its local piece is not one block of the global tensor. (FSDP2 over TP produces
+    _StridedShard followed by the TP Shard, which DCP handles.)"""
+    if not isinstance(t, DTensor):
+        return False
+    pl = t.placements
+    return any(isinstance(p, _StridedShard) and not any(
+        isinstance(q, Shard) and not isinstance(q, _StridedShard) and q.dim == p.dim for q in pl[i + 1:])
+               for i, p in enumerate(pl))
+
+
+def dcp_storable(obj, restore: dict | None = None, path: tuple = ()):
+    """`obj` (nested dicts/lists of a state dict) with every unstorable DTensor redistributed to
+    plain Shard placements; `restore[path] = original placements` for `dcp_restore`."""
+    if isinstance(obj, dict):
+        return {k: dcp_storable(v, restore, path + (k,)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [dcp_storable(v, restore, path + (i,)) for i, v in enumerate(obj)]
+    if _unstorable(obj):
+        placements = tuple(Shard(p.dim) if isinstance(p, _StridedShard) else p for p in obj.placements)
+        if restore is not None:
+            restore[path] = obj.placements
+        return obj.redistribute(obj.device_mesh, placements)
+    return obj
+
+
+def dcp_restore(obj, restore: dict, path: tuple = ()):
+    """Inverse of `dcp_storable` for the entries it converted."""
+    if isinstance(obj, dict):
+        return {k: dcp_restore(v, restore, path + (k,)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [dcp_restore(v, restore, path + (i,)) for i, v in enumerate(obj)]
+    if path in restore:
+        return obj.redistribute(obj.device_mesh, restore[path])
+    return obj
 
 
 class CheckpointError(RuntimeError):
@@ -124,7 +170,7 @@ class Checkpointer:
             self.wait()
             return
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optimizer": optim_sd}
+        state = dcp_storable({"model": model_sd, "optimizer": optim_sd})
         if self.cfg.async_save and dist.is_initialized():
             future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group)
             self._pending = (step, tmp, future)
@@ -212,10 +258,12 @@ class Checkpointer:
                 print(f"[checkpoint] {ckpt} was written by {meta['world_size']} ranks, this run has "
                       f"{self.info.world_size}: resharding; RNG streams restart from the seed", flush=True)
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optimizer": optim_sd}
+        restore: dict = {}
+        state = dcp_storable({"model": model_sd, "optimizer": optim_sd}, restore)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=str(ckpt))
+        state = dcp_restore(state, restore)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         rank_state = torch.load(rank_file, weights_only=False)
         if not same_world:

@@ -30,6 +30,7 @@ from titanforge.models.registry import build_model, collect_aux_losses, collect_
 from titanforge.parallel import ParallelDims, build_mesh
 from titanforge.parallel.config import ParallelConfig
 from titanforge.parallel.tp_loss import tp_cross_entropy
+from titanforge.trainer.checkpoint import dcp_storable
 from titanforge.trainer.config import OptimConfig, TrainConfig
 from titanforge.trainer.dist import DistInfo
 from titanforge.trainer.optim import build_optimizer
@@ -159,10 +160,7 @@ def run_case(name: str, model_name: str, par: dict, world: int, out_dir: str) ->
     with torch.no_grad():
         res["ref_val"] = float(tp_cross_entropy(ref(val_tokens[:, :-1]), val_tokens[:, 1:]))
     res["val"], res["val_count"] = float(val), count
-    # Not for Jamba under TP: DCP cannot save Mamba's in_proj placed _StridedShard by the TP plan
-    # (its chunks are reported as overlapping), with or without pipelining.
-    if not (cfg.family == "jamba" and pcfg.tp > 1):
-        res["ckpt_rel"] = checkpoint_round_trip(step, cfg, ref, f"{out_dir}/ckpt_{name}")
+    res["ckpt_rel"] = checkpoint_round_trip(step, cfg, ref, f"{out_dir}/ckpt_{name}")
     return res
 
 
@@ -170,7 +168,8 @@ def checkpoint_round_trip(step, cfg, ref, path: str) -> dict:
     """DCP-save the step's model and optimizer as the Checkpointer does, load the model part into a
     plain full model on every rank; relative error of each parameter against the reference's."""
     msd, osd = get_state_dict(step.model, step.optimizer)
-    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=path)
+    # As the Checkpointer stores them (Jamba's TP-strided Mamba in_proj re-sharded for DCP).
+    dcp.save(dcp_storable({"model": msd, "optimizer": osd}), checkpoint_id=path)
     torch.manual_seed(123)
     fresh = build_model(cfg)
     state = {"model": fresh.state_dict()}

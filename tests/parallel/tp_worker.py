@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -163,6 +164,53 @@ def run_case(name: str, layout) -> dict:
     return res
 
 
+def _shard(ref, cfg, layout):
+    if layout["dp"] == 1:
+        return apply_tensor_parallel(ref, layout["tp"], cfg.family, sequence_parallel=True, loss_parallel=True)
+    return parallelize(ref, cfg.family, layout["dims"], layout["mesh"], layout["cfg"], torch.device("cpu"))
+
+
+def _full(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def checkpoint_case(layout, root: str) -> dict:
+    """Jamba (Mamba's strided in_proj included) saved by the trainer's Checkpointer under this layout,
+    loaded into a plain full model and into a freshly initialised model of the same layout:
+    weights and AdamW moments must come back exactly."""
+    from titanforge.trainer.checkpoint import Checkpointer
+    from titanforge.trainer.config import CheckpointConfig
+    from titanforge.trainer.dist import DistInfo
+
+    cfg = CASES["jamba"]()
+    torch.manual_seed(0)
+    model = _shard(build_model(cfg).double(), cfg, layout)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tokens = torch.randint(0, cfg.vocab_size, (MICRO * layout["dp"], T + 1),
+                           generator=torch.Generator().manual_seed(3)).chunk(layout["dp"])[layout["dp_rank"]]
+    loss_of(model, tokens, layout["tp"]).backward()
+    opt.step()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ck = Checkpointer(root, CheckpointConfig(), DistInfo(rank, world, rank, torch.device("cpu")))
+    ck.save(1, model, opt, {"rank": rank}, {}, "")
+    names = [n for n, _ in model.named_parameters()]
+    saved = {n: _full(p.detach()) for n, p in model.named_parameters()}
+    saved_m = {n: _full(opt.state[p]["exp_avg"]) for n, p in model.named_parameters()}
+    res = {}
+    for kind in ("plain", "same_layout"):
+        torch.manual_seed(11)
+        other = build_model(cfg).double()
+        if kind == "same_layout":
+            other = _shard(other, cfg, layout)
+        oopt = torch.optim.AdamW(other.parameters(), lr=1e-2)
+        ck.load(Path(root) / "step_00000001", other, oopt)
+        params = dict(other.named_parameters())
+        res[kind] = {"missing": sorted(set(names) - set(params)),
+                     "weights": max(rel(_full(params[n].detach()), saved[n]) for n in names),
+                     "exp_avg": max(rel(_full(oopt.state[params[n]]["exp_avg"]), saved_m[n]) for n in names)}
+    return res
+
+
 def vocab_ce_case(mesh) -> dict:
     """vocab_parallel_cross_entropy against F.cross_entropy, ignore_index included, with grads."""
     torch.manual_seed(2)
@@ -188,7 +236,7 @@ def main() -> None:
     if world == 2:
         mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
         layout = {"tp": mesh, "dp": 1, "dp_rank": 0, "dp_group": None}
-        extra = ["vocab_ce"]
+        extra = ["vocab_ce", "checkpoint"]
     elif world == 4:
         cfg = ParallelConfig(tp=2, dp_backend="fsdp")
         dims = ParallelDims.from_config(cfg, world)
@@ -196,13 +244,18 @@ def main() -> None:
         mesh = pmesh["tp"]
         layout = {"tp": mesh, "dp": dims.dp, "dp_rank": pmesh["dp"].get_local_rank(),
                   "dp_group": pmesh["dp"].get_group(), "dims": dims, "mesh": pmesh, "cfg": cfg}
-        extra = []
+        extra = ["checkpoint"]
     else:
         raise SystemExit(f"tp_worker.py runs on 2 ranks (tp=2) or 4 ranks (dp=2 x tp=2), not {world}")
     results = {}
     for name in names + extra:
         try:
-            results[name] = vocab_ce_case(mesh) if name == "vocab_ce" else run_case(name, layout)
+            if name == "vocab_ce":
+                results[name] = vocab_ce_case(mesh)
+            elif name == "checkpoint":
+                results[name] = checkpoint_case(layout, os.path.join(out_dir, "ckpt"))
+            else:
+                results[name] = run_case(name, layout)
         except Exception:  # recorded per case so one failure does not hide the others
             results[name] = {"error": traceback.format_exc()}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
