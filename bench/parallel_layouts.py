@@ -60,7 +60,8 @@ SMALL = ["model.d_model=768", "model.n_layers=12", "model.n_heads=12", "model.ff
 def _machine(device: str) -> dict:
     import torch
 
-    out = {"torch": torch.__version__, "python": platform.python_version(), "cpu_cores": os.cpu_count()}
+    out = {"torch": torch.__version__, "python": platform.python_version(), "cpu_cores": os.cpu_count(),
+           "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
     try:
         out["cpu"] = next(ln.split(":", 1)[1].strip() for ln in subprocess.run(
             ["lscpu"], capture_output=True, text=True).stdout.splitlines() if ln.startswith("Model name"))
@@ -166,6 +167,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--fresh", action="store_true", help="overwrite the results file instead of updating its families")
     args = p.parse_args()
     if args.worker:
         worker(args)
@@ -228,6 +230,13 @@ def main() -> int:
         results["families"][fam] = row
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"parallel_layouts_{args.device}.json"
+    if path.exists() and not args.fresh:
+        # Families measured in earlier invocations are kept (each row records its own settings).
+        old = json.loads(path.read_text())
+        for fam, row in results["families"].items():
+            row["settings"] = results["settings"]
+        kept = {f: r for f, r in old.get("families", {}).items() if f not in results["families"]}
+        results["families"] = {**kept, **results["families"]}
     path.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {path}")
     return 0
