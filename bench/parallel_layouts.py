@@ -14,8 +14,12 @@ that the layout spreads over ranks), so `speedup = single step time / layout ste
 On the CPU the machine's cores are shared between the ranks: with 2 cores, dp=2 can at best halve
 the step time of a 1-thread process and equal a 2-thread one. Both references are recorded
 (`single_1thread`, `single_<cores>threads`); speedups are against the 1-thread process (what one
-rank gets). On a GPU, layouts that need more GPUs than are visible are skipped; each result adds
-tokens/s and MFU against the GPU's dense bf16 peak (`trainer/perf.py`).
+rank gets). On a GPU, layouts that need more GPUs than are visible are skipped (one GPU: the one-process
+variants `single`, `compile`, `ac`); each result has tokens/s and MFU against the GPU's dense
+bf16 peak (`trainer/perf.py`), so the figures are ready when a GPU is lent:
+
+    .venv/bin/python bench/parallel_layouts.py --device cuda --size small --seq-len 2048 \
+        --global-batch 8 --micro-batch 8 --families llama,titans-mac,titans-mag,titans-mal,titans-lmm,ttt-linear,ttt-mlp,jamba
 
 The per-family configs are the tiny presets (configs/*-tiny.yaml) at --seq-len, or with
 `--size small` a ~120M-parameter shape (d_model 768, 12 layers) for GPUs.
@@ -43,6 +47,9 @@ FAMILIES = {"llama": "llama-tiny", "titans-mac": "titans-mac-tiny", "titans-mag"
 # name -> (processes, overrides). Families a layout does not apply to are skipped (ep: MoE only).
 LAYOUTS = {
     "single": (1, []),
+    # One-process variants (what fits one GPU): torch.compile, activation checkpointing.
+    "compile": (1, ["train.compile=true"]),
+    "ac": (1, ["train.activation_checkpointing=true"]),
     "ddp2": (2, ["parallel.dp_backend=ddp"]),
     "fsdp2": (2, ["parallel.dp_backend=fsdp"]),
     "tp2": (2, ["parallel.tp=2"]),
@@ -159,7 +166,8 @@ def main() -> int:
     p.add_argument("--override", action="append", default=[], help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--families", default="llama,titans-mac,ttt-linear,jamba")
-    p.add_argument("--layouts", default="single,ddp2,fsdp2,tp2,pp2,ep2,zero1,zero3")
+    p.add_argument("--layouts", default=None, help="comma-separated; default: every multi-process layout on CPU, "
+                   "and on GPU also compile and ac (one process)")
     p.add_argument("--size", default="tiny", choices=["tiny", "small"])
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--global-batch", type=int, default=8)
@@ -174,6 +182,10 @@ def main() -> int:
         return 0
 
     families = args.families.split(",")
+    if args.layouts is None:
+        args.layouts = "single,ddp2,fsdp2,tp2,pp2,ep2,zero1,zero3"
+        if args.device == "cuda":
+            args.layouts = "single,compile,ac," + args.layouts.split(",", 1)[1] + ",dp2xtp2,pp2xtp2"
     layouts = args.layouts.split(",")
     bad = sorted(set(families) - set(FAMILIES)) + sorted(set(layouts) - set(LAYOUTS))
     if bad:
