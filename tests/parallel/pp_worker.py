@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -37,6 +38,9 @@ from titanforge.trainer.optim import build_optimizer
 from titanforge.trainer.pipeline_step import PipelineTrainStep
 from titanforge.trainer.step import build_plain_model
 
+sys.path.insert(0, str(Path(__file__).parent))
+import tp_worker  # noqa: E402  (the tiny per-family configs)
+
 STEPS = 5
 T = 32
 GLOBAL, MICRO = 4, 1
@@ -44,21 +48,11 @@ CLIP = 0.5
 
 
 def tiny(family: str, **kw) -> ModelConfig:
-    cfg = ModelConfig(family=family, vocab_size=96, d_model=32, n_layers=4, n_heads=4, ffn_hidden=48,
-                      max_seq_len=64, **{k: v for k, v in kw.items() if "." not in k})
-    for key, val in kw.items():
-        if "." in key:
-            obj = cfg
-            *path, leaf = key.split(".")
-            for part in path:
-                obj = getattr(obj, part)
-            setattr(obj, leaf, val)
-    return cfg
+    return tp_worker.tiny(family, n_layers=4, **kw)
 
 
 def titans(variant: str) -> ModelConfig:
-    return tiny("titans", **{"titans.variant": variant, "titans.chunk_size": 8, "titans.segment_len": 16,
-                             "titans.window": 16, "titans.n_persistent": 2})
+    return tp_worker.titans(variant, n_layers=4)
 
 
 MODELS = {

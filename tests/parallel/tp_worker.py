@@ -38,8 +38,9 @@ T = 32
 MICRO = 2  # sequences per data-parallel rank
 
 
-def tiny(family: str, **kw) -> ModelConfig:
-    cfg = ModelConfig(family=family, vocab_size=96, d_model=32, n_layers=2, n_heads=4, ffn_hidden=48,
+def tiny(family: str, n_layers: int = 2, **kw) -> ModelConfig:
+    """A tiny config of `family`; dotted keys set nested fields (e.g. "titans.chunk_size")."""
+    cfg = ModelConfig(family=family, vocab_size=96, d_model=32, n_layers=n_layers, n_heads=4, ffn_hidden=48,
                       max_seq_len=64, **{k: v for k, v in kw.items() if "." not in k})
     for key, val in kw.items():
         if "." in key:
@@ -51,8 +52,8 @@ def tiny(family: str, **kw) -> ModelConfig:
     return cfg
 
 
-def titans(variant: str) -> ModelConfig:
-    return tiny("titans", **{"titans.variant": variant, "titans.chunk_size": 8, "titans.segment_len": 16,
+def titans(variant: str, n_layers: int = 2) -> ModelConfig:
+    return tiny("titans", n_layers, **{"titans.variant": variant, "titans.chunk_size": 8, "titans.segment_len": 16,
                              "titans.window": 16, "titans.n_persistent": 2})
 
 
