@@ -5,6 +5,7 @@ lengths; and two pieces with the state carried equal one pass."""
 import pytest
 import torch
 
+import titanforge.kernels.mamba.chunk as chunk
 from titanforge.kernels.mamba import chunk_selective_scan, chunk_ssd, naive_selective_scan, naive_ssd
 
 
@@ -54,6 +55,24 @@ def test_selective_scan_matches_naive(T, chunk):
     inputs = mamba1_inputs(2, T, 24, 5)
     y_ref, h_ref, g_ref = run_with_grads(naive_selective_scan, inputs)
     y, h, g = run_with_grads(lambda **kw: chunk_selective_scan(**kw, chunk_size=chunk), inputs)
+    assert rel_rms(y, y_ref) < 1e-12
+    assert rel_rms(h, h_ref) < 1e-12
+    for k in g_ref:
+        assert rel_rms(g[k], g_ref[k]) < 1e-10, k
+
+
+# The sequential default runs time in cache-sized blocks (~2^18 state elements, so one block at
+# these sizes); forcing short blocks checks the carries across block boundaries both ways,
+# including blocks that do not divide T and one-step blocks.
+@pytest.mark.parametrize("T,block", [(63, 16), (100, 7), (37, 1), (64, 32), (5, 4)])
+@pytest.mark.parametrize("with_h0", [True, False])
+def test_sequential_scan_blocks_match_naive(T, block, with_h0, monkeypatch):
+    monkeypatch.setattr(chunk, "_block_len", lambda T, plane: block)
+    inputs = mamba1_inputs(2, T, 24, 5)
+    if not with_h0:
+        inputs.pop("initial_state")
+    y_ref, h_ref, g_ref = run_with_grads(naive_selective_scan, inputs)
+    y, h, g = run_with_grads(lambda **kw: chunk_selective_scan(**kw, chunk_size=0), inputs)
     assert rel_rms(y, y_ref) < 1e-12
     assert rel_rms(h, h_ref) < 1e-12
     for k in g_ref:
@@ -129,10 +148,24 @@ def test_ssd_bad_groups():
 
 
 def test_selective_scan_second_backward_fails_loudly():
-    # Backward reuses the saved decays as scratch; a retained graph must refuse a second pass
-    # (saved-tensor version check) rather than return wrong gradients.
+    # The chunked path reuses its saved decays as scratch in backward; a retained graph must
+    # refuse a second pass (saved-tensor version check) rather than return wrong gradients.
     inputs = {k: v.requires_grad_(True) for k, v in mamba1_inputs(1, 20, 8, 4).items()}
-    y, _ = chunk_selective_scan(**inputs)
+    y, _ = chunk_selective_scan(**inputs, chunk_size=8)
     y.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+def test_sequential_scan_second_backward_is_exact(monkeypatch):
+    # The sequential path recomputes its decays and writes nothing it saved: a retained graph
+    # backpropagated twice accumulates exactly twice the gradients.
+    monkeypatch.setattr(chunk, "_block_len", lambda T, plane: 6)
+    inputs = {k: v.requires_grad_(True) for k, v in mamba1_inputs(1, 20, 8, 4).items()}
+    y, h = chunk_selective_scan(**inputs, output_final_state=True)
+    loss = (y * y).sum() + h.sum()
+    loss.backward(retain_graph=True)
+    first = {k: v.grad.clone() for k, v in inputs.items()}
+    loss.backward()
+    for k, v in inputs.items():
+        assert torch.equal(v.grad, 2 * first[k]), k
