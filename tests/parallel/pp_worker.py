@@ -86,6 +86,11 @@ CASES_4 = {
     "llama_tp": ("llama", dict(pp=2, tp=2)),
     "jamba_tp": ("jamba", dict(pp=2, tp=2)),
 }
+# 3-D: pp=2 x dp=2 (FSDP2) x tp=2 on 8 ranks.
+CASES_8 = {
+    "llama_3d": ("llama", dict(pp=2, tp=2, dp_backend="fsdp")),
+    "jamba_3d": ("jamba", dict(pp=2, tp=2, dp_backend="fsdp")),
+}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -178,7 +183,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     torch.set_default_dtype(torch.float64)
     rank, world = dist.get_rank(), dist.get_world_size()
-    cases = CASES_2 if world == 2 else CASES_4
+    cases = {2: CASES_2, 4: CASES_4, 8: CASES_8}[world]
     results = {}
     for name in names or list(cases):
         try:

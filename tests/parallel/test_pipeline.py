@@ -1,11 +1,12 @@
 """Pipeline parallelism against one process, with real gloo processes, plus in-process checks.
 
-Two torchrun launches of pp_worker.py (float64, 4 layers, pp=2, 4 micro-batches of one sequence):
+Three torchrun launches of pp_worker.py (float64, 4 layers, pp=2, 4 micro-batches of one sequence):
 - 2 ranks: 1F1B for every family (Llama untied; Titans MAC/MAG/MAL/LMM, TTT linear/MLP and
   Jamba with MoE, all tied), interleaved 1F1B (2 stages per rank) for Llama and Jamba, GPipe for
   Llama;
 - 4 ranks: pp=2 x dp=2 with FSDP2 (Llama, Jamba) and with DDP-style averaging (tied Llama),
-  pp=2 x tp=2 (Llama, Jamba).
+  pp=2 x tp=2 (Llama, Jamba);
+- 8 ranks: the 3-D mesh pp=2 x dp=2 (FSDP2) x tp=2 (Llama, Jamba).
 
 Checked against the single-process model (same weights, same global batch as the same
 micro-batches, aux losses included): the step's loss (relative 1e-10), every parameter's gradient
@@ -68,6 +69,11 @@ def results4(tmp_path_factory):
     return _launch(tmp_path_factory, 4)
 
 
+@pytest.fixture(scope="module")
+def results8(tmp_path_factory):
+    return _launch(tmp_path_factory, 8)
+
+
 def _check(results: list[dict], name: str, dp: int) -> None:
     for r, res in enumerate(results):
         assert "error" not in res[name], f"rank {r}:\n{res[name]['error']}"
@@ -111,6 +117,13 @@ def test_pp2_matches_single_process(results2, name):
 @pytest.mark.parametrize("name", list(pp_worker.CASES_4))
 def test_pp2_with_dp_or_tp_matches_single_process(results4, name):
     _check(results4, name, dp=1 if "tp" in pp_worker.CASES_4[name][1] else 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(pp_worker.CASES_8))
+def test_3d_pp_dp_tp_matches_single_process(results8, name):
+    """The 3-D mesh pp=2 x dp=2 (FSDP2) x tp=2 on 8 ranks (about 45 s on 2 cores)."""
+    _check(results8, name, dp=2)
 
 
 @pytest.mark.slow
