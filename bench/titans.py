@@ -13,6 +13,7 @@ peak growth = VmHWM after the step - VmRSS before it. Divided by B*T. A fresh pr
 after a first step the allocator keeps freed pages resident, so a second step shows no growth.
 
 Usage: python bench/titans.py [--seq 1024 2048 4096] [--repeats 3] [--skip-ref-above 4096] [--no-memory]
+       [--compile-memory]
 """
 
 from __future__ import annotations
@@ -37,13 +38,14 @@ SEGMENT = 64
 FFN = int(DIM * 4 * 2 / 3)
 
 
-def build_ours(T):
+def build_ours(T, compile_memory=False):
     from titanforge.models.config import ModelConfig
     from titanforge.models.registry import build_model
     from titanforge.models.titans.config import TitansConfig
     cfg = ModelConfig(family="titans", vocab_size=VOCAB, d_model=DIM, n_layers=DEPTH, n_heads=HEADS,
                       max_seq_len=T, ffn_hidden=FFN, titans=TitansConfig(variant="mac", memory_depth=2, memory_expansion=2,
-                                                         chunk_size=CHUNK, segment_len=SEGMENT, n_persistent=4))
+                                                         chunk_size=CHUNK, segment_len=SEGMENT, n_persistent=4,
+                                                         compile_memory=compile_memory))
     model = build_model(cfg)
 
     def step(tokens):
@@ -66,7 +68,9 @@ def build_ref(T):
     return model, step
 
 
-BUILDERS = {"ours": build_ours, "titans_pytorch": build_ref}
+BUILDERS = {"ours": build_ours, "titans_pytorch": build_ref,
+            # Opt-in torch.compile of the memory's chunk chain (model.titans.compile_memory).
+            "ours_compiled": lambda T: build_ours(T, compile_memory=True)}
 
 
 def _release_freed_memory():
@@ -134,6 +138,9 @@ def main():
                     help="torch threads; 1 keeps timings stable on a shared 2-core host")
     ap.add_argument("--chunk", type=int, default=16, help="memory chunk size b on both sides")
     ap.add_argument("--segment", type=int, default=64, help="MAC segment length on both sides")
+    ap.add_argument("--compile-memory", action="store_true",
+                    help="also time ours with model.titans.compile_memory (cold inductor cache; the first "
+                         "step's time, compile included, is reported as ours_compiled_first_step_s)")
     args = ap.parse_args()
     global CHUNK, SEGMENT
     CHUNK, SEGMENT = args.chunk, args.segment
@@ -142,14 +149,18 @@ def main():
         return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.compile_memory:
+        # A fresh inductor cache, so the first compiled step shows the real compile time.
+        import tempfile
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="titans_bench_inductor_")
     results = []
     for T in args.seq:
-        names = ["ours"] + (["titans_pytorch"] if T <= args.skip_ref_above else [])
+        names = ["ours"] + (["titans_pytorch"] if T <= args.skip_ref_above else []) + \
+            (["ours_compiled"] if args.compile_memory else [])
         steps = {n: BUILDERS[n](T)[1] for n in names}
         tokens = torch.randint(0, VOCAB, (B, T + 1))
         best = {n: float("inf") for n in names}
-        for n in names:  # warm-up step, not timed
-            timed(steps[n], tokens)
+        first = {n: timed(steps[n], tokens) for n in names}  # warm-up step, not in the min
         for _ in range(args.repeats):
             for n in names:
                 best[n] = min(best[n], timed(steps[n], tokens))
@@ -158,6 +169,9 @@ def main():
             row[f"{n}_step_s"] = round(best[n], 3)
             row[f"{n}_tokens_per_s"] = round(B * T / best[n], 1)
             row[f"{n}_s_per_1k_tokens"] = round(1000 * best[n] / (B * T), 3)
+            if n == "ours_compiled":
+                row[f"{n}_first_step_s"] = round(first[n], 1)
+                continue
             if args.memory:
                 rss = peak_rss_child(n, T)
                 row[f"{n}_peak_rss_growth_bytes_per_token"] = None if rss is None else round(rss / (B * T))
@@ -165,6 +179,8 @@ def main():
                     print(f"WARNING: {n} T={T}: peak RSS growth {rss} <= 0; the measure failed", file=sys.stderr)
         if "titans_pytorch" in names:
             row["speedup"] = round(best["titans_pytorch"] / best["ours"], 2)
+            if "ours_compiled" in names:
+                row["speedup_compiled"] = round(best["titans_pytorch"] / best["ours_compiled"], 2)
         print(json.dumps(row), flush=True)
         results.append(row)
         write(args, results)

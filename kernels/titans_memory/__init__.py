@@ -36,7 +36,7 @@ def _check_weights(weights, B: int, H: int, Dk: int, Dv: int, name: str = "weigh
 def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor,
                         eta: torch.Tensor, alpha: torch.Tensor, *, weights: list[torch.Tensor],
                         momentum: list[torch.Tensor] | None = None, chunk_size: int = 16,
-                        activation: str = "silu") -> tuple[torch.Tensor, State]:
+                        activation: str = "silu", compile: bool = False) -> tuple[torch.Tensor, State]:
     """Run the Titans memory over a sequence, chunk by chunk.
 
     q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; theta (step size), eta (momentum decay), alpha (forget
@@ -48,7 +48,8 @@ def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta
     start. Returns o [B, T, H, Dv] (the retrievals M_0(q_t)) and the final state
     (weights, momentum) as lists of [B, H, d_in, d_out]; passing it back as initial state continues
     the sequence exactly when the first piece's length is a multiple of chunk_size.
-    Computes in float32 (float64 if given); o has q's dtype.
+    Computes in float32 (float64 if given); o has q's dtype. compile=True runs the chunk chain's
+    forward and backward through torch.compile (opt-in: a one-off compile of minutes on CPU).
     """
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"q, k must be [B, T, H, Dk] and v [B, T, H, Dv] with equal B, T, H; got "
@@ -77,7 +78,7 @@ def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta
     th, et, al = (g.to(dtype).transpose(1, 2) for g in (theta, eta, alpha))
     ws = [w.to(dtype) for w in weights]
     ms = None if momentum is None else [m.to(dtype) for m in momentum]
-    o, state = chunk_titans_memory_fwd(q_, k_, v_, th, et, al, ws, ms, chunk_size, activation)
+    o, state = chunk_titans_memory_fwd(q_, k_, v_, th, et, al, ws, ms, chunk_size, activation, compile)
     return o.transpose(1, 2).to(q.dtype), state
 
 

@@ -210,10 +210,22 @@ def _chain_backward(activation, do, dW, dS, c_M0, c_S0_M, c_S0_S, c, W_st, S_st,
             d_c_M0, d_c_S0_M, d_c_S0_S, d_c_g, dW, dS)
 
 
+_COMPILED = []
+
+
+def _chain_fns(compiled: bool):
+    """(forward, backward) of the chunk chain: eager, or torch.compile'd (opt-in,
+    `model.titans.compile_memory`). Compiled once per process; dynamo re-traces per new shape (a
+    MAC model has one: every segment has the same chunk count and B*H)."""
+    if not compiled:
+        return _chain_forward, _chain_backward
+    if not _COMPILED:
+        _COMPILED.extend(torch.compile(f, dynamic=False) for f in (_chain_forward, _chain_backward))
+    return _COMPILED
 
 
 class ChunkMemoryFunction(torch.autograd.Function):
-    """forward(activation, L, q, k, v [BH, N, b, D], c_M0, c_S0_M, c_S0_S [BH, N],
+    """forward(activation, L, compiled, q, k, v [BH, N, b, D], c_M0, c_S0_M, c_S0_S [BH, N],
     c_g_M, c_g_S [BH, N, b], *W (L tensors [BH, d_in, d_out]), *S (L tensors, same shapes))
     -> (o [BH, N, b, Dv], *W_final, *S_final).
 
@@ -221,12 +233,12 @@ class ChunkMemoryFunction(torch.autograd.Function):
     from the saved chunk-start weights. Key-row activations are kept for the backward."""
 
     @staticmethod
-    def forward(ctx, activation, L, q, k, v, c_M0, c_S0_M, c_S0_S, c_g_M, c_g_S, *WS):
+    def forward(ctx, activation, L, compiled, q, k, v, c_M0, c_S0_M, c_S0_S, c_g_M, c_g_S, *WS):
         # [BH, N, b, 2]: each token's gradient weight in the M-end and the S-end state.
         c = torch.stack([c_g_M, c_g_S], -1)
-        o, W, S, W_st, S_st, saved, xq, zq = _chain_forward(activation, q, k, v, c_M0, c_S0_M, c_S0_S, c,
-                                                            list(WS[:L]), list(WS[L:]))
-        ctx.activation, ctx.L = activation, L
+        o, W, S, W_st, S_st, saved, xq, zq = _chain_fns(compiled)[0](activation, q, k, v, c_M0, c_S0_M, c_S0_S, c,
+                                                                     list(WS[:L]), list(WS[L:]))
+        ctx.activation, ctx.L, ctx.compiled = activation, L, compiled
         ctx.saved, ctx.xq, ctx.zq = saved, xq, zq
         ctx.save_for_backward(c_M0, c_S0_M, c_S0_S, c, *W_st, *S_st)
         return (o, *W, *S)
@@ -240,12 +252,13 @@ class ChunkMemoryFunction(torch.autograd.Function):
         dW = [torch.zeros_like(w[:, 0]) if g is None else g for g, w in zip(dWS[:L], W_st)]
         dS = [torch.zeros_like(w[:, 0]) if g is None else g for g, w in zip(dWS[L:], W_st)]
         do = torch.zeros_like(ctx.zq[-1]) if do is None else do
-        dq, dk, dv, d_c_M0, d_c_S0_M, d_c_S0_S, d_c_g, dW, dS = _chain_backward(
+        dq, dk, dv, d_c_M0, d_c_S0_M, d_c_S0_S, d_c_g, dW, dS = _chain_fns(ctx.compiled)[1](
             ctx.activation, do, dW, dS, c_M0, c_S0_M, c_S0_S, c, W_st, S_st, ctx.saved, ctx.xq, ctx.zq)
-        return (None, None, dq, dk, dv, d_c_M0, d_c_S0_M, d_c_S0_S, d_c_g[..., 0], d_c_g[..., 1], *dW, *dS)
+        return (None, None, None, dq, dk, dv, d_c_M0, d_c_S0_M, d_c_S0_S, d_c_g[..., 0], d_c_g[..., 1], *dW, *dS)
 
 
-def chunk_titans_memory_fwd(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, activation):
+def chunk_titans_memory_fwd(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, activation,
+                            compiled=False):
     """Inputs already validated and laid out as [B, H, T, D] / gates [B, H, T]."""
     B, H, T = q.shape[:3]
     W = [w.expand(B, H, *w.shape[-2:]) if w.dim() == 3 else w for w in weights]
@@ -264,7 +277,7 @@ def chunk_titans_memory_fwd(q, k, v, theta, eta, alpha, weights, momentum, chunk
         c_M0, c_S0_M, c_g_M, c_S0_S, c_g_S = chunk_coefficients(part(theta), part(eta), part(alpha))
         # B and H fold into one batch axis so every matmul is a plain strided bmm.
         bh = lambda t: t.flatten(0, 1)  # noqa: E731
-        out = ChunkMemoryFunction.apply(activation, L, *(bh(part(t)) for t in (q, k, v)),
+        out = ChunkMemoryFunction.apply(activation, L, compiled, *(bh(part(t)) for t in (q, k, v)),
                                         *(bh(t) for t in (c_M0, c_S0_M, c_S0_S, c_g_M, c_g_S)),
                                         *(bh(t) for t in W), *(bh(t) for t in S))
         outs.append(out[0].unflatten(0, (B, H)).flatten(2, 3))

@@ -36,6 +36,10 @@ class TitansConfig:
     n_persistent: int = 4
     # Kernel width of the depthwise causal convolutions after the q/k/v projections.
     conv_kernel: int = 4
+    # Run the memory's chunk chain (forward and backward) through torch.compile. Opt-in: on the
+    # 2-core CPU host the first step compiled for 50-110 s, then the chain ran ~1.2x faster and
+    # the MAC step ~7% (bench/results/titans.json, docs/design.md); off in tests and CI.
+    compile_memory: bool = False
 
     def validate(self) -> list[str]:
         errs = []

@@ -152,7 +152,8 @@ class NeuralMemory(nn.Module):
         """Run the memory op over a piece of sequence from `state`; returns raw reads [B, T, H, D]."""
         weights, momentum = state
         return chunk_titans_memory(q, k, v, *gates, weights=weights, momentum=momentum,
-                                   chunk_size=self.cfg.chunk_size, activation=self.cfg.memory_activation)
+                                   chunk_size=self.cfg.chunk_size, activation=self.cfg.memory_activation,
+                                   compile=self.cfg.compile_memory)
 
     def forward(self, x: torch.Tensor, state=None):
         q, _ = self.query(x)

@@ -61,7 +61,7 @@ def test_memory_layer_matches_naive_op_forward_and_grads(monkeypatch):
     out, (W, S) = layer(x)
     g_c = torch.autograd.grad(out.square().sum() + sum(w.sum() for w in W), params)
 
-    def naive(q, k, v, theta, eta, alpha, *, weights, momentum, chunk_size, activation):
+    def naive(q, k, v, theta, eta, alpha, *, weights, momentum, chunk_size, activation, compile=False):
         return naive_titans_memory(q, k, v, theta, eta, alpha, weights=weights, momentum=momentum,
                                    chunk_size=chunk_size, activation=activation)
 
