@@ -38,7 +38,7 @@ class TitansConfig:
     conv_kernel: int = 4
     # Run the memory's chunk chain (forward and backward) through torch.compile. Opt-in: on the
     # 2-core CPU host the first step compiled for 50-110 s, then the chain ran ~1.2x faster and
-    # the MAC step ~7% (bench/results/titans.json, docs/design.md); off in tests and CI.
+    # the MAC step 1-7% (bench/results/titans.json, docs/design.md); off in tests and CI.
     compile_memory: bool = False
 
     def validate(self) -> list[str]:
