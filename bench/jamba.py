@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -178,12 +179,18 @@ def main() -> None:
     info = machine()
     info["keep_freed_memory"] = args.keep_freed_memory
     info["hf_scan"] = "mambapy pscan" if is_mambapy_available() else "sequential loop (mambapy missing)"
+    if not is_mambapy_available():
+        # HF's per-token loop is ~30x slower than its pscan: the ratio would flatter us.
+        print("warning: mambapy is not installed (pip install -e '.[bench]'); HF runs its per-token loop",
+              file=sys.stderr, flush=True)
     rows, n_params = [], {}
     for V in args.vocab_sizes:
         cfg = load_config(args.config).model
         cfg.vocab_size = V
         n_params[V], r = run_config(cfg, args.lengths, args.repeats, not args.no_breakdown)
         rows += r
+    # The hosts are shared: the load at the end shows whether other work ran during the steps.
+    info["load_average_at_end"] = os.getloadavg()
     result = {"benchmark": "Jamba forward+backward tokens/s, batch 1, ours vs HF JambaForCausalLM (CPU)",
               "config": Path(args.config).name, "vocab_sizes": args.vocab_sizes, "n_params": n_params,
               "repeats": args.repeats, "machine": info, "results": rows}
