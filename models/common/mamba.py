@@ -49,10 +49,11 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if conv_state is None:
         conv_state = x.new_zeros(x.shape[0], x.shape[2], K - 1)
     xc = torch.cat([conv_state.transpose(1, 2).to(x.dtype), x], dim=1)  # [B, K-1+T, ch]
-    w = weight[:, 0].to(x.dtype)  # [ch, K]
-    y = xc[:, K - 1:] * w[:, K - 1]
+    # [K, ch]: each tap's weights contiguous, so the multiply-adds take the vectorised path.
+    w = weight[:, 0].t().contiguous().to(x.dtype)
+    y = xc[:, K - 1:] * w[K - 1]
     for k in range(K - 1):
-        y = torch.addcmul(y, xc[:, k:k + T], w[:, k])
+        y = torch.addcmul(y, xc[:, k:k + T], w[k])
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y, xc[:, xc.shape[1] - (K - 1):].transpose(1, 2)
