@@ -25,8 +25,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"titanforge: {e}", file=sys.stderr)
         return 2
     from titanforge.trainer import train
+    from titanforge.trainer.dist import shutdown
 
-    result = train(job, config_yaml=to_yaml(job))
+    try:
+        result = train(job, config_yaml=to_yaml(job))
+    finally:
+        # Tear the process group down before interpreter exit: a gloo group left to static
+        # destruction can abort the process ("terminate called without an active exception")
+        # after training has finished and saved, which torchrun reports as a failed run.
+        shutdown()
     return 0 if result.stop_reason in ("done", "preempted") else 1
 
 
