@@ -30,4 +30,4 @@ def apply_compile(model: nn.Module) -> nn.Module:
 def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     """Gradient all-reduce over all ranks (gloo on CPU, NCCL on GPU)."""
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+                                   forward_sync_buffers=False)
