@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from titanforge.models.common.moe import GroupedExperts
 from titanforge.models.common.moe_dispatch import expert_forward
@@ -194,31 +194,3 @@ def reduce_expert_grads(model: nn.Module) -> None:
             local = grad.to_local()
             dist.all_reduce(local, group=mesh.get_group())
             local.div_(mesh.size())
-
-
-def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-    """Global gradient norm over parameters that live on different meshes; clips when max_norm is finite.
-
-    Expert gradients are DTensors on the ep mesh (DDP) or on dp_rep x ep (FSDP2), the others
-    plain tensors (DDP) or DTensors on "dp" (FSDP2); foreach kernels cannot mix them, so the norm
-    is taken per mesh (each shard counted once by DTensor's reduction) and combined.
-    """
-    if max_norm <= 0:
-        raise ValueError(f"clip_grad_norm_: max_norm={max_norm} must be > 0 (0 means no clipping: do not call)")
-    groups: dict[object, list[torch.Tensor]] = {}
-    for p in model.parameters():
-        if p.grad is not None:
-            mesh = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
-            groups.setdefault(mesh, []).append(p.grad)
-    norms = []
-    for grads in groups.values():
-        norm = torch.nn.utils.get_total_norm(grads, norm_type, foreach=True)
-        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    if not norms:
-        return torch.zeros(())
-    total = torch.nn.utils.get_total_norm(torch.stack(norms), norm_type)
-    coef = max_norm / (float(total) + 1e-6)
-    if coef < 1.0:
-        for grads in groups.values():
-            torch._foreach_mul_(grads, coef)
-    return total

@@ -118,16 +118,3 @@ def no_gradient_sync(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.set_requires_gradient_sync(True)
-
-
-def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-    """Clip gradients by their global norm over all shards; returns the norm as a plain tensor.
-
-    `torch.nn.utils.clip_grad_norm_` already reduces DTensor gradients across the mesh, but returns
-    a DTensor; this returns its full (replicated) value so the trainer can log and compare it.
-    """
-    if max_norm <= 0:
-        raise ValueError(f"clip_grad_norm_: max_norm={max_norm} must be > 0 (0 means no clipping: do not call)")
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type, foreach=True)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm

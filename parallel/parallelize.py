@@ -76,11 +76,7 @@ def finish_grad_reduction(model: nn.Module) -> None:
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Global gradient norm over every shard, as a plain tensor; clips when max_norm is finite."""
-    from titanforge.parallel import expert_parallel
-    from titanforge.parallel.fsdp import clip_grad_norm_
+    """Global gradient norm over every shard and mesh, as a plain tensor; clips when max_norm is finite."""
+    from titanforge.parallel.grad_norm import clip_grad_norm_
 
-    if expert_parallel.expert_modules(model):
-        # Expert gradients live on the ep mesh, the others elsewhere: one norm per mesh.
-        return expert_parallel.clip_grad_norm_(model, max_norm)
     return clip_grad_norm_(model, max_norm)

@@ -264,26 +264,6 @@ def average_grads(params: list[nn.Parameter], group, size: int) -> None:
             g /= size
 
 
-@torch.no_grad()
-def grad_norm_squared(params: list[nn.Parameter]) -> torch.Tensor:
-    """Sum of squared gradient entries of `params` over all their shards (DTensor-aware), as float64."""
-    total = torch.zeros((), dtype=torch.float64)
-    by_mesh: dict = {}
-    for p in params:
-        if p.grad is None:
-            continue
-        g = p.grad
-        if isinstance(g, DTensor):
-            by_mesh.setdefault((g.device_mesh, tuple(g.placements)), []).append(g)
-        else:
-            total = total + g.detach().double().pow(2).sum().cpu()
-    for grads in by_mesh.values():
-        norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
-        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-        total = total + norm.double().cpu() ** 2
-    return total
-
-
 def build_pipeline_schedule(name: str, stages: list, n_microbatches: int, loss_fn):
     """torch.distributed.pipelining's schedule for `name` over this rank's `stages` (PipelineStage).
 

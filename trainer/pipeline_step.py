@@ -39,13 +39,13 @@ from titanforge.parallel.pipeline import (
     build_stage_module,
     check_pipeline_config,
     check_pipeline_microbatches,
-    grad_norm_squared,
     recv_activation,
     send_activation,
     stage_indices,
     sum_tied_grads,
     tied_embedding_group,
 )
+from titanforge.parallel.grad_norm import grad_norm_squared, scale_grads_
 from titanforge.parallel.tp_loss import tp_cross_entropy
 from titanforge.trainer.dist import all_reduce
 from titanforge.trainer.optim import build_optimizer
@@ -130,13 +130,8 @@ class PipelineTrainStep:
         sq = grad_norm_squared(self.norm_params).to(self.info.device)
         dist.all_reduce(sq, group=self.pp_group)
         total = sq.sqrt()
-        if math.isfinite(max_norm) and torch.isfinite(total):
-            coef = max_norm / (total.item() + 1e-6)
-            if coef < 1.0:
-                with torch.no_grad():
-                    for p in self.model.parameters():
-                        if p.grad is not None:
-                            p.grad.mul_(coef)
+        if math.isfinite(max_norm):
+            scale_grads_(list(self.model.parameters()), max_norm, total)
         return total
 
     def optimizer_step(self) -> None:

@@ -30,7 +30,8 @@ import fsdp_cases as cases  # noqa: E402
 
 from titanforge.models.registry import build_model  # noqa: E402
 from titanforge.parallel.data_parallel import apply_activation_checkpointing  # noqa: E402
-from titanforge.parallel.fsdp import apply_fsdp, clip_grad_norm_, no_gradient_sync  # noqa: E402
+from titanforge.parallel.fsdp import apply_fsdp, no_gradient_sync  # noqa: E402
+from titanforge.parallel.grad_norm import clip_grad_norm_  # noqa: E402
 
 
 def global_mean(x: torch.Tensor) -> float:
