@@ -67,13 +67,7 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, param_dtype: torch.dtyp
                          f"its blocks in `self.layers` (models/registry.py contract)")
     if isinstance(model, FSDPModule):
         raise ValueError("apply_fsdp: the model is already sharded with FSDP; apply it once, last")
-    _check_dtype("param_dtype", param_dtype)
-    _check_dtype("reduce_dtype", reduce_dtype)
-    widest = max((p.dtype.itemsize for p in model.parameters() if p.is_floating_point()), default=4)
-    if param_dtype is None and reduce_dtype is not None and reduce_dtype.itemsize < widest:
-        # Never reduce gradients in a narrower dtype than the parameters compute in (float64 runs).
-        reduce_dtype = None
-    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    mp_policy = mixed_precision_policy(model, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     # Pinned host memory needs an accelerator; on a CPU-only machine pinning raises.
     pin = torch.accelerator.is_available()
     offload_policy = CPUOffloadPolicy(pin_memory=pin) if cpu_offload else OffloadPolicy()
@@ -86,6 +80,19 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, param_dtype: torch.dtyp
     fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, offload_policy=offload_policy,
                 reshard_after_forward=reshard_after_forward, shard_placement_fn=_shard_placement)
     return model
+
+
+def mixed_precision_policy(model: nn.Module, *, param_dtype: torch.dtype | None = None,
+                           reduce_dtype: torch.dtype | None = torch.float32) -> MixedPrecisionPolicy:
+    """`apply_fsdp`'s policy (also for FSDP units made elsewhere, e.g. expert-parallel experts):
+    a reduce dtype narrower than the parameters is dropped unless `param_dtype` (mixed precision)
+    is set, so float64 runs are never reduced in float32."""
+    _check_dtype("param_dtype", param_dtype)
+    _check_dtype("reduce_dtype", reduce_dtype)
+    widest = max((p.dtype.itemsize for p in model.parameters() if p.is_floating_point()), default=4)
+    if param_dtype is None and reduce_dtype is not None and reduce_dtype.itemsize < widest:
+        reduce_dtype = None
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
 
 
 def _shard_placement(param: nn.Parameter) -> Shard | None:

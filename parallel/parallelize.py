@@ -36,15 +36,13 @@ def parallelize(model: nn.Module, family: str, dims: ParallelDims, mesh: DeviceM
         apply_compile(model)
     if dims.dp > 1:
         if cfg.dp_backend == "fsdp":
-            from titanforge.parallel.fsdp import apply_fsdp
+            from titanforge.parallel.fsdp import apply_fsdp, mixed_precision_policy
 
             if dims.ep > 1:
-                from torch.distributed.fsdp import MixedPrecisionPolicy
-
                 from titanforge.parallel.expert_parallel import shard_experts_fsdp
 
-                # The same reduce dtype as apply_fsdp's default for the rest of the model.
-                shard_experts_fsdp(model, mesh["dp_rep"], mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
+                # The same policy as apply_fsdp's for the rest of the model.
+                shard_experts_fsdp(model, mesh["dp_rep"], mp_policy=mixed_precision_policy(model))
             model = apply_fsdp(model, mesh["dp"])
         else:
             if dims.ep > 1:
