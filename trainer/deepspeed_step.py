@@ -28,14 +28,15 @@ import os
 import torch
 import torch.distributed as dist
 
-from titanforge.models.registry import collect_metrics
 from titanforge.parallel.zero import build_deepspeed_engine
 from titanforge.trainer.dist import all_reduce
 from titanforge.trainer.optim import build_optimizer
-from titanforge.trainer.step import autocast_for, build_plain_model, lm_loss
+from titanforge.trainer.step import TrainStep, autocast_for, build_plain_model, lm_loss
 
 
-class DeepSpeedTrainStep:
+class DeepSpeedTrainStep(TrainStep):
+    """`val_loss`, `train` and `metrics` are TrainStep's: `self.model` is the engine."""
+
     def __init__(self, job, dims, mesh, info):
         t = job.train
         self.job, self.dims, self.info = job, dims, info
@@ -84,14 +85,3 @@ class DeepSpeedTrainStep:
 
     def zero_grad(self) -> None:
         """Nothing: the engine zeroes (or, on a skipped step, drops) the gradients in `engine.step()`."""
-
-    @torch.no_grad()
-    def val_loss(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
-        loss, _ = lm_loss(self.engine, self.raw_model, tokens, self.autocast)
-        return loss.double(), 1
-
-    def train(self, mode: bool = True) -> None:
-        self.engine.train(mode)
-
-    def metrics(self) -> dict:
-        return collect_metrics(self.raw_model)

@@ -49,10 +49,12 @@ from titanforge.parallel.grad_norm import grad_norm_squared, scale_grads_
 from titanforge.parallel.tp_loss import tp_cross_entropy
 from titanforge.trainer.dist import all_reduce
 from titanforge.trainer.optim import build_optimizer
-from titanforge.trainer.step import autocast_for, build_plain_model
+from titanforge.trainer.step import TrainStep, autocast_for, build_plain_model
 
 
-class PipelineTrainStep:
+class PipelineTrainStep(TrainStep):
+    """`optimizer_step` and `zero_grad` are TrainStep's (one optimizer over this rank's stages)."""
+
     def __init__(self, job, dims, mesh, info):
         cfg, t = job.parallel, job.train
         self.job, self.dims, self.info = job, dims, info
@@ -133,12 +135,6 @@ class PipelineTrainStep:
         if math.isfinite(max_norm):
             scale_grads_(list(self.model.parameters()), max_norm, total)
         return total
-
-    def optimizer_step(self) -> None:
-        self.optimizer.step()
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def val_loss(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:

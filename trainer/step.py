@@ -93,7 +93,8 @@ class TrainStep:
 
     @torch.no_grad()
     def val_loss(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """(loss sum, count) over this rank's share; tensor-parallel replicas count once."""
+        """(loss, 1) on every rank; tensor-parallel replicas hold equal losses, so the caller's
+        mean over all ranks is the data-parallel mean."""
         loss, _ = lm_loss(self.model, self.raw_model, tokens, self.autocast)
         return loss.double(), 1
 
