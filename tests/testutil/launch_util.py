@@ -24,6 +24,19 @@ def command(config: str, overrides: list[str], nproc: int = 1) -> list[str]:
             "--nproc", str(nproc)]
 
 
+# A 2-layer, 32-wide llama-tiny for 8 steps with checkpoints every 2: fast end-to-end runs.
+TINY_LLAMA = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "model.n_kv_heads": 2,
+              "model.max_seq_len": 64, "train.global_batch_size": 8, "train.micro_batch_size": 4, "train.steps": 8,
+              "train.val_every": 4, "train.val_batches": 2, "optim.lr": 3e-3, "optim.warmup_steps": 2,
+              "checkpoint.every": 2, "checkpoint.keep_last": 2}
+
+
+def overrides(data: Path, out: Path, base: dict = TINY_LLAMA, **extra) -> list[str]:
+    """`key=value` overrides: data path and output dir, then `base`, then `extra` (which wins)."""
+    merged = {"data.path": data, "output_dir": out, **base, **extra}
+    return [f"{k}={v}" for k, v in merged.items()]
+
+
 def run(config: str, overrides: list[str], nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(command(config, overrides, nproc), env=env(), cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)

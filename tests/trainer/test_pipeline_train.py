@@ -25,13 +25,7 @@ CONFIG = "configs/llama-tiny.yaml"
 TOL = 1e-5
 
 
-def _overrides(data: Path, out: Path, **extra) -> list[str]:
-    base = {"data.path": data, "output_dir": out, "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2,
-            "model.n_kv_heads": 2, "model.max_seq_len": 64, "train.global_batch_size": 8,
-            "train.micro_batch_size": 4, "train.steps": 8, "train.val_every": 4, "train.val_batches": 2,
-            "optim.lr": 3e-3, "optim.warmup_steps": 2, "checkpoint.every": 2, "checkpoint.keep_last": 2}
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+_overrides = lu.overrides  # tiny llama-tiny runs (testutil/launch_util.py)
 
 
 def _train(data: Path, out: Path, nproc: int, **extra):
