@@ -39,6 +39,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from titanforge.kernels.mamba import fused_cpu
+
 
 def _pad_time(t: torch.Tensor, pad: int) -> torch.Tensor:
     """Zero-pad dim 1 (time) by `pad`; Δ = 0 there means decay 1 and no input: the state is kept."""
@@ -283,6 +285,19 @@ class SelectiveScanFunction(torch.autograd.Function):
         return (gu, gdelta, gA.t(), gB, gC, (gh0.transpose(1, 2) if h0t is not None else None), None)
 
 
+def _use_native(backend: str, u: torch.Tensor) -> bool:
+    if backend == "torch":
+        return False
+    if backend == "native":
+        if not (u.device.type == "cpu" and u.dtype in (torch.float32, torch.float64)):
+            raise ValueError(f"backend='native' runs CPU float32/float64 only, got {u.device.type} {u.dtype}")
+        if not fused_cpu.available():
+            raise RuntimeError(f"backend='native': the C scan is unavailable ({fused_cpu.status()})")
+        return True
+    return (u.device.type == "cpu" and u.dtype in (torch.float32, torch.float64)
+            and not torch.compiler.is_compiling() and fused_cpu.available())
+
+
 def _check(name: str, t: torch.Tensor, shape: tuple) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
@@ -291,12 +306,16 @@ def _check(name: str, t: torch.Tensor, shape: tuple) -> None:
 def chunk_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                          C: torch.Tensor, D: torch.Tensor | None = None,
                          initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-                         chunk_size: int = 0):
+                         chunk_size: int = 0, backend: str = "auto"):
     """Mamba-1 selective scan, chunked (see module docstring).
 
-    chunk_size 0 (default) runs the sequential scan in cache-sized time blocks: a loop over T,
-    each step one whole [B, N, D] plane; that is the fastest on CPU unless B·D·N is tiny, since
-    chunking adds two passes (the chunk-entry decays P and the carry correction) over [B, T, N, D].
+    chunk_size 0 (default) runs the sequential scan: with backend "auto" (default) on CPU float32/
+    float64 tensors, as one fused C loop (`fused_cpu.py`, ~4x faster than PyTorch; falls back when
+    no C compiler is found), otherwise ("torch", or CUDA, or under torch.compile) in cache-sized
+    time blocks of PyTorch ops: a loop over T, each step one whole [B, N, D] plane; that is the
+    fastest plain-PyTorch form on CPU unless B·D·N is tiny, since chunking adds two passes (the
+    chunk-entry decays P and the carry correction) over [B, T, N, D]. backend "native" requires
+    the C loop (raises if it cannot be built).
 
     u, delta: [B, T, D] (delta after softplus), A: [D, N] (negative), B, C: [B, T, N], D: [D],
     initial_state: [B, D, N]. Returns y [B, T, D] and the final state [B, D, N] (None unless
@@ -306,6 +325,8 @@ def chunk_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
         raise ValueError(f"u must be [B, T, D], got shape {tuple(u.shape)}")
     if chunk_size < 0:
         raise ValueError(f"chunk_size={chunk_size} must be >= 0 (0 = the whole sequence as one chunk)")
+    if backend not in ("auto", "native", "torch"):
+        raise ValueError(f"backend={backend!r}: expected 'auto', 'native' or 'torch'")
     Bsz, T, Dn = u.shape
     N = A.shape[-1]
     _check("delta", delta, (Bsz, T, Dn))
@@ -317,7 +338,10 @@ def chunk_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
     if initial_state is not None:
         _check("initial_state", initial_state, (Bsz, Dn, N))
         initial_state = initial_state.to(u.dtype)
-    if chunk_size == 0:
+    if chunk_size == 0 and _use_native(backend, u):
+        y, h_last = fused_cpu.FusedSelectiveScanFunction.apply(u, delta.to(u.dtype), A.to(u.dtype), B.to(u.dtype),
+                                                               C.to(u.dtype), initial_state)
+    elif chunk_size == 0:
         y, h_last = SequentialScanFunction.apply(u, delta, A.to(u.dtype), B, C, initial_state)
     else:
         y, h_last = SelectiveScanFunction.apply(u, delta, A.to(u.dtype), B, C, initial_state, chunk_size)

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import titanforge.kernels.mamba.chunk as chunk
+import titanforge.kernels.mamba.fused_cpu as fused_cpu
+import titanforge.kernels.native as native
 from titanforge.kernels.mamba import chunk_selective_scan, chunk_ssd, naive_selective_scan, naive_ssd
 
 
@@ -43,18 +45,21 @@ def run_with_grads(fn, inputs, seed=1):
     y, h = fn(**leaves, output_final_state=True)
     g = torch.Generator().manual_seed(seed)
     # Random cotangents on both outputs, so the final-state path is checked too.
-    loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum() \
-        + (h * torch.randn(h.shape, generator=g, dtype=h.dtype)).sum()
+    # Drawn in float64 whatever the outputs' dtype, so float32 runs see the same cotangents.
+    loss = (y * torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)).sum() \
+        + (h * torch.randn(h.shape, generator=g, dtype=torch.float64).to(h.dtype)).sum()
     loss.backward()
     return y.detach(), h.detach(), {k: v.grad for k, v in leaves.items()}
 
 
-# chunk 0 is one chunk over T (the sequential default, initial state seeded into step 0).
-@pytest.mark.parametrize("T,chunk", [(63, 16), (100, 64), (5, 8), (37, 1), (63, 0), (100, 0)])
-def test_selective_scan_matches_naive(T, chunk):
+# chunk 0 is the sequential scan: the fused C loop ("native") or PyTorch ops in time blocks.
+@pytest.mark.parametrize("T,chunk,backend", [(63, 16, "torch"), (100, 64, "torch"), (5, 8, "torch"),
+                                             (37, 1, "torch"), (63, 0, "torch"), (100, 0, "torch"),
+                                             (63, 0, "native"), (100, 0, "native")])
+def test_selective_scan_matches_naive(T, chunk, backend):
     inputs = mamba1_inputs(2, T, 24, 5)
     y_ref, h_ref, g_ref = run_with_grads(naive_selective_scan, inputs)
-    y, h, g = run_with_grads(lambda **kw: chunk_selective_scan(**kw, chunk_size=chunk), inputs)
+    y, h, g = run_with_grads(lambda **kw: chunk_selective_scan(**kw, chunk_size=chunk, backend=backend), inputs)
     assert rel_rms(y, y_ref) < 1e-12
     assert rel_rms(h, h_ref) < 1e-12
     for k in g_ref:
@@ -72,7 +77,7 @@ def test_sequential_scan_blocks_match_naive(T, block, with_h0, monkeypatch):
     if not with_h0:
         inputs.pop("initial_state")
     y_ref, h_ref, g_ref = run_with_grads(naive_selective_scan, inputs)
-    y, h, g = run_with_grads(lambda **kw: chunk_selective_scan(**kw, chunk_size=0), inputs)
+    y, h, g = run_with_grads(lambda **kw: chunk_selective_scan(**kw, chunk_size=0, backend="torch"), inputs)
     assert rel_rms(y, y_ref) < 1e-12
     assert rel_rms(h, h_ref) < 1e-12
     for k in g_ref:
@@ -88,14 +93,15 @@ def test_selective_scan_without_initial_state_and_float32():
     assert rel_rms(y.double(), y_ref) < 1e-5
 
 
-def test_selective_scan_split_equals_one_pass():
+@pytest.mark.parametrize("chunk_size", [16, 0])
+def test_selective_scan_split_equals_one_pass(chunk_size):
     inputs = mamba1_inputs(2, 100, 12, 4)
-    y_full, h_full = chunk_selective_scan(**inputs, output_final_state=True, chunk_size=16)
+    y_full, h_full = chunk_selective_scan(**inputs, output_final_state=True, chunk_size=chunk_size)
     first = {k: (v[:, :41] if v.dim() == 3 and k not in ("A", "initial_state") else v) for k, v in inputs.items()}
     second = {k: (v[:, 41:] if v.dim() == 3 and k not in ("A", "initial_state") else v) for k, v in inputs.items()}
-    y1, h1 = chunk_selective_scan(**first, output_final_state=True, chunk_size=16)
+    y1, h1 = chunk_selective_scan(**first, output_final_state=True, chunk_size=chunk_size)
     second["initial_state"] = h1
-    y2, h2 = chunk_selective_scan(**second, output_final_state=True, chunk_size=16)
+    y2, h2 = chunk_selective_scan(**second, output_final_state=True, chunk_size=chunk_size)
     assert rel_rms(torch.cat([y1, y2], 1), y_full) < 1e-12
     assert rel_rms(h2, h_full) < 1e-12
 
@@ -157,15 +163,103 @@ def test_selective_scan_second_backward_fails_loudly():
         y.sum().backward()
 
 
-def test_sequential_scan_second_backward_is_exact(monkeypatch):
-    # The sequential path recomputes its decays and writes nothing it saved: a retained graph
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_sequential_scan_second_backward_is_exact(backend, monkeypatch):
+    # Both sequential paths recompute their decays and write nothing they saved: a retained graph
     # backpropagated twice accumulates exactly twice the gradients.
     monkeypatch.setattr(chunk, "_block_len", lambda T, plane: 6)
+    monkeypatch.setattr(fused_cpu, "CHECKPOINT_EVERY", 6)
     inputs = {k: v.requires_grad_(True) for k, v in mamba1_inputs(1, 20, 8, 4).items()}
-    y, h = chunk_selective_scan(**inputs, output_final_state=True)
+    y, h = chunk_selective_scan(**inputs, output_final_state=True, backend=backend)
     loss = (y * y).sum() + h.sum()
     loss.backward(retain_graph=True)
     first = {k: v.grad.clone() for k, v in inputs.items()}
     loss.backward()
     for k, v in inputs.items():
         assert torch.equal(v.grad, 2 * first[k]), k
+
+
+# The fused C scan (fused_cpu.py): a task is (batch row, tile of 64 channels) and backward
+# recomputes K-step blocks from checkpoints, so widths that leave a partial tile (70, 130), one and
+# several tiles, and checkpoint intervals that do not divide T (incl. K = 1 and K > T) are checked.
+@pytest.mark.parametrize("Bsz,T,D,N,K", [(2, 63, 70, 5, 16), (3, 100, 130, 7, 7), (1, 37, 24, 16, 1),
+                                         (2, 64, 64, 3, 64), (1, 5, 9, 2, 8)])
+@pytest.mark.parametrize("with_h0", [True, False])
+def test_native_scan_matches_naive(Bsz, T, D, N, K, with_h0, monkeypatch):
+    monkeypatch.setattr(fused_cpu, "CHECKPOINT_EVERY", K)
+    inputs = mamba1_inputs(Bsz, T, D, N)
+    if not with_h0:
+        inputs.pop("initial_state")
+    y_ref, h_ref, g_ref = run_with_grads(naive_selective_scan, inputs)
+    y, h, g = run_with_grads(lambda **kw: chunk_selective_scan(**kw, backend="native"), inputs)
+    assert rel_rms(y, y_ref) < 1e-12
+    assert rel_rms(h, h_ref) < 1e-12
+    for k in g_ref:
+        assert rel_rms(g[k], g_ref[k]) < 1e-10, k
+
+
+def test_native_scan_float32_against_float64_reference():
+    # float32 uses a polynomial exp2 (relative error < 1e-7); the float64 path uses libm's.
+    inputs = mamba1_inputs(2, 100, 70, 16)
+    y_ref, h_ref, g_ref = run_with_grads(naive_selective_scan, inputs)
+    def fp32(output_final_state, **kw):
+        return chunk_selective_scan(**{k: v.float() for k, v in kw.items()},
+                                    output_final_state=output_final_state, backend="native")
+
+    y, h, g = run_with_grads(fp32, inputs)
+    assert y.dtype == torch.float32
+    assert rel_rms(y.double(), y_ref) < 1e-5
+    assert rel_rms(h.double(), h_ref) < 1e-5
+    for k in g_ref:
+        assert rel_rms(g[k].double(), g_ref[k]) < 1e-5, k
+
+
+def test_native_scan_threads_give_identical_results():
+    # Tasks are independent and each sums in a fixed order, so the thread count changes nothing.
+    inputs = mamba1_inputs(2, 50, 130, 4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_with_grads(lambda **kw: chunk_selective_scan(**kw, backend="native"), inputs)
+        torch.set_num_threads(2)
+        two = run_with_grads(lambda **kw: chunk_selective_scan(**kw, backend="native"), inputs)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    for k in one[2]:
+        assert torch.equal(one[2][k], two[2][k]), k
+
+
+@pytest.mark.skipif(native._compiler() is None, reason="no C compiler on this machine")
+def test_native_scan_builds_where_a_compiler_exists():
+    # The default path on CPU is the C loop; a silent fallback would hide a broken build.
+    assert fused_cpu.status() == "native"
+
+
+def test_native_scan_disabled_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("TITANFORGE_NATIVE", "0")
+    native.load.cache_clear()
+    try:
+        assert not fused_cpu.available()
+        inputs = mamba1_inputs(1, 20, 8, 4)
+        y_ref, _ = naive_selective_scan(**inputs)
+        y, _ = chunk_selective_scan(**inputs)  # auto: the PyTorch path
+        assert rel_rms(y, y_ref) < 1e-12
+        with pytest.raises(RuntimeError, match="TITANFORGE_NATIVE=0"):
+            chunk_selective_scan(**inputs, backend="native")
+    finally:
+        monkeypatch.delenv("TITANFORGE_NATIVE")
+        native.load.cache_clear()
+
+
+def test_native_scan_builds_into_a_fresh_cache(monkeypatch, tmp_path):
+    # A first build (no cached library) compiles the source into the cache directory and loads it.
+    monkeypatch.setenv("TITANFORGE_CACHE_DIR", str(tmp_path))
+    native.load.cache_clear()
+    try:
+        if native._compiler() is None:
+            pytest.skip("no C compiler on this machine")
+        assert fused_cpu.available()
+        assert len(list((tmp_path / "native").glob("selective_scan-*.so"))) == 1
+    finally:
+        native.load.cache_clear()

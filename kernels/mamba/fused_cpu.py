@@ -1,0 +1,93 @@
+"""Mamba-1 selective scan as one fused C loop on CPU (`csrc/selective_scan.c`, built by kernels/native.py).
+
+The plain-PyTorch scans in chunk.py pay ~3 us of dispatch per time step and several passes over the
+[T, N, D] states; here a task (batch row, tile of 64 channels) keeps its state tile in L1 for the
+whole sequence, so the scan costs its arithmetic: one exp2 and three multiply-adds per (t, d, n)
+forward. Forward stores the state every K = 64 steps (not all T states: 1/64 of the memory);
+backward recomputes each K-step block from its checkpoint and runs the adjoint through it (README.md
+has the derivation; the C file the loop). Tasks run on `torch.get_num_threads()` OpenMP threads.
+
+Same contract as `chunk_selective_scan`'s sequential path; `chunk_selective_scan` dispatches here for
+CPU float32/float64 inputs when the library builds (`available()`), else runs chunk.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from titanforge.kernels.native import load, native_status, ptr
+
+SOURCE = str(Path(__file__).with_name("csrc") / "selective_scan.c")
+LOG2E = 1.4426950408889634
+# Checkpoint interval: K steps of a 64-channel tile at N = 16 is 2 x 256 KB of block buffers (L2).
+CHECKPOINT_EVERY = 64
+
+_i64, _int = ctypes.c_int64, ctypes.c_int
+
+
+def _lib():
+    return load(SOURCE)
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+def status() -> str:
+    return native_status(SOURCE)
+
+
+def _fn(name: str, dtype: torch.dtype):
+    return getattr(_lib(), f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+
+
+class FusedSelectiveScanFunction(torch.autograd.Function):
+    """u, delta [B, T, D], A [D, N], B, C [B, T, N], h0 [B, D, N] or None -> y [B, T, D], h_T [B, D, N].
+    Saves the inputs and the checkpoints; writes nothing it saved (a retained graph can be
+    backpropagated twice)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, h0):
+        Bsz, T, D = u.shape
+        N = A.shape[1]
+        K = CHECKPOINT_EVERY
+        u, delta, B, C = (t.contiguous() for t in (u, delta, B, C))
+        At = A.t().contiguous()  # [N, D]
+        A2 = At * LOG2E
+        h0t = h0.transpose(1, 2).contiguous() if h0 is not None else None  # [B, N, D]
+        y = u.new_empty(Bsz, T, D)
+        ck = u.new_empty(Bsz, (T + K - 1) // K, N, D)
+        hT = u.new_empty(Bsz, N, D)
+        _fn("selective_scan_fwd", u.dtype)(
+            ptr(u), ptr(delta), ptr(A2), ptr(B), ptr(C), ptr(h0t), ptr(y), ptr(ck), ptr(hT),
+            _i64(Bsz), _i64(T), _i64(D), _i64(N), _i64(K), _int(torch.get_num_threads()))
+        ctx.save_for_backward(u, delta, At, A2, B, C, ck)
+        ctx.has_h0 = h0 is not None
+        return y, hT.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, gy, ghT):
+        u, delta, At, A2, B, C, ck = ctx.saved_tensors
+        Bsz, T, D = u.shape
+        N = At.shape[0]
+        ntiles = -(-D // 64)
+        gy = gy.contiguous() if gy is not None else torch.zeros_like(u)
+        ghT = ghT.transpose(1, 2).contiguous() if ghT is not None else None
+        gu, gdelta = torch.empty_like(u), torch.empty_like(u)
+        gA = u.new_empty(Bsz, N, D)
+        gB, gC = (u.new_empty(ntiles, Bsz, T, N) for _ in range(2))
+        gh0 = u.new_empty(Bsz, N, D) if ctx.has_h0 else None
+        _fn("selective_scan_bwd", u.dtype)(
+            ptr(u), ptr(delta), ptr(A2), ptr(At), ptr(B), ptr(C), ptr(ck), ptr(gy), ptr(ghT),
+            ptr(gu), ptr(gdelta), ptr(gA), ptr(gB), ptr(gC), ptr(gh0),
+            _i64(Bsz), _i64(T), _i64(D), _i64(N), _i64(CHECKPOINT_EVERY), _int(torch.get_num_threads()))
+        return (gu, gdelta, gA.sum(0).t(), gB.sum(0), gC.sum(0),
+                gh0.transpose(1, 2) if gh0 is not None else None)
+
+
+def fused_selective_scan(u, delta, A, B, C, initial_state=None):
+    """y [B, T, D] (without the D skip) and the final state [B, D, N]; inputs as in chunk_selective_scan."""
+    return FusedSelectiveScanFunction.apply(u, delta, A, B, C, initial_state)

@@ -1,0 +1,90 @@
+"""Build and load the C kernels that run the hot loops on CPU (the Triton kernels' CPU counterpart).
+
+A kernel's C source (`kernels/<op>/csrc/*.c`, plain C99 + OpenMP, no torch headers, so it compiles
+in about a second) is compiled on first use with the system C compiler into a shared library and
+called through `ctypes` with raw pointers of contiguous tensors. The library is cached under
+`$TITANFORGE_CACHE_DIR` (default `~/.cache/titanforge`) in a directory named by a hash of the
+source, the flags, the compiler's version and this CPU's instruction-set flags: `-march=native`
+code is only ever loaded on the kind of CPU it was built for. Builds write to a temporary file and
+rename it into place, so concurrent ranks of one job can build at once.
+
+No compiler (or `TITANFORGE_NATIVE=0`): `load` returns None with the reason, and callers run
+their plain-PyTorch path (same results, slower); `native_status()` says which is in use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
+
+_failures: dict[str, str] = {}
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC", "cc")
+    return shutil.which(cc) or shutil.which("gcc")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TITANFORGE_CACHE_DIR", Path.home() / ".cache" / "titanforge")) / "native"
+
+
+@functools.lru_cache(maxsize=None)
+def load(source: str) -> ctypes.CDLL | None:
+    """The compiled library of `source` (a path to a .c file), or None where it cannot be built."""
+    if os.environ.get("TITANFORGE_NATIVE", "1") == "0":
+        _failures[source] = "disabled by TITANFORGE_NATIVE=0"
+        return None
+    cc = _compiler()
+    if cc is None:
+        _failures[source] = "no C compiler found (set CC, or install gcc)"
+        warnings.warn(f"titanforge: {_failures[source]}; {Path(source).name} runs its slower PyTorch path")
+        return None
+    text = Path(source).read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    key = hashlib.sha256(b"\0".join([text, " ".join(CFLAGS).encode(), version.encode(),
+                                     platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
+    out = cache_dir() / f"{Path(source).stem}-{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        proc = subprocess.run([cc, *CFLAGS, "-o", tmp, source, "-lm"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            os.unlink(tmp)
+            _failures[source] = f"{cc} failed: {proc.stderr.strip()[-2000:]}"
+            warnings.warn(f"titanforge: building {Path(source).name} failed, its slower PyTorch path runs "
+                          f"instead:\n{_failures[source]}")
+            return None
+        os.replace(tmp, out)
+    return ctypes.CDLL(str(out))
+
+
+def native_status(source: str) -> str:
+    """'native' when `source` is built and loaded, else why not."""
+    return "native" if load(source) is not None else _failures.get(source, "unavailable")
+
+
+def ptr(t) -> ctypes.c_void_p:
+    """Raw pointer of a contiguous tensor (None -> NULL)."""
+    return ctypes.c_void_p(None if t is None else t.data_ptr())
