@@ -25,6 +25,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+# -fno-trapping-math: without it gcc will not vectorise floorf (the exp2 of the scans).
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
 
 _failures: dict[str, str] = {}
@@ -45,6 +46,13 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def cflags() -> list[str]:
+    # gcc's -march=native keeps 256-bit vectors on AVX-512 CPUs; the scan loops run ~1.3x faster
+    # with 512-bit ones (measured on a Xeon; no frequency penalty showed at one or two threads).
+    wide = ["-mprefer-vector-width=512"] if " avx512f" in _cpu_flags() else []
+    return CFLAGS + wide
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("TITANFORGE_CACHE_DIR", Path.home() / ".cache" / "titanforge")) / "native"
 
@@ -62,14 +70,15 @@ def load(source: str) -> ctypes.CDLL | None:
         return None
     text = Path(source).read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    key = hashlib.sha256(b"\0".join([text, " ".join(CFLAGS).encode(), version.encode(),
+    flags = cflags()
+    key = hashlib.sha256(b"\0".join([text, " ".join(flags).encode(), version.encode(),
                                      platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
     out = cache_dir() / f"{Path(source).stem}-{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
-        proc = subprocess.run([cc, *CFLAGS, "-o", tmp, source, "-lm"], capture_output=True, text=True)
+        proc = subprocess.run([cc, *flags, "-o", tmp, source, "-lm"], capture_output=True, text=True)
         if proc.returncode != 0:
             os.unlink(tmp)
             _failures[source] = f"{cc} failed: {proc.stderr.strip()[-2000:]}"
