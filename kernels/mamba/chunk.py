@@ -306,7 +306,7 @@ def _check(name: str, t: torch.Tensor, shape: tuple) -> None:
 def chunk_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                          C: torch.Tensor, D: torch.Tensor | None = None,
                          initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-                         chunk_size: int = 0, backend: str = "auto"):
+                         chunk_size: int = 0, backend: str = "auto", z: torch.Tensor | None = None):
     """Mamba-1 selective scan, chunked (see module docstring).
 
     chunk_size 0 (default) runs the sequential scan: with backend "auto" (default) on CPU float32/
@@ -318,8 +318,10 @@ def chunk_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
     the C loop (raises if it cannot be built).
 
     u, delta: [B, T, D] (delta after softplus), A: [D, N] (negative), B, C: [B, T, N], D: [D],
-    initial_state: [B, D, N]. Returns y [B, T, D] and the final state [B, D, N] (None unless
-    `output_final_state`). Computes in the dtype of u; pass float32 or float64.
+    z: [B, T, D] (the gate), initial_state: [B, D, N]. Returns (y + D u) * silu(z) [B, T, D] (without
+    the skip or the gate where D or z is None; mamba_ssm's selective_scan_fn contract; the C loop
+    applies both in place) and the final state [B, D, N] (None unless `output_final_state`).
+    Computes in the dtype of u; pass float32 or float64.
     """
     if u.dim() != 3:
         raise ValueError(f"u must be [B, T, D], got shape {tuple(u.shape)}")
@@ -335,18 +337,23 @@ def chunk_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
     _check("C", C, (Bsz, T, N))
     if D is not None:
         _check("D", D, (Dn,))
+    if z is not None:
+        _check("z", z, (Bsz, T, Dn))
     if initial_state is not None:
         _check("initial_state", initial_state, (Bsz, Dn, N))
         initial_state = initial_state.to(u.dtype)
     if chunk_size == 0 and _use_native(backend, u):
-        y, h_last = fused_cpu.FusedSelectiveScanFunction.apply(u, delta.to(u.dtype), A.to(u.dtype), B.to(u.dtype),
-                                                               C.to(u.dtype), initial_state)
+        cast = lambda t: None if t is None else t.to(u.dtype)  # noqa: E731
+        y, h_last = fused_cpu.FusedSelectiveScanFunction.apply(u, *map(cast, (delta, A, B, C, D, z)), initial_state)
+        return y, (h_last if output_final_state else None)
     elif chunk_size == 0:
         y, h_last = SequentialScanFunction.apply(u, delta, A.to(u.dtype), B, C, initial_state)
     else:
         y, h_last = SelectiveScanFunction.apply(u, delta, A.to(u.dtype), B, C, initial_state, chunk_size)
     if D is not None:
         y = y + u * D
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
     return y, (h_last if output_final_state else None)
 
 

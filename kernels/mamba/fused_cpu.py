@@ -47,49 +47,54 @@ def _fn(name: str, dtype: torch.dtype):
 
 
 class FusedSelectiveScanFunction(torch.autograd.Function):
-    """u, delta [B, T, D], A [D, N], B, C [B, T, N], h0 [B, D, N] or None -> y [B, T, D], h_T [B, D, N].
-    Saves the inputs and the checkpoints; writes nothing it saved (a retained graph can be
-    backpropagated twice)."""
+    """u, delta [B, T, D], A [D, N], B, C [B, T, N], D [D] or None, z [B, T, D] or None, h0 [B, D, N] or
+    None -> out = (y + D u) * silu(z) [B, T, D] and h_T [B, D, N] (mamba_ssm's selective_scan_fn
+    contract: the D skip and the SiLU gate ride in the loop). Saves the inputs and the checkpoints;
+    writes nothing it saved (a retained graph can be backpropagated twice)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, h0):
-        Bsz, T, D = u.shape
+    def forward(ctx, u, delta, A, B, C, D, z, h0):
+        Bsz, T, Dn = u.shape
         N = A.shape[1]
         K = CHECKPOINT_EVERY
         u, delta, B, C = (t.contiguous() for t in (u, delta, B, C))
+        D = D.contiguous() if D is not None else None
+        z = z.contiguous() if z is not None else None
         At = A.t().contiguous()  # [N, D]
         A2 = At * LOG2E
         h0t = h0.transpose(1, 2).contiguous() if h0 is not None else None  # [B, N, D]
-        y = u.new_empty(Bsz, T, D)
-        ck = u.new_empty(Bsz, (T + K - 1) // K, N, D)
-        hT = u.new_empty(Bsz, N, D)
+        out = u.new_empty(Bsz, T, Dn)
+        ck = u.new_empty(Bsz, (T + K - 1) // K, N, Dn)
+        hT = u.new_empty(Bsz, N, Dn)
         _fn("selective_scan_fwd", u.dtype)(
-            ptr(u), ptr(delta), ptr(A2), ptr(B), ptr(C), ptr(h0t), ptr(y), ptr(ck), ptr(hT),
-            _i64(Bsz), _i64(T), _i64(D), _i64(N), _i64(K), _int(torch.get_num_threads()))
-        ctx.save_for_backward(u, delta, At, A2, B, C, ck)
-        ctx.has_h0 = h0 is not None
-        return y, hT.transpose(1, 2)
+            ptr(u), ptr(delta), ptr(A2), ptr(B), ptr(C), ptr(D), ptr(z), ptr(h0t), ptr(out), ptr(ck), ptr(hT),
+            _i64(Bsz), _i64(T), _i64(Dn), _i64(N), _i64(K), _int(torch.get_num_threads()))
+        ctx.save_for_backward(u, delta, At, A2, B, C, D, z, ck)
+        ctx.has_h0, ctx.K = h0 is not None, K
+        return out, hT.transpose(1, 2)
 
     @staticmethod
-    def backward(ctx, gy, ghT):
-        u, delta, At, A2, B, C, ck = ctx.saved_tensors
-        Bsz, T, D = u.shape
+    def backward(ctx, gout, ghT):
+        u, delta, At, A2, B, C, D, z, ck = ctx.saved_tensors
+        Bsz, T, Dn = u.shape
         N = At.shape[0]
-        ntiles = -(-D // 64)
-        gy = gy.contiguous() if gy is not None else torch.zeros_like(u)
-        ghT = ghT.transpose(1, 2).contiguous() if ghT is not None else None
+        ntiles = -(-Dn // 64)
+        gout = gout.contiguous()
+        ghT = ghT.transpose(1, 2).contiguous()
         gu, gdelta = torch.empty_like(u), torch.empty_like(u)
-        gA = u.new_empty(Bsz, N, D)
+        gA = u.new_empty(Bsz, N, Dn)
         gB, gC = (u.new_empty(ntiles, Bsz, T, N) for _ in range(2))
-        gh0 = u.new_empty(Bsz, N, D) if ctx.has_h0 else None
+        gD = u.new_empty(Bsz, Dn)
+        gz = torch.empty_like(u) if z is not None else None
+        gh0 = u.new_empty(Bsz, N, Dn) if ctx.has_h0 else None
         _fn("selective_scan_bwd", u.dtype)(
-            ptr(u), ptr(delta), ptr(A2), ptr(At), ptr(B), ptr(C), ptr(ck), ptr(gy), ptr(ghT),
-            ptr(gu), ptr(gdelta), ptr(gA), ptr(gB), ptr(gC), ptr(gh0),
-            _i64(Bsz), _i64(T), _i64(D), _i64(N), _i64(CHECKPOINT_EVERY), _int(torch.get_num_threads()))
-        return (gu, gdelta, gA.sum(0).t(), gB.sum(0), gC.sum(0),
+            ptr(u), ptr(delta), ptr(A2), ptr(At), ptr(B), ptr(C), ptr(D), ptr(z), ptr(ck), ptr(gout), ptr(ghT),
+            ptr(gu), ptr(gdelta), ptr(gA), ptr(gB), ptr(gC), ptr(gD), ptr(gz), ptr(gh0),
+            _i64(Bsz), _i64(T), _i64(Dn), _i64(N), _i64(ctx.K), _int(torch.get_num_threads()))
+        return (gu, gdelta, gA.sum(0).t(), gB.sum(0), gC.sum(0), gD.sum(0) if D is not None else None, gz,
                 gh0.transpose(1, 2) if gh0 is not None else None)
 
 
-def fused_selective_scan(u, delta, A, B, C, initial_state=None):
-    """y [B, T, D] (without the D skip) and the final state [B, D, N]; inputs as in chunk_selective_scan."""
-    return FusedSelectiveScanFunction.apply(u, delta, A, B, C, initial_state)
+def fused_selective_scan(u, delta, A, B, C, D=None, z=None, initial_state=None):
+    """out = (y + D u) * silu(z) [B, T, D] and the final state [B, D, N]; inputs as in chunk_selective_scan."""
+    return FusedSelectiveScanFunction.apply(u, delta, A, B, C, D, z, initial_state)

@@ -2,7 +2,7 @@
 
 - `naive_selective_scan`: Mamba-1's selective SSM (Gu & Dao 2023, arXiv 2312.00752, Alg. 2) with
   zero-order-hold on A and Euler on B, as in the official kernel and Jamba (arXiv 2403.19887):
-      Ā_t = exp(Δ_t A),   h_t = Ā_t ⊙ h_{t-1} + (Δ_t u_t) B_t,   y_t = h_t C_t + D u_t.
+      Ā_t = exp(Δ_t A),   h_t = Ā_t ⊙ h_{t-1} + (Δ_t u_t) B_t,   y_t = (h_t C_t + D u_t) silu(z_t).
 - `naive_ssd`: Mamba-2's SSD recurrence (Dao & Gu 2024, arXiv 2405.21060) with a scalar decay
   per head: h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_tᵀ,  y_t = h_t C_t + D x_t.
 
@@ -20,9 +20,9 @@ import torch
 def naive_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                          C: torch.Tensor, D: torch.Tensor | None = None,
                          initial_state: torch.Tensor | None = None,
-                         output_final_state: bool = False):
-    """u, delta [B, T, D] (delta already softplus'ed), A [D, N], B, C [B, T, N], D [D],
-    initial_state [B, D, N] -> y [B, T, D], final_state [B, D, N] (or None)."""
+                         output_final_state: bool = False, z: torch.Tensor | None = None):
+    """u, delta [B, T, D] (delta already softplus'ed), A [D, N], B, C [B, T, N], D [D], z [B, T, D]
+    (the gate), initial_state [B, D, N] -> y [B, T, D], final_state [B, D, N] (or None)."""
     Bsz, T, Dn = u.shape
     h = u.new_zeros(Bsz, Dn, A.shape[-1]) if initial_state is None else initial_state.to(u.dtype)
     ys = []
@@ -34,6 +34,8 @@ def naive_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
     y = torch.stack(ys, dim=1)
     if D is not None:
         y = y + u * D
+    if z is not None:
+        y = y * z * torch.sigmoid(z)
     return y, (h if output_final_state else None)
 
 

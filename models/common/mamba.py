@@ -109,8 +109,8 @@ class MambaMixer(nn.Module):
         y, ssm_state = chunk_selective_scan(
             xs.to(sd), delta, A, Bm.to(sd), Cm.to(sd), self.D.to(sd),
             initial_state=None if initial_state is None else initial_state.ssm,
-            output_final_state=output_final_state, chunk_size=self.chunk_size)
-        out = self.out_proj((y * F.silu(z.to(sd))).to(x.dtype))
+            output_final_state=output_final_state, chunk_size=self.chunk_size, z=z.to(sd))  # y * silu(z)
+        out = self.out_proj(y.to(x.dtype))
         return (out, MambaState(conv_state, ssm_state)) if output_final_state else out
 
     def init_weights(self, out_std: float | None = None) -> None:

@@ -40,6 +40,12 @@ def mamba1_inputs(Bsz, T, D, N, dtype=torch.float64):
     )
 
 
+def with_gate(inputs):
+    """The inputs plus a gate z [B, T, D] (out = (y + D u) * silu(z))."""
+    g = torch.Generator().manual_seed(99)
+    return {**inputs, "z": torch.randn(inputs["u"].shape, generator=g, dtype=inputs["u"].dtype) * 2}
+
+
 def run_with_grads(fn, inputs, seed=1):
     leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
     y, h = fn(**leaves, output_final_state=True)
@@ -57,7 +63,7 @@ def run_with_grads(fn, inputs, seed=1):
                                              (37, 1, "torch"), (63, 0, "torch"), (100, 0, "torch"),
                                              (63, 0, "native"), (100, 0, "native")])
 def test_selective_scan_matches_naive(T, chunk, backend):
-    inputs = mamba1_inputs(2, T, 24, 5)
+    inputs = with_gate(mamba1_inputs(2, T, 24, 5))
     y_ref, h_ref, g_ref = run_with_grads(naive_selective_scan, inputs)
     y, h, g = run_with_grads(lambda **kw: chunk_selective_scan(**kw, chunk_size=chunk, backend=backend), inputs)
     assert rel_rms(y, y_ref) < 1e-12
@@ -185,11 +191,17 @@ def test_sequential_scan_second_backward_is_exact(backend, monkeypatch):
 @pytest.mark.parametrize("Bsz,T,D,N,K", [(2, 63, 70, 5, 16), (3, 100, 130, 7, 7), (1, 37, 24, 16, 1),
                                          (2, 64, 64, 3, 64), (1, 5, 9, 2, 8)])
 @pytest.mark.parametrize("with_h0", [True, False])
-def test_native_scan_matches_naive(Bsz, T, D, N, K, with_h0, monkeypatch):
+@pytest.mark.parametrize("gate", ["z", "no_z", "no_D"])
+def test_native_scan_matches_naive(Bsz, T, D, N, K, with_h0, gate, monkeypatch):
     monkeypatch.setattr(fused_cpu, "CHECKPOINT_EVERY", K)
     inputs = mamba1_inputs(Bsz, T, D, N)
     if not with_h0:
         inputs.pop("initial_state")
+    # The D skip and the SiLU gate are applied inside the C loop; each is optional.
+    if gate == "z":
+        inputs = with_gate(inputs)
+    elif gate == "no_D":
+        inputs.pop("D")
     y_ref, h_ref, g_ref = run_with_grads(naive_selective_scan, inputs)
     y, h, g = run_with_grads(lambda **kw: chunk_selective_scan(**kw, backend="native"), inputs)
     assert rel_rms(y, y_ref) < 1e-12
@@ -200,7 +212,7 @@ def test_native_scan_matches_naive(Bsz, T, D, N, K, with_h0, monkeypatch):
 
 def test_native_scan_float32_against_float64_reference():
     # float32 uses a polynomial exp2 (relative error < 1e-7); the float64 path uses libm's.
-    inputs = mamba1_inputs(2, 100, 70, 16)
+    inputs = with_gate(mamba1_inputs(2, 100, 70, 16))
     y_ref, h_ref, g_ref = run_with_grads(naive_selective_scan, inputs)
     def fp32(output_final_state, **kw):
         return chunk_selective_scan(**{k: v.float() for k, v in kw.items()},
@@ -216,7 +228,7 @@ def test_native_scan_float32_against_float64_reference():
 
 def test_native_scan_threads_give_identical_results():
     # Tasks are independent and each sums in a fixed order, so the thread count changes nothing.
-    inputs = mamba1_inputs(2, 50, 130, 4)
+    inputs = with_gate(mamba1_inputs(2, 50, 130, 4))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
