@@ -164,7 +164,12 @@ def main() -> None:
     # It applies to both models alike and is off by default (the plain-process numbers).
     ap.add_argument("--keep-freed-memory", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench/results/jamba.json"))
+    # The trainer flushes denormals on CPU (train.flush_denormal); so do both models here, in this
+    # process: without it Titans' deep-backprop gradients (T >= 2k) slow every op they touch ~30x.
+    ap.add_argument("--no-flush-denormal", dest="flush_denormal", action="store_false")
     args = ap.parse_args()
+    if args.flush_denormal:
+        torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
     if args.keep_freed_memory:
         import ctypes
@@ -178,6 +183,7 @@ def main() -> None:
 
     info = machine()
     info["keep_freed_memory"] = args.keep_freed_memory
+    info["flush_denormal"] = args.flush_denormal
     info["hf_scan"] = "mambapy pscan" if is_mambapy_available() else "sequential loop (mambapy missing)"
     if not is_mambapy_available():
         # HF's per-token loop is ~30x slower than its pscan: the ratio would flatter us.

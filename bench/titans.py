@@ -13,7 +13,7 @@ peak growth = VmHWM after the step - VmRSS before it. Divided by B*T. A fresh pr
 after a first step the allocator keeps freed pages resident, so a second step shows no growth.
 
 Usage: python bench/titans.py [--seq 1024 2048 4096] [--repeats 3] [--skip-ref-above 4096] [--no-memory]
-       [--compile-memory]
+       [--compile-memory] [--keep-freed-memory]
 """
 
 from __future__ import annotations
@@ -84,8 +84,12 @@ def _release_freed_memory():
         pass
 
 
+KEEP_FREED = False
+
+
 def timed(step, tokens):
-    _release_freed_memory()
+    if not KEEP_FREED:
+        _release_freed_memory()
     t0 = time.perf_counter()
     step(tokens)
     return time.perf_counter() - t0
@@ -141,9 +145,25 @@ def main():
     ap.add_argument("--compile-memory", action="store_true",
                     help="also time ours with model.titans.compile_memory (cold inductor cache; the first "
                          "step's time, compile included, is reported as ours_compiled_first_step_s)")
+    # The trainer's default (trainer.keep_freed_memory): glibc keeps freed memory in the process,
+    # so no step page-faults its activations in again. titans-pytorch's step has ~1 s of page
+    # faults and fill_ of fresh buffers at 1k that this removes; ours ~0.5 s. Without the flag
+    # malloc_trim(0) runs between steps (the plain-process numbers), which favours us.
+    # The trainer flushes denormals on CPU (train.flush_denormal); so do both models here, in this
+    # process: without it Titans' deep-backprop gradients (T >= 2k) slow every op they touch ~30x.
+    ap.add_argument("--no-flush-denormal", dest="flush_denormal", action="store_false")
+    ap.add_argument("--keep-freed-memory", action="store_true")
     args = ap.parse_args()
-    global CHUNK, SEGMENT
+    if args.flush_denormal:
+        torch.set_flush_denormal(True)
+    global CHUNK, SEGMENT, KEEP_FREED
     CHUNK, SEGMENT = args.chunk, args.segment
+    if args.keep_freed_memory:
+        KEEP_FREED = True
+        libc = ctypes.CDLL("libc.so.6")
+        # M_TRIM_THRESHOLD (-1) and M_MMAP_THRESHOLD (-3): never trim, never mmap below 1 GiB.
+        if not (libc.mallopt(-1, 2 << 30) and libc.mallopt(-3, 1 << 30)):
+            raise SystemExit("mallopt failed: --keep-freed-memory needs glibc")
     if args.child:
         print(step_peak_growth(args.child[0], int(args.child[1])))
         return
@@ -192,7 +212,9 @@ def write(args, results):
     meta = {"machine": model_name, "cores": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "load_average_1m_at_write": round(os.getloadavg()[0], 2),
-            "allocator": "glibc default; malloc_trim(0) between (untimed) steps",
+            "allocator": ("glibc, freed memory kept in the process (mallopt; the trainer's default)"
+                          if KEEP_FREED else "glibc default; malloc_trim(0) between (untimed) steps"),
+            "flush_denormal": args.flush_denormal,
             "titans_pytorch": __import__("importlib.metadata").metadata.version("titans-pytorch"),
             "config": dict(vocab=VOCAB, dim=DIM, depth=DEPTH, heads=HEADS, batch=B, ffn_inner=FFN, memory_depth=2,
                            memory_expansion=2, chunk_size=CHUNK, segment_len=SEGMENT, n_persistent=4),

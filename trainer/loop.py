@@ -92,6 +92,16 @@ def train(job, *, config_yaml: str = "", info: DistInfo | None = None) -> TrainR
     if t.keep_freed_memory:
         keep_freed_memory()
     info = info or init_distributed(t.device, job.parallel.backend)
+    # Before the first op starts intra-op threads, which inherit the setting.
+    flushing = t.flush_denormal and info.device.type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        return _train(job, t, out, info, config_yaml)
+    finally:
+        if flushing:
+            torch.set_flush_denormal(False)
+
+
+def _train(job, t, out: Path, info: DistInfo, config_yaml: str) -> TrainResult:
     dims = ParallelDims.from_config(job.parallel, info.world_size)
     mesh = build_mesh(dims, info.device.type)
     # Every tensor-parallel (and pipeline) rank of a data-parallel group reads the same batches.

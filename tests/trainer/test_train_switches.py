@@ -69,3 +69,30 @@ def test_async_save_writes_the_same_checkpoints(shakespeare64, tmp_path):
         # Model + optimizer shards hold the same bytes whichever way they were written.
         assert {k: v for k, v in sums_a.items() if k.endswith(".distcp")} == \
                {k: v for k, v in sums_s.items() if k.endswith(".distcp")}
+
+
+def test_flush_denormal_is_on_for_the_run_only(shakespeare64, eager, tmp_path, monkeypatch):
+    # FTZ/DAZ on CPU for the run (train.flush_denormal, default on), restored afterwards so the
+    # setting does not leak into the caller's process; the losses of this tiny model are unchanged.
+    import torch
+
+    calls = []
+    real = torch.set_flush_denormal
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda on: calls.append(on) or real(on))
+    assert _run(shakespeare64, tmp_path / "on") == eager
+    assert calls == [True, False]
+    assert torch.tensor(1e-39) * 1.0 != 0  # off again
+    calls.clear()
+    _run(shakespeare64, tmp_path / "off", "train.flush_denormal=false")
+    assert calls == []
+
+
+def test_flushed_denormals_are_zero():
+    import torch
+
+    try:
+        assert torch.set_flush_denormal(True)
+        assert torch.tensor(1e-39) * 1.0 == 0
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.tensor(1e-39) * 1.0 != 0
