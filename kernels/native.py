@@ -68,7 +68,8 @@ def load(source: str) -> ctypes.CDLL | None:
         _failures[source] = "no C compiler found (set CC, or install gcc)"
         warnings.warn(f"titanforge: {_failures[source]}; {Path(source).name} runs its slower PyTorch path")
         return None
-    text = Path(source).read_bytes()
+    # The source and the headers beside it (#include "x.h"), so editing a header rebuilds.
+    text = b"".join(f.read_bytes() for f in [Path(source), *sorted(Path(source).parent.glob("*.h"))])
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     flags = cflags()
     key = hashlib.sha256(b"\0".join([text, " ".join(flags).encode(), version.encode(),

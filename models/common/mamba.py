@@ -28,35 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from titanforge.kernels.mamba import chunk_selective_scan, chunk_ssd
+from titanforge.kernels.mamba import causal_conv1d_silu, chunk_selective_scan, chunk_ssd
 from titanforge.models.common.layers import RMSNorm
 
 
 class MambaState(NamedTuple):
     conv: torch.Tensor  # [B, channels, K-1] last conv inputs
     ssm: torch.Tensor  # [B, D, N] (Mamba-1) or [B, H, P, N] (Mamba-2)
-
-
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  conv_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depthwise causal conv. x [B, T, ch], weight [ch, 1, K], conv_state [B, ch, K-1] (the last
-    K-1 inputs, zeros if None; HF's cache layout) -> (y [B, T, ch], new conv_state [B, ch, K-1]).
-
-    Written as K shifted multiply-adds in the [B, T, ch] layout: no transposes, and its backward
-    is several times faster on CPU than `conv1d`'s depthwise backward.
-    """
-    K, T = weight.shape[-1], x.shape[1]
-    if conv_state is None:
-        conv_state = x.new_zeros(x.shape[0], x.shape[2], K - 1)
-    xc = torch.cat([conv_state.transpose(1, 2).to(x.dtype), x], dim=1)  # [B, K-1+T, ch]
-    # [K, ch]: each tap's weights contiguous, so the multiply-adds take the vectorised path.
-    w = weight[:, 0].t().contiguous().to(x.dtype)
-    y = xc[:, K - 1:] * w[K - 1]
-    for k in range(K - 1):
-        y = torch.addcmul(y, xc[:, k:k + T], w[k])
-    if bias is not None:
-        y = y + bias.to(x.dtype)
-    return y, xc[:, xc.shape[1] - (K - 1):].transpose(1, 2)
 
 
 def _scan_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -98,9 +76,8 @@ class MambaMixer(nn.Module):
                 output_final_state: bool = False):
         """x [B, T, C] -> y [B, T, C], or (y, MambaState) with `output_final_state`."""
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # [B, T, D] each
-        conv_out, conv_state = causal_conv1d(xs, self.conv1d.weight, self.conv1d.bias,
-                                             None if initial_state is None else initial_state.conv)
-        xs = F.silu(conv_out)
+        xs, conv_state = causal_conv1d_silu(xs, self.conv1d.weight, self.conv1d.bias,
+                                            None if initial_state is None else initial_state.conv)
         dt, Bm, Cm = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt, Bm, Cm = self.dt_layernorm(dt), self.b_layernorm(Bm), self.c_layernorm(Cm)
         sd = _scan_dtype(x.dtype)
@@ -177,9 +154,9 @@ class Mamba2Mixer(nn.Module):
         H, GN = self.A_log.shape[0], self.n_groups * self.d_state
         inner = self.norm.weight.shape[0]
         z, xbc, dt = self.in_proj(x).split([inner, inner + 2 * GN, H], dim=-1)
-        conv_out, conv_state = causal_conv1d(xbc, self.conv1d.weight, self.conv1d.bias,
+        xbc, conv_state = causal_conv1d_silu(xbc, self.conv1d.weight, self.conv1d.bias,
                                              None if initial_state is None else initial_state.conv)
-        xs, Bm, Cm = F.silu(conv_out).split([inner, GN, GN], dim=-1)
+        xs, Bm, Cm = xbc.split([inner, GN, GN], dim=-1)
         sd = _scan_dtype(x.dtype)
         y, ssm_state = chunk_ssd(
             xs.to(sd).reshape(Bsz, T, H, -1), F.softplus((dt + self.dt_bias).to(sd)),

@@ -28,31 +28,7 @@
 
 #define TILE 64
 
-/* 2^x for float, vectorisable: x = i + f with i = floor(x), 2^f by a degree-6 polynomial on [0, 1)
-   (relative error < 1e-7 in float32 arithmetic) times 2^i made from exponent bits. x is clamped to
-   [-126, 126]: the decays here are 2^(delta A log2 e) <= 1, and below 2^-126 they are 0 for any
-   purpose (the result is then ~1e-38 instead of a denormal or 0). */
-static inline float exp2_f32(float x) {
-    x = x < -126.0f ? -126.0f : (x > 126.0f ? 126.0f : x);
-    float fi = floorf(x);
-    float f = x - fi;
-    float p = 2.18775165e-04f;
-    p = p * f + 1.23878315e-03f;
-    p = p * f + 9.68457748e-03f;
-    p = p * f + 5.54804291e-02f;
-    p = p * f + 2.40230501e-01f;
-    p = p * f + 6.93146929e-01f;
-    p = p * f + 1.0f;
-    /* 2^i as a float built from its exponent bits (a union: memcpy punning does not vectorise) */
-    union { int32_t i; float f; } scale;
-    scale.i = ((int32_t)fi + 127) << 23;
-    return p * scale.f;
-}
-
-/* float64 is the reference-precision path (tests); libm's exp2 is exact enough and speed is moot. */
-static inline double exp2_f64(double x) { return exp2(x); }
-
-#define LOG2E 1.4426950408889634
+#include "exp2.h"
 
 #define DEFINE_SCAN(S, SUF, EXP2)                                                                  \
 void selective_scan_fwd_##SUF(const S *u, const S *delta, const S *A2, const S *Bm, const S *Cm,   \
