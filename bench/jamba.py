@@ -6,13 +6,14 @@ preset's 50304, GPT-2's, and 8192, a tiny model's BPE: at width 128 the 50304-wa
 cross entropy are over half of either model's step, identical work in both, which is why issue 5's
 HF figure of about 1,120 tokens/s at 1k fits the smaller vocabulary). HF runs its CPU path with `use_mambapy=True` (the mamba.py
 parallel scan; without the `mambapy` package HF falls back to its per-token loop, and the JSON
-says which ran). One step = logits for a [1, T] batch, cross entropy, backward. Steps of the two
+says which ran). One step = logits for a [1, T] batch, cross entropy against the next tokens, backward. Steps of the two
 models alternate in one process and the fastest of several repeats is kept, since these hosts are
 shared. "Linear in T" is checked by reporting seconds per 1k tokens at each T. `breakdown` times
 each kind of component alone (forward + backward of one layer of each kind, times the number of
 such layers; head = final norm, LM head and cross entropy), again alternating the two models.
 
     .venv/bin/python bench/jamba.py [--vocab-sizes 8192 50304] [--lengths 1024 2048 4096] [--repeats 3]
+                                    [--threads 1 2]
 writes bench/results/jamba.json.
 """
 
@@ -55,9 +56,12 @@ def machine() -> dict:
 
 
 def step(model, tokens, hf: bool) -> float:
+    """One training step on tokens [1, T + 1]: inputs are the first T, targets the last T (as the
+    trainer shifts them before the model, so no [T, V] logits slice is copied on either side)."""
     t0 = time.perf_counter()
-    logits = model(tokens).logits if hf else model(tokens)
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    logits = model(inputs).logits if hf else model(inputs)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     loss.backward()
     dt = time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
@@ -78,7 +82,7 @@ def _component_fns(ours, hf, tokens):
         if kind == "mamba":
             hf_fn = lambda x, m=hf_mixer: m(x).square().mean()  # noqa: E731
         else:
-            T = tokens.shape[1]
+            T = tokens.shape[1] - 1
             pos = torch.arange(T)[None]
             mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
             hf_fn = lambda x, m=hf_mixer: m(x, attention_mask=mask, position_ids=pos)[0].square().mean()  # noqa: E731
@@ -91,7 +95,7 @@ def _component_fns(ours, hf, tokens):
     def head(norm, weight):
         def fn(x):
             logits = norm(x) @ weight.t()
-            return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
         return fn
     out["head"] = (1, head(ours.norm, ours.tok_embeddings.weight if ours.output is None else ours.output.weight),
                    head(hf.model.final_layernorm, hf.lm_head.weight))
@@ -100,7 +104,7 @@ def _component_fns(ours, hf, tokens):
 
 def breakdown(ours, hf, tokens, repeats: int) -> dict:
     """Seconds per step spent in each kind of component (one layer timed, times the layer count)."""
-    x = torch.randn(1, tokens.shape[1], ours.cfg.d_model) * 0.5
+    x = torch.randn(1, tokens.shape[1] - 1, ours.cfg.d_model) * 0.5
 
     def timed(fn):
         xx = x.clone().requires_grad_(True)
@@ -132,7 +136,7 @@ def run_config(cfg, lengths, repeats, with_breakdown):
     hf.train()
     rows = []
     for T in lengths:
-        tokens = torch.randint(0, cfg.vocab_size, (1, T))
+        tokens = torch.randint(0, cfg.vocab_size, (1, T + 1))
         step(ours, tokens, False), step(hf, tokens, True)  # warm-up
         best = {"ours": float("inf"), "hf": float("inf")}
         for _ in range(repeats):
@@ -157,8 +161,9 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-breakdown", action="store_true")
-    # One thread by default: the hosts are shared 2-core machines and the ratio is what counts.
-    ap.add_argument("--threads", type=int, default=1)
+    # One thread by default (the hosts are shared 2-core machines); several counts run in turn,
+    # each row says its own.
+    ap.add_argument("--threads", type=int, nargs="+", default=[1])
     # glibc returns freed blocks over 32 MB (and the heap top) to the OS, so every step page-faults
     # its activations in again; this keeps freed memory in the process, as jemalloc/tcmalloc do.
     # It applies to both models alike and is off by default (the plain-process numbers).
@@ -170,7 +175,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.flush_denormal:
         torch.set_flush_denormal(True)
-    torch.set_num_threads(args.threads)
     if args.keep_freed_memory:
         import ctypes
 
@@ -182,6 +186,7 @@ def main() -> None:
     from transformers.utils.import_utils import is_mambapy_available
 
     info = machine()
+    del info["torch_threads"]  # per row
     info["keep_freed_memory"] = args.keep_freed_memory
     info["flush_denormal"] = args.flush_denormal
     info["hf_scan"] = "mambapy pscan" if is_mambapy_available() else "sequential loop (mambapy missing)"
@@ -190,11 +195,13 @@ def main() -> None:
         print("warning: mambapy is not installed (pip install -e '.[bench]'); HF runs its per-token loop",
               file=sys.stderr, flush=True)
     rows, n_params = [], {}
-    for V in args.vocab_sizes:
-        cfg = load_config(args.config).model
-        cfg.vocab_size = V
-        n_params[V], r = run_config(cfg, args.lengths, args.repeats, not args.no_breakdown)
-        rows += r
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for V in args.vocab_sizes:
+            cfg = load_config(args.config).model
+            cfg.vocab_size = V
+            n_params[V], r = run_config(cfg, args.lengths, args.repeats, not args.no_breakdown)
+            rows += [{"threads": threads, **row} for row in r]
     # The hosts are shared: the load at the end shows whether other work ran during the steps.
     info["load_average_at_end"] = os.getloadavg()
     result = {"benchmark": "Jamba forward+backward tokens/s, batch 1, ours vs HF JambaForCausalLM (CPU)",

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["data_loader", "train_step", "moe_dispatch", "ttt", "jamba", "titans", "parallel_layouts"]
+BENCHMARKS = ["data_loader", "train_step", "moe_dispatch", "mamba_kernels", "ttt", "jamba", "titans", "parallel_layouts"]
 
 
 def main(argv: list[str]) -> int:

@@ -4,8 +4,15 @@ Config (both sides): dim 256, depth 4, 4 heads of 64, gated ffn of inner width 6
 GEGLU at ff_mult 4 is int(256 * 4 * 2/3) = 682; ours is SwiGLU with ffn_hidden = 682), memory MLP of
 depth 2 and expansion 2 per head, memory chunk 16, segment 64, 4 persistent tokens, vocab 256,
 B = 2. titans-pytorch gets no long-term memory tokens and no hyper-connections
-(num_residual_streams = 1), so both run the same amount of sequence mixing. Both models run in
-this one process; steps alternate and each figure is the fastest of `--repeats` steps.
+(num_residual_streams = 1), so both run the same amount of sequence mixing.
+
+Speed: each (model, T) is timed alone in a fresh subprocess, under the trainer's CPU settings
+(train.keep_freed_memory: glibc keeps freed memory, so steps do not page-fault their activations
+in again; train.flush_denormal), one warm-up step, then the fastest of `--repeats` steps. An
+earlier version alternated both models' steps in one process and called malloc_trim between
+steps; that made titans-pytorch pay page faults for its large buffers every step (4.96 vs 3.45 s
+at T=1k, 17.4 vs 7.2 s at 2k on the same host) and overstated our ratio, so it is gone.
+`--plain-allocator` times under glibc's defaults instead.
 
 Memory per token: each (model, T) runs one training step in a fresh subprocess. Inside it, after
 the model is built, the kernel's peak-RSS mark is reset (`/proc/self/clear_refs` = 5, Linux), and
@@ -13,7 +20,7 @@ peak growth = VmHWM after the step - VmRSS before it. Divided by B*T. A fresh pr
 after a first step the allocator keeps freed pages resident, so a second step shows no growth.
 
 Usage: python bench/titans.py [--seq 1024 2048 4096] [--repeats 3] [--skip-ref-above 4096] [--no-memory]
-       [--compile-memory] [--keep-freed-memory]
+       [--compile-memory] [--plain-allocator] [--no-flush-denormal]
 """
 
 from __future__ import annotations
@@ -73,26 +80,35 @@ BUILDERS = {"ours": build_ours, "titans_pytorch": build_ref,
             "ours_compiled": lambda T: build_ours(T, compile_memory=True)}
 
 
-def _release_freed_memory():
-    """glibc keeps freed activations in its heap (its mmap threshold rises after large frees), so
-    the two models' step peaks add up in one process: T = 4k was OOM-killed at 17 GB on a 23 GB
-    host. malloc_trim hands the free pages back; it runs between steps, outside the timing.
-    (A fixed MALLOC_MMAP_THRESHOLD_ also works but makes every step 3-4x slower in page faults.)"""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+def time_steps(name, T, repeats):
+    """In this (fresh) process: build `name` at T, one warm-up step, then the fastest of `repeats`
+    steps (seconds) and the warm-up step's time."""
+    torch.manual_seed(0)
+    _, step = BUILDERS[name](T)
+    tokens = torch.randint(0, VOCAB, (B, T + 1))
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        step(tokens)
+        times.append(time.perf_counter() - t0)
+    return min(times[1:]), times[0]
 
 
-KEEP_FREED = False
+def child_args(args):
+    return ["--chunk", str(CHUNK), "--segment", str(SEGMENT), "--threads", str(args.threads),
+            "--repeats", str(args.repeats)] + (["--plain-allocator"] if args.plain_allocator else []) \
+        + ([] if args.flush_denormal else ["--no-flush-denormal"])
 
 
-def timed(step, tokens):
-    if not KEEP_FREED:
-        _release_freed_memory()
-    t0 = time.perf_counter()
-    step(tokens)
-    return time.perf_counter() - t0
+def time_child(args, name, T):
+    """(best, first) step seconds of `name` at T, timed alone in a fresh subprocess."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    out = subprocess.run([sys.executable, __file__, "--time-child", name, str(T), *child_args(args)],
+                         capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise SystemExit(f"timing child {name} T={T} failed:\n{out.stderr[-3000:]}")
+    best, first = map(float, out.stdout.split()[-2:])
+    return best, first
 
 
 def _proc_status_kib(*keys):
@@ -119,10 +135,14 @@ def step_peak_growth(name, T):
     return (hwm - rss0) * 1024
 
 
+FLUSH = True
+
+
 def peak_rss_child(name, T):
     """Peak RSS growth of one step of `name` at T, measured in a fresh subprocess (None on failure)."""
     out = subprocess.run([sys.executable, __file__, "--child", name, str(T), "--chunk", str(CHUNK),
-                          "--segment", str(SEGMENT)], capture_output=True, text=True)
+                          "--segment", str(SEGMENT)] + ([] if FLUSH else ["--no-flush-denormal"]),
+                         capture_output=True, text=True)
     if out.returncode:
         print(f"memory child {name} T={T} failed: {out.stderr[-2000:]}", file=sys.stderr)
         return None
@@ -145,29 +165,29 @@ def main():
     ap.add_argument("--compile-memory", action="store_true",
                     help="also time ours with model.titans.compile_memory (cold inductor cache; the first "
                          "step's time, compile included, is reported as ours_compiled_first_step_s)")
-    # The trainer's default (trainer.keep_freed_memory): glibc keeps freed memory in the process,
-    # so no step page-faults its activations in again. titans-pytorch's step has ~1 s of page
-    # faults and fill_ of fresh buffers at 1k that this removes; ours ~0.5 s. Without the flag
-    # malloc_trim(0) runs between steps (the plain-process numbers), which favours us.
-    # The trainer flushes denormals on CPU (train.flush_denormal); so do both models here, in this
-    # process: without it Titans' deep-backprop gradients (T >= 2k) slow every op they touch ~30x.
+    ap.add_argument("--time-child", nargs=2, metavar=("MODEL", "T"), help=argparse.SUPPRESS)
+    # The trainer flushes denormals on CPU (train.flush_denormal); so do both models here: without
+    # it Titans' deep-backprop gradients (T >= 2k) slow every op they touch ~30x.
     ap.add_argument("--no-flush-denormal", dest="flush_denormal", action="store_false")
-    ap.add_argument("--keep-freed-memory", action="store_true")
+    # The trainer keeps freed memory (train.keep_freed_memory); this times under glibc's defaults.
+    ap.add_argument("--plain-allocator", action="store_true")
     args = ap.parse_args()
+    global CHUNK, SEGMENT, FLUSH
+    CHUNK, SEGMENT, FLUSH = args.chunk, args.segment, args.flush_denormal
     if args.flush_denormal:
         torch.set_flush_denormal(True)
-    global CHUNK, SEGMENT, KEEP_FREED
-    CHUNK, SEGMENT = args.chunk, args.segment
-    if args.keep_freed_memory:
-        KEEP_FREED = True
-        libc = ctypes.CDLL("libc.so.6")
-        # M_TRIM_THRESHOLD (-1) and M_MMAP_THRESHOLD (-3): never trim, never mmap below 1 GiB.
-        if not (libc.mallopt(-1, 2 << 30) and libc.mallopt(-3, 1 << 30)):
-            raise SystemExit("mallopt failed: --keep-freed-memory needs glibc")
     if args.child:
         print(step_peak_growth(args.child[0], int(args.child[1])))
         return
     torch.set_num_threads(args.threads)
+    if args.time_child:
+        if not args.plain_allocator:
+            libc = ctypes.CDLL("libc.so.6")
+            # M_TRIM_THRESHOLD (-1) and M_MMAP_THRESHOLD (-3): never trim, never mmap below 1 GiB.
+            if not (libc.mallopt(-1, 2 << 30) and libc.mallopt(-3, 1 << 30)):
+                raise SystemExit("mallopt failed: keeping freed memory needs glibc (use --plain-allocator)")
+        print(*time_steps(args.time_child[0], int(args.time_child[1]), args.repeats))
+        return
     torch.manual_seed(0)
     if args.compile_memory:
         # A fresh inductor cache, so the first compiled step shows the real compile time.
@@ -177,13 +197,9 @@ def main():
     for T in args.seq:
         names = ["ours"] + (["titans_pytorch"] if T <= args.skip_ref_above else []) + \
             (["ours_compiled"] if args.compile_memory else [])
-        steps = {n: BUILDERS[n](T)[1] for n in names}
-        tokens = torch.randint(0, VOCAB, (B, T + 1))
-        best = {n: float("inf") for n in names}
-        first = {n: timed(steps[n], tokens) for n in names}  # warm-up step, not in the min
-        for _ in range(args.repeats):
-            for n in names:
-                best[n] = min(best[n], timed(steps[n], tokens))
+        best, first = {}, {}
+        for n in names:
+            best[n], first[n] = time_child(args, n, T)
         row = {"seq_len": T, "batch": B}
         for n in names:
             row[f"{n}_step_s"] = round(best[n], 3)
@@ -212,13 +228,13 @@ def write(args, results):
     meta = {"machine": model_name, "cores": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "load_average_1m_at_write": round(os.getloadavg()[0], 2),
-            "allocator": ("glibc, freed memory kept in the process (mallopt; the trainer's default)"
-                          if KEEP_FREED else "glibc default; malloc_trim(0) between (untimed) steps"),
+            "allocator": ("glibc defaults" if args.plain_allocator
+                          else "glibc, freed memory kept in the process (mallopt; the trainer's default)"),
             "flush_denormal": args.flush_denormal,
             "titans_pytorch": __import__("importlib.metadata").metadata.version("titans-pytorch"),
             "config": dict(vocab=VOCAB, dim=DIM, depth=DEPTH, heads=HEADS, batch=B, ffn_inner=FFN, memory_depth=2,
                            memory_expansion=2, chunk_size=CHUNK, segment_len=SEGMENT, n_persistent=4),
-            "method": "one process, steps alternate, min of repeats after one warm-up step; "
+            "method": "each model and T alone in a fresh process, min of repeats after one warm-up step; "
                       "peak RSS growth (VmHWM after - VmRSS before, mark reset via clear_refs) of the first "
                       "step in a fresh process per model and T, per token"}
     with open(args.out, "w") as f:
