@@ -5,6 +5,7 @@ lengths; and two pieces with the state carried equal one pass."""
 import pytest
 import torch
 
+from testutil.kernel_util import on_threads, poisoned_empty, rel_rms
 import titanforge.kernels.mamba.chunk as chunk
 import titanforge.kernels.mamba.fused_cpu as fused_cpu
 import titanforge.kernels.native as native
@@ -13,16 +14,8 @@ from titanforge.kernels.mamba import chunk_selective_scan, chunk_ssd, naive_sele
 
 @pytest.fixture(autouse=True)
 def _poison_empty():
-    # Deterministic mode fills torch.empty* outputs with NaN, so an element the kernel forgets to
-    # write fails the comparison instead of passing on leftover memory.
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(False)
-
-
-def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+    with poisoned_empty():
+        yield
 
 
 def mamba1_inputs(Bsz, T, D, N, dtype=torch.float64):
@@ -229,14 +222,7 @@ def test_native_scan_float32_against_float64_reference():
 def test_native_scan_threads_give_identical_results():
     # Tasks are independent and each sums in a fixed order, so the thread count changes nothing.
     inputs = with_gate(mamba1_inputs(2, 50, 130, 4))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run_with_grads(lambda **kw: chunk_selective_scan(**kw, backend="native"), inputs)
-        torch.set_num_threads(2)
-        two = run_with_grads(lambda **kw: chunk_selective_scan(**kw, backend="native"), inputs)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = on_threads(lambda: run_with_grads(lambda **kw: chunk_selective_scan(**kw, backend="native"), inputs))
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
     for k in one[2]:
         assert torch.equal(one[2][k], two[2][k]), k

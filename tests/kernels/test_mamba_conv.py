@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from testutil.kernel_util import on_threads, poisoned_empty, rel_rms
 import titanforge.kernels.native as native
 from titanforge.kernels.mamba import causal_conv1d_silu
 from titanforge.kernels.mamba import conv as conv_mod
@@ -14,14 +15,8 @@ from titanforge.kernels.mamba import conv as conv_mod
 
 @pytest.fixture(autouse=True)
 def _poison_empty():
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(False)
-
-
-def rel_rms(a, b):
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+    with poisoned_empty():
+        yield
 
 
 def reference(x, weight, bias, conv_state):
@@ -77,14 +72,7 @@ def test_conv_silu_float32():
 
 def test_conv_silu_threads_give_identical_results():
     kw = inputs(2, 50, 130, 4, True, True, torch.float32)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run(lambda **a: causal_conv1d_silu(**a, backend="native"), kw)
-        torch.set_num_threads(2)
-        two = run(lambda **a: causal_conv1d_silu(**a, backend="native"), kw)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = on_threads(lambda: run(lambda **a: causal_conv1d_silu(**a, backend="native"), kw))
     assert torch.equal(one[0], two[0])
     for k in one[2]:
         assert torch.equal(one[2][k], two[2][k]), k

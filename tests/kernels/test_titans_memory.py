@@ -5,12 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from testutil.kernel_util import rel_rms
 from titanforge.kernels.titans_memory import chunk_titans_memory, naive_titans_memory, titans_memory_retrieve
 from titanforge.kernels.titans_memory.naive import mlp_forward
 
-
-def rel_rms(a, b):
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 def make_inputs(B, T, H, Dk, Dv, widths, dtype=torch.float64, batched_state=False, momentum=False):

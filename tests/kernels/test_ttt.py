@@ -8,13 +8,11 @@ tensor), with a random cotangent on the final state too so its backward is exerc
 import pytest
 import torch
 
+from testutil.kernel_util import rel_rms
 from titanforge.kernels.ttt import chunk_ttt_linear, chunk_ttt_mlp, naive_ttt_linear, naive_ttt_mlp
 
 OPS = {"linear": (chunk_ttt_linear, naive_ttt_linear), "mlp": (chunk_ttt_mlp, naive_ttt_mlp)}
 
-
-def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 def make_inputs(inner: str, B=2, T=63, H=3, D=6, b=16, dtype=torch.float64, seed=0):

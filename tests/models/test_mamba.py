@@ -6,11 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from testutil.kernel_util import rel_rms
 from titanforge.models.common.mamba import Mamba2Mixer, MambaMixer
 
-
-def rel_rms(a, b):
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 def rms(x, w, eps):

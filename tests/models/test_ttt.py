@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from testutil.kernel_util import rel_rms
 from titanforge.kernels.ttt import naive_ttt_linear, naive_ttt_mlp
 from titanforge.models.config import ModelConfig
 from titanforge.models.registry import build_model
@@ -15,9 +16,6 @@ from titanforge.models.ttt.layer import TTTLayer
 ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = [(inner, backbone) for inner in ("linear", "mlp") for backbone in ("mamba", "transformer")]
 
-
-def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 def tiny_cfg(inner: str, backbone: str, **ttt) -> ModelConfig:

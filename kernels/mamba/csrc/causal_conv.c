@@ -29,6 +29,19 @@ static inline const S *row_##SUF(const S *x, const S *pre, int64_t b, int64_t s,
     return s >= 0 ? x + (b * T + s) * D : pre + (b * (K - 1) + (K - 1 + s)) * D;                    \
 }                                                                                                   \
                                                                                                     \
+/* acc = a_t = bias + sum_k w_k x_{t-(K-1)+k} over the tile */                                  \
+static inline void preact_##SUF(S *acc, const S *x, const S *pre, const S *wT, const S *bias,       \
+                                int64_t b, int64_t t, int64_t d0, int64_t w, int64_t T, int64_t D,  \
+                                int64_t K) {                                                        \
+    for (int64_t d = 0; d < w; d++) acc[d] = bias ? bias[d0 + d] : (S)0;                            \
+    for (int64_t k = 0; k < K; k++) {                                                               \
+        const S *xr = row_##SUF(x, pre, b, t - (K - 1) + k, T, D, K) + d0;                          \
+        const S *wk = wT + k * D + d0;                                                              \
+        _Pragma("omp simd")                                                                         \
+        for (int64_t d = 0; d < w; d++) acc[d] += wk[d] * xr[d];                                    \
+    }                                                                                               \
+}                                                                                                   \
+                                                                                                    \
 void causal_conv_silu_fwd_##SUF(const S *x, const S *pre, const S *wT, const S *bias, S *y,         \
                                 int64_t Bsz, int64_t T, int64_t D, int64_t K, int nthreads) {       \
     const int64_t ntiles = (D + TILE - 1) / TILE;                                                   \
@@ -38,13 +51,7 @@ void causal_conv_silu_fwd_##SUF(const S *x, const S *pre, const S *wT, const S *
         const int64_t w = D - d0 < TILE ? D - d0 : TILE;                                            \
         S acc[TILE];                                                                                \
         for (int64_t t = 0; t < T; t++) {                                                           \
-            for (int64_t d = 0; d < w; d++) acc[d] = bias ? bias[d0 + d] : (S)0;                    \
-            for (int64_t k = 0; k < K; k++) {                                                       \
-                const S *xr = row_##SUF(x, pre, b, t - (K - 1) + k, T, D, K) + d0;                  \
-                const S *wk = wT + k * D + d0;                                                      \
-                _Pragma("omp simd")                                                                 \
-                for (int64_t d = 0; d < w; d++) acc[d] += wk[d] * xr[d];                            \
-            }                                                                                       \
+            preact_##SUF(acc, x, pre, wT, bias, b, t, d0, w, T, D, K);                              \
             S *yt = y + (b * T + t) * D + d0;                                                       \
             _Pragma("omp simd")                                                                     \
             for (int64_t d = 0; d < w; d++) yt[d] = acc[d] / (1 + EXP2(-acc[d] * (S)LOG2E));        \
@@ -67,13 +74,7 @@ void causal_conv_silu_bwd_##SUF(const S *x, const S *pre, const S *wT, const S *
         for (int64_t t = 0; t < T; t++) memset(gx + (b * T + t) * D + d0, 0, sizeof(S) * w);        \
         for (int64_t j = 0; j < K - 1; j++) memset(gpre + (b * (K - 1) + j) * D + d0, 0, sizeof(S) * w); \
         for (int64_t t = 0; t < T; t++) {                                                           \
-            for (int64_t d = 0; d < w; d++) acc[d] = bias ? bias[d0 + d] : (S)0;                    \
-            for (int64_t k = 0; k < K; k++) {                                                       \
-                const S *xr = row_##SUF(x, pre, b, t - (K - 1) + k, T, D, K) + d0;                  \
-                const S *wk = wT + k * D + d0;                                                      \
-                _Pragma("omp simd")                                                                 \
-                for (int64_t d = 0; d < w; d++) acc[d] += wk[d] * xr[d];                            \
-            }                                                                                       \
+            preact_##SUF(acc, x, pre, wT, bias, b, t, d0, w, T, D, K);                              \
             /* acc becomes g_t = dy_t silu'(a_t), silu'(a) = s (1 + a (1 - s)) */                  \
             const S *gyt = gy + (b * T + t) * D + d0;                                               \
             _Pragma("omp simd")                                                                     \
