@@ -76,8 +76,14 @@ def load(source: str) -> ctypes.CDLL | None:
                                      platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
     out = cache_dir() / f"{Path(source).stem}-{key}.so"
     if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        except OSError:
+            # An unwritable cache (read-only home on a cluster): build into this user's temp dir.
+            out = Path(tempfile.gettempdir()) / f"titanforge-native-{os.getuid()}" / out.name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         proc = subprocess.run([cc, *flags, "-o", tmp, source, "-lm"], capture_output=True, text=True)
         if proc.returncode != 0:

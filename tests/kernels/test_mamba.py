@@ -261,3 +261,16 @@ def test_native_scan_builds_into_a_fresh_cache(monkeypatch, tmp_path):
         assert len(list((tmp_path / "native").glob("selective_scan-*.so"))) == 1
     finally:
         native.load.cache_clear()
+
+
+@pytest.mark.skipif(native._compiler() is None, reason="no C compiler on this machine")
+def test_native_scan_builds_where_the_cache_is_read_only(monkeypatch, tmp_path):
+    # A cache directory that cannot be created (a file stands in its way) falls back to the temp dir.
+    blocker = tmp_path / "cache"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("TITANFORGE_CACHE_DIR", str(blocker))
+    native.load.cache_clear()
+    try:
+        assert fused_cpu.available()
+    finally:
+        native.load.cache_clear()
