@@ -1,4 +1,8 @@
-"""Chunked scans for the Mamba mixers in plain PyTorch, fast on CPU.
+"""Chunked scans for the Mamba mixers in plain PyTorch.
+
+On CPU (float32/float64) `chunk_selective_scan` hands its sequential case to the fused C loop in
+`fused_cpu.py`, several times faster; the PyTorch scans below are the fallback (no C compiler,
+CUDA, torch.compile) and the chunked variant.
 
 Mamba-1 (`chunk_selective_scan`, Gu & Dao 2023, arXiv 2312.00752): the decay Ā_t = exp(Δ_t A) is
 per channel AND per state (A is [D, N]), so there is no matmul form (Mamba-2 has one because its
