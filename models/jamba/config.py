@@ -32,7 +32,7 @@ class JambaConfig:
     # Chunk length of the Mamba-2 (S) chunked SSD (speed only; results do not depend on it).
     chunk_size: int = 64
     # Chunk length of the Mamba-1 (M) selective scan; 0 = the whole sequence, a sequential loop
-    # over T that is fastest on CPU (kernels/mamba/chunk.py). Speed only.
+    # over T, run by the fused C loop on CPU (kernels/mamba/fused_cpu.py). Speed only.
     scan_chunk_size: int = 0
     # Mamba-2 (S) layers: head dim and number of B/C groups.
     mamba2_headdim: int = 32
