@@ -25,6 +25,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import torch
+
 # -fno-trapping-math: without it gcc will not vectorise floorf (the exp2 of the scans).
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
 
@@ -99,6 +101,15 @@ def load(source: str) -> ctypes.CDLL | None:
 def native_status(source: str) -> str:
     """'native' when `source` is built and loaded, else why not."""
     return "native" if load(source) is not None else _failures.get(source, "unavailable")
+
+
+def check_inputs(name: str, *tensors) -> None:
+    """The C kernels read raw float32/float64 CPU memory of one dtype: refuse anything else."""
+    ts = [t for t in tensors if t is not None]
+    dtypes = {t.dtype for t in ts}
+    if any(t.device.type != "cpu" for t in ts) or len(dtypes) != 1 or not dtypes <= {torch.float32, torch.float64}:
+        raise ValueError(f"{name}: the C kernel takes CPU tensors of one dtype, float32 or float64; got "
+                         f"{sorted({(t.device.type, str(t.dtype)) for t in ts})} (cast them, or use backend='torch')")
 
 
 def ptr(t) -> ctypes.c_void_p:

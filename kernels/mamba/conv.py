@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from titanforge.kernels.native import load, native_status, ptr
+from titanforge.kernels.native import check_inputs, load, native_status, ptr
 
 SOURCE = str(Path(__file__).with_name("csrc") / "causal_conv.c")
 _i64, _int = ctypes.c_int64, ctypes.c_int
@@ -69,6 +69,7 @@ class CausalConvSiluFunction(torch.autograd.Function):
     def forward(ctx, x, pre, wT, bias):
         Bsz, T, D = x.shape
         K = wT.shape[0]
+        check_inputs("causal conv", x, pre, wT, bias)
         x, pre, wT = x.contiguous(), pre.contiguous(), wT.contiguous()
         bias = bias.contiguous() if bias is not None else None
         y = torch.empty_like(x)

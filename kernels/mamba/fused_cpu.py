@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
-from titanforge.kernels.native import load, native_status, ptr
+from titanforge.kernels.native import check_inputs, load, native_status, ptr
 
 SOURCE = str(Path(__file__).with_name("csrc") / "selective_scan.c")
 LOG2E = 1.4426950408889634
+# Channels per task; equals TILE in csrc/selective_scan.c (the per-tile partial sums of dB, dC).
+TILE = 64
 # Checkpoint interval: K steps of a 64-channel tile at N = 16 is 2 x 128 KB of block buffers (L2).
 # 16 to 32 measured fastest (T=1k, D=256, N=16); 4 or 64 were 10% slower in backward. The
 # checkpoints take 1/K of the memory of all states.
@@ -57,6 +59,7 @@ class FusedSelectiveScanFunction(torch.autograd.Function):
         Bsz, T, Dn = u.shape
         N = A.shape[1]
         K = CHECKPOINT_EVERY
+        check_inputs("selective scan", u, delta, A, B, C, D, z, h0)
         u, delta, B, C = (t.contiguous() for t in (u, delta, B, C))
         D = D.contiguous() if D is not None else None
         z = z.contiguous() if z is not None else None
@@ -78,7 +81,7 @@ class FusedSelectiveScanFunction(torch.autograd.Function):
         u, delta, At, A2, B, C, D, z, ck = ctx.saved_tensors
         Bsz, T, Dn = u.shape
         N = At.shape[0]
-        ntiles = -(-Dn // 64)
+        ntiles = -(-Dn // TILE)
         gout = gout.contiguous()
         ghT = ghT.transpose(1, 2).contiguous()
         gu, gdelta = torch.empty_like(u), torch.empty_like(u)

@@ -274,3 +274,10 @@ def test_native_scan_builds_where_the_cache_is_read_only(monkeypatch, tmp_path):
         assert fused_cpu.available()
     finally:
         native.load.cache_clear()
+
+
+def test_native_scan_refuses_mixed_dtypes():
+    # Raw pointers of a float64 B in a float32 scan would be read as garbage: the wrapper refuses.
+    inputs = {k: v.float() for k, v in mamba1_inputs(1, 10, 8, 4).items()}
+    with pytest.raises(ValueError, match="one dtype, float32 or float64"):
+        fused_cpu.fused_selective_scan(inputs["u"], inputs["delta"], inputs["A"], inputs["B"].double(), inputs["C"])
