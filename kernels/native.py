@@ -59,6 +59,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TITANFORGE_CACHE_DIR", Path.home() / ".cache" / "titanforge")) / "native"
 
 
+def _library_dir() -> Path:
+    """The cache directory, or this user's temp dir where it cannot be created (a read-only home
+    on a cluster)."""
+    for d in (cache_dir(), Path(tempfile.gettempdir()) / f"titanforge-native-{os.getuid()}"):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            return d
+        except OSError:
+            continue
+    raise OSError(f"neither {cache_dir()} nor the temp dir can hold the built C kernels; set TITANFORGE_CACHE_DIR")
+
+
 @functools.lru_cache(maxsize=None)
 def load(source: str) -> ctypes.CDLL | None:
     """The compiled library of `source` (a path to a .c file), or None where it cannot be built."""
@@ -76,16 +88,9 @@ def load(source: str) -> ctypes.CDLL | None:
     flags = cflags()
     key = hashlib.sha256(b"\0".join([text, " ".join(flags).encode(), version.encode(),
                                      platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
-    out = cache_dir() / f"{Path(source).stem}-{key}.so"
+    out = _library_dir() / f"{Path(source).stem}-{key}.so"
     if not out.exists():
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        except OSError:
-            # An unwritable cache (read-only home on a cluster): build into this user's temp dir.
-            out = Path(tempfile.gettempdir()) / f"titanforge-native-{os.getuid()}" / out.name
-            out.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         proc = subprocess.run([cc, *flags, "-o", tmp, source, "-lm"], capture_output=True, text=True)
         if proc.returncode != 0:
@@ -101,6 +106,36 @@ def load(source: str) -> ctypes.CDLL | None:
 def native_status(source: str) -> str:
     """'native' when `source` is built and loaded, else why not."""
     return "native" if load(source) is not None else _failures.get(source, "unavailable")
+
+
+BACKENDS = ("auto", "native", "torch")
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected 'auto', 'native' or 'torch'")
+
+
+def use_native(backend: str, x: torch.Tensor, source: str, what: str) -> bool:
+    """Whether an op offered with `backend` runs its C loop (`source`) on x: "torch" never, "native"
+    always (raising if x is not CPU float32/float64 or the loop cannot be built), "auto" where x
+    is CPU float32/float64, the loop builds and torch.compile is not tracing."""
+    check_backend(backend)
+    if backend == "torch":
+        return False
+    fits = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    if backend == "native":
+        if not fits:
+            raise ValueError(f"backend='native' runs CPU float32/float64 only, got {x.device.type} {x.dtype}")
+        if load(source) is None:
+            raise RuntimeError(f"backend='native': the C {what} is unavailable ({native_status(source)})")
+        return True
+    return fits and not torch.compiler.is_compiling() and load(source) is not None
+
+
+def kernel(source: str, name: str, dtype: torch.dtype):
+    """The C function `name` of `source` for dtype (its _f32 or _f64 variant)."""
+    return getattr(load(source), f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
 
 
 def check_inputs(name: str, *tensors) -> None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from titanforge.kernels import native
 from titanforge.kernels.mamba import fused_cpu
 
 
@@ -289,19 +290,6 @@ class SelectiveScanFunction(torch.autograd.Function):
         return (gu, gdelta, gA.t(), gB, gC, (gh0.transpose(1, 2) if h0t is not None else None), None)
 
 
-def _use_native(backend: str, u: torch.Tensor) -> bool:
-    if backend == "torch":
-        return False
-    if backend == "native":
-        if not (u.device.type == "cpu" and u.dtype in (torch.float32, torch.float64)):
-            raise ValueError(f"backend='native' runs CPU float32/float64 only, got {u.device.type} {u.dtype}")
-        if not fused_cpu.available():
-            raise RuntimeError(f"backend='native': the C scan is unavailable ({fused_cpu.status()})")
-        return True
-    return (u.device.type == "cpu" and u.dtype in (torch.float32, torch.float64)
-            and not torch.compiler.is_compiling() and fused_cpu.available())
-
-
 def _check(name: str, t: torch.Tensor, shape: tuple) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
@@ -331,8 +319,7 @@ def chunk_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
         raise ValueError(f"u must be [B, T, D], got shape {tuple(u.shape)}")
     if chunk_size < 0:
         raise ValueError(f"chunk_size={chunk_size} must be >= 0 (0 = the whole sequence as one chunk)")
-    if backend not in ("auto", "native", "torch"):
-        raise ValueError(f"backend={backend!r}: expected 'auto', 'native' or 'torch'")
+    native.check_backend(backend)
     Bsz, T, Dn = u.shape
     N = A.shape[-1]
     _check("delta", delta, (Bsz, T, Dn))
@@ -346,7 +333,7 @@ def chunk_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
     if initial_state is not None:
         _check("initial_state", initial_state, (Bsz, Dn, N))
         initial_state = initial_state.to(u.dtype)
-    if chunk_size == 0 and _use_native(backend, u):
+    if chunk_size == 0 and native.use_native(backend, u, fused_cpu.SOURCE, "scan"):
         cast = lambda t: None if t is None else t.to(u.dtype)  # noqa: E731
         y, h_last = fused_cpu.FusedSelectiveScanFunction.apply(u, *map(cast, (delta, A, B, C, D, z)), initial_state)
         return y, (h_last if output_final_state else None)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from titanforge.kernels.native import check_inputs, load, native_status, ptr
+from titanforge.kernels.native import check_inputs, kernel, load, native_status, ptr, use_native
 
 SOURCE = str(Path(__file__).with_name("csrc") / "causal_conv.c")
 _i64, _int = ctypes.c_int64, ctypes.c_int
@@ -57,10 +57,6 @@ def status() -> str:
     return native_status(SOURCE)
 
 
-def _fn(name: str, dtype: torch.dtype):
-    return getattr(load(SOURCE), f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
-
-
 class CausalConvSiluFunction(torch.autograd.Function):
     """x [B, T, D], pre [B, K-1, D] (inputs before t = 0), wT [K, D], bias [D] or None ->
     silu(conv(x)) [B, T, D]. Saves only its inputs."""
@@ -73,8 +69,8 @@ class CausalConvSiluFunction(torch.autograd.Function):
         x, pre, wT = x.contiguous(), pre.contiguous(), wT.contiguous()
         bias = bias.contiguous() if bias is not None else None
         y = torch.empty_like(x)
-        _fn("causal_conv_silu_fwd", x.dtype)(ptr(x), ptr(pre), ptr(wT), ptr(bias), ptr(y), _i64(Bsz), _i64(T),
-                                             _i64(D), _i64(K), _int(torch.get_num_threads()))
+        kernel(SOURCE, "causal_conv_silu_fwd", x.dtype)(ptr(x), ptr(pre), ptr(wT), ptr(bias), ptr(y), _i64(Bsz),
+                                                        _i64(T), _i64(D), _i64(K), _int(torch.get_num_threads()))
         ctx.save_for_backward(x, pre, wT, bias)
         return y
 
@@ -85,9 +81,9 @@ class CausalConvSiluFunction(torch.autograd.Function):
         K = wT.shape[0]
         gx, gpre = torch.empty_like(x), torch.empty_like(pre)
         gw, gb = x.new_empty(Bsz, K, D), x.new_empty(Bsz, D)
-        _fn("causal_conv_silu_bwd", x.dtype)(ptr(x), ptr(pre), ptr(wT), ptr(bias), ptr(gy.contiguous()), ptr(gx),
-                                             ptr(gpre), ptr(gw), ptr(gb), _i64(Bsz), _i64(T), _i64(D), _i64(K),
-                                             _int(torch.get_num_threads()))
+        kernel(SOURCE, "causal_conv_silu_bwd", x.dtype)(
+            ptr(x), ptr(pre), ptr(wT), ptr(bias), ptr(gy.contiguous()), ptr(gx), ptr(gpre), ptr(gw), ptr(gb),
+            _i64(Bsz), _i64(T), _i64(D), _i64(K), _int(torch.get_num_threads()))
         return gx, gpre, gw.sum(0), gb.sum(0) if bias is not None else None
 
 
@@ -96,13 +92,7 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """silu(causal depthwise conv(x)) and the new conv state; shapes as in `causal_conv1d`.
     backend "auto" runs the C loop for CPU float32/float64 where it builds, "native" requires it,
     "torch" never uses it."""
-    if backend not in ("auto", "native", "torch"):
-        raise ValueError(f"backend={backend!r}: expected 'auto', 'native' or 'torch'")
-    ok = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-    if backend == "native" and not (ok and available()):
-        raise RuntimeError(f"backend='native' needs CPU float32/float64 and the C conv ({status()}); "
-                           f"got {x.device.type} {x.dtype}")
-    if backend == "torch" or not (ok and not torch.compiler.is_compiling() and available()):
+    if not use_native(backend, x, SOURCE, "conv"):
         y, state = causal_conv1d(x, weight, bias, conv_state)
         return F.silu(y), state
     K = weight.shape[-1]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from titanforge.kernels.native import check_inputs, load, native_status, ptr
+from titanforge.kernels.native import check_inputs, kernel, load, native_status, ptr
 
 SOURCE = str(Path(__file__).with_name("csrc") / "selective_scan.c")
 LOG2E = 1.4426950408889634
@@ -32,20 +32,12 @@ CHECKPOINT_EVERY = 32
 _i64, _int = ctypes.c_int64, ctypes.c_int
 
 
-def _lib():
-    return load(SOURCE)
-
-
 def available() -> bool:
-    return _lib() is not None
+    return load(SOURCE) is not None
 
 
 def status() -> str:
     return native_status(SOURCE)
-
-
-def _fn(name: str, dtype: torch.dtype):
-    return getattr(_lib(), f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
 
 
 class FusedSelectiveScanFunction(torch.autograd.Function):
@@ -69,16 +61,17 @@ class FusedSelectiveScanFunction(torch.autograd.Function):
         out = u.new_empty(Bsz, T, Dn)
         ck = u.new_empty(Bsz, (T + K - 1) // K, N, Dn)
         hT = u.new_empty(Bsz, N, Dn)
-        _fn("selective_scan_fwd", u.dtype)(
+        kernel(SOURCE, "selective_scan_fwd", u.dtype)(
             ptr(u), ptr(delta), ptr(A2), ptr(B), ptr(C), ptr(D), ptr(z), ptr(h0t), ptr(out), ptr(ck), ptr(hT),
             _i64(Bsz), _i64(T), _i64(Dn), _i64(N), _i64(K), _int(torch.get_num_threads()))
-        ctx.save_for_backward(u, delta, At, A2, B, C, D, z, ck)
+        ctx.save_for_backward(u, delta, At, B, C, D, z, ck)
         ctx.has_h0, ctx.K = h0 is not None, K
         return out, hT.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, gout, ghT):
-        u, delta, At, A2, B, C, D, z, ck = ctx.saved_tensors
+        u, delta, At, B, C, D, z, ck = ctx.saved_tensors
+        A2 = At * LOG2E
         Bsz, T, Dn = u.shape
         N = At.shape[0]
         ntiles = -(-Dn // TILE)
@@ -90,7 +83,7 @@ class FusedSelectiveScanFunction(torch.autograd.Function):
         gD = u.new_empty(Bsz, Dn)
         gz = torch.empty_like(u) if z is not None else None
         gh0 = u.new_empty(Bsz, N, Dn) if ctx.has_h0 else None
-        _fn("selective_scan_bwd", u.dtype)(
+        kernel(SOURCE, "selective_scan_bwd", u.dtype)(
             ptr(u), ptr(delta), ptr(A2), ptr(At), ptr(B), ptr(C), ptr(D), ptr(z), ptr(ck), ptr(gout), ptr(ghT),
             ptr(gu), ptr(gdelta), ptr(gA), ptr(gB), ptr(gC), ptr(gD), ptr(gz), ptr(gh0),
             _i64(Bsz), _i64(T), _i64(Dn), _i64(N), _i64(ctx.K), _int(torch.get_num_threads()))

@@ -234,46 +234,41 @@ def test_native_scan_builds_where_a_compiler_exists():
     assert fused_cpu.status() == "native"
 
 
-def test_native_scan_disabled_falls_back(monkeypatch, tmp_path):
+@pytest.fixture
+def fresh_native():
+    """A cleared library cache (`native.load` memoises per source) around a test that changes the
+    environment the build reads; cleared again afterwards so later tests load normally."""
+    native.load.cache_clear()
+    yield
+    native.load.cache_clear()
+
+
+def test_native_scan_disabled_falls_back(monkeypatch, fresh_native):
     monkeypatch.setenv("TITANFORGE_NATIVE", "0")
-    native.load.cache_clear()
-    try:
-        assert not fused_cpu.available()
-        inputs = mamba1_inputs(1, 20, 8, 4)
-        y_ref, _ = naive_selective_scan(**inputs)
-        y, _ = chunk_selective_scan(**inputs)  # auto: the PyTorch path
-        assert rel_rms(y, y_ref) < 1e-12
-        with pytest.raises(RuntimeError, match="TITANFORGE_NATIVE=0"):
-            chunk_selective_scan(**inputs, backend="native")
-    finally:
-        monkeypatch.delenv("TITANFORGE_NATIVE")
-        native.load.cache_clear()
-
-
-def test_native_scan_builds_into_a_fresh_cache(monkeypatch, tmp_path):
-    # A first build (no cached library) compiles the source into the cache directory and loads it.
-    monkeypatch.setenv("TITANFORGE_CACHE_DIR", str(tmp_path))
-    native.load.cache_clear()
-    try:
-        if native._compiler() is None:
-            pytest.skip("no C compiler on this machine")
-        assert fused_cpu.available()
-        assert len(list((tmp_path / "native").glob("selective_scan-*.so"))) == 1
-    finally:
-        native.load.cache_clear()
+    assert not fused_cpu.available()
+    inputs = mamba1_inputs(1, 20, 8, 4)
+    y_ref, _ = naive_selective_scan(**inputs)
+    y, _ = chunk_selective_scan(**inputs)  # auto: the PyTorch path
+    assert rel_rms(y, y_ref) < 1e-12
+    with pytest.raises(RuntimeError, match="TITANFORGE_NATIVE=0"):
+        chunk_selective_scan(**inputs, backend="native")
 
 
 @pytest.mark.skipif(native._compiler() is None, reason="no C compiler on this machine")
-def test_native_scan_builds_where_the_cache_is_read_only(monkeypatch, tmp_path):
+def test_native_scan_builds_into_a_fresh_cache(monkeypatch, tmp_path, fresh_native):
+    # A first build (no cached library) compiles the source into the cache directory and loads it.
+    monkeypatch.setenv("TITANFORGE_CACHE_DIR", str(tmp_path))
+    assert fused_cpu.available()
+    assert len(list((tmp_path / "native").glob("selective_scan-*.so"))) == 1
+
+
+@pytest.mark.skipif(native._compiler() is None, reason="no C compiler on this machine")
+def test_native_scan_builds_where_the_cache_is_read_only(monkeypatch, tmp_path, fresh_native):
     # A cache directory that cannot be created (a file stands in its way) falls back to the temp dir.
     blocker = tmp_path / "cache"
     blocker.write_text("not a directory")
     monkeypatch.setenv("TITANFORGE_CACHE_DIR", str(blocker))
-    native.load.cache_clear()
-    try:
-        assert fused_cpu.available()
-    finally:
-        native.load.cache_clear()
+    assert fused_cpu.available()
 
 
 def test_native_scan_refuses_mixed_dtypes():
