@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from titanforge.launch.config import load_config
 from titanforge.models.jamba.hf import to_hf
 from titanforge.models.registry import build_model
+from titanforge.trainer.perf import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,13 +176,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.flush_denormal:
         torch.set_flush_denormal(True)
-    if args.keep_freed_memory:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        # M_TRIM_THRESHOLD (-1) and M_MMAP_THRESHOLD (-3): never trim, never mmap below 1 GiB.
-        if not (libc.mallopt(-1, 2 << 30) and libc.mallopt(-3, 1 << 30)):
-            raise SystemExit("mallopt failed: --keep-freed-memory needs glibc")
+    if args.keep_freed_memory and not keep_freed_memory():
+        raise SystemExit("--keep-freed-memory needs glibc")
 
     from transformers.utils.import_utils import is_mambapy_available
 

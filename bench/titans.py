@@ -26,17 +26,17 @@ Usage: python bench/titans.py [--seq 1024 2048 4096] [--repeats 3] [--skip-ref-a
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+from titanforge.trainer.perf import keep_freed_memory
 
 VOCAB, DIM, DEPTH, HEADS, B = 256, 256, 4, 4, 2
 CHUNK = 16
@@ -135,13 +135,9 @@ def step_peak_growth(name, T):
     return (hwm - rss0) * 1024
 
 
-FLUSH = True
-
-
-def peak_rss_child(name, T):
+def peak_rss_child(args, name, T):
     """Peak RSS growth of one step of `name` at T, measured in a fresh subprocess (None on failure)."""
-    out = subprocess.run([sys.executable, __file__, "--child", name, str(T), "--chunk", str(CHUNK),
-                          "--segment", str(SEGMENT)] + ([] if FLUSH else ["--no-flush-denormal"]),
+    out = subprocess.run([sys.executable, __file__, "--child", name, str(T), *child_args(args)],
                          capture_output=True, text=True)
     if out.returncode:
         print(f"memory child {name} T={T} failed: {out.stderr[-2000:]}", file=sys.stderr)
@@ -172,8 +168,8 @@ def main():
     # The trainer keeps freed memory (train.keep_freed_memory); this times under glibc's defaults.
     ap.add_argument("--plain-allocator", action="store_true")
     args = ap.parse_args()
-    global CHUNK, SEGMENT, FLUSH
-    CHUNK, SEGMENT, FLUSH = args.chunk, args.segment, args.flush_denormal
+    global CHUNK, SEGMENT
+    CHUNK, SEGMENT = args.chunk, args.segment
     if args.flush_denormal:
         torch.set_flush_denormal(True)
     if args.child:
@@ -181,11 +177,8 @@ def main():
         return
     torch.set_num_threads(args.threads)
     if args.time_child:
-        if not args.plain_allocator:
-            libc = ctypes.CDLL("libc.so.6")
-            # M_TRIM_THRESHOLD (-1) and M_MMAP_THRESHOLD (-3): never trim, never mmap below 1 GiB.
-            if not (libc.mallopt(-1, 2 << 30) and libc.mallopt(-3, 1 << 30)):
-                raise SystemExit("mallopt failed: keeping freed memory needs glibc (use --plain-allocator)")
+        if not args.plain_allocator and not keep_freed_memory():
+            raise SystemExit("keeping freed memory needs glibc (use --plain-allocator)")
         print(*time_steps(args.time_child[0], int(args.time_child[1]), args.repeats))
         return
     torch.manual_seed(0)
@@ -209,7 +202,7 @@ def main():
                 row[f"{n}_first_step_s"] = round(first[n], 1)
                 continue
             if args.memory:
-                rss = peak_rss_child(n, T)
+                rss = peak_rss_child(args, n, T)
                 row[f"{n}_peak_rss_growth_bytes_per_token"] = None if rss is None else round(rss / (B * T))
                 if rss is not None and rss <= 0:
                     print(f"WARNING: {n} T={T}: peak RSS growth {rss} <= 0; the measure failed", file=sys.stderr)
