@@ -30,6 +30,9 @@ import torch
 # -fno-trapping-math: without it gcc will not vectorise floorf (the exp2 of the scans).
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
 
+# Headers every kernel may include (exp2.h).
+SHARED_INCLUDE = Path(__file__).with_name("csrc")
+
 _failures: dict[str, str] = {}
 
 
@@ -82,8 +85,10 @@ def load(source: str) -> ctypes.CDLL | None:
         _failures[source] = "no C compiler found (set CC, or install gcc)"
         warnings.warn(f"titanforge: {_failures[source]}; {Path(source).name} runs its slower PyTorch path")
         return None
-    # The source and the headers beside it (#include "x.h"), so editing a header rebuilds.
-    text = b"".join(f.read_bytes() for f in [Path(source), *sorted(Path(source).parent.glob("*.h"))])
+    # The source and the headers it can include (beside it and the shared ones), so editing a
+    # header rebuilds.
+    headers = sorted(Path(source).parent.glob("*.h")) + sorted(SHARED_INCLUDE.glob("*.h"))
+    text = b"".join(f.read_bytes() for f in [Path(source), *headers])
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     flags = cflags()
     key = hashlib.sha256(b"\0".join([text, " ".join(flags).encode(), version.encode(),
@@ -92,7 +97,8 @@ def load(source: str) -> ctypes.CDLL | None:
     if not out.exists():
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
-        proc = subprocess.run([cc, *flags, "-o", tmp, source, "-lm"], capture_output=True, text=True)
+        proc = subprocess.run([cc, *flags, f"-I{SHARED_INCLUDE}", "-o", tmp, source, "-lm"], capture_output=True,
+                              text=True)
         if proc.returncode != 0:
             os.unlink(tmp)
             _failures[source] = f"{cc} failed: {proc.stderr.strip()[-2000:]}"

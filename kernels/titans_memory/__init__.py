@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from titanforge.kernels.native import check_backend
 from titanforge.kernels.titans_memory.chunk import ACTIVATIONS, chunk_titans_memory_fwd, mlp_apply
 from titanforge.kernels.titans_memory.naive import naive_titans_memory
 
@@ -36,7 +37,8 @@ def _check_weights(weights, B: int, H: int, Dk: int, Dv: int, name: str = "weigh
 def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor,
                         eta: torch.Tensor, alpha: torch.Tensor, *, weights: list[torch.Tensor],
                         momentum: list[torch.Tensor] | None = None, chunk_size: int = 16,
-                        activation: str = "silu", compile: bool = False) -> tuple[torch.Tensor, State]:
+                        activation: str = "silu", compile: bool = False,
+                        backend: str = "auto") -> tuple[torch.Tensor, State]:
     """Run the Titans memory over a sequence, chunk by chunk.
 
     q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; theta (step size), eta (momentum decay), alpha (forget
@@ -50,6 +52,9 @@ def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta
     the sequence exactly when the first piece's length is a multiple of chunk_size.
     Computes in float32 (float64 if given); o has q's dtype. compile=True runs the chunk chain's
     forward and backward through torch.compile (opt-in: a one-off compile of minutes on CPU).
+    backend: "auto" runs the chunk chain in the fused C loop (fused_cpu.py) for CPU float32/float64
+    inputs where it builds (and compile is off), else in PyTorch; "native" insists on the C loop,
+    "torch" on PyTorch.
     """
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"q, k must be [B, T, H, Dk] and v [B, T, H, Dv] with equal B, T, H; got "
@@ -63,6 +68,7 @@ def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta
                              f"{(B, T, H)} (broadcast coarser gates before calling)")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
+    check_backend(backend)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
     _check_weights(weights, B, H, Dk, v.shape[-1])
@@ -78,7 +84,7 @@ def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta
     th, et, al = (g.to(dtype).transpose(1, 2) for g in (theta, eta, alpha))
     ws = [w.to(dtype) for w in weights]
     ms = None if momentum is None else [m.to(dtype) for m in momentum]
-    o, state = chunk_titans_memory_fwd(q_, k_, v_, th, et, al, ws, ms, chunk_size, activation, compile)
+    o, state = chunk_titans_memory_fwd(q_, k_, v_, th, et, al, ws, ms, chunk_size, activation, compile, backend)
     return o.transpose(1, 2).to(q.dtype), state
 
 

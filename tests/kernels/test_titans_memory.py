@@ -1,11 +1,13 @@
 """chunk_titans_memory against the token loop of naive.py (float64): outputs, final state, and the
-gradients with respect to q, k, v, the three gates, the initial weights and the initial momentum."""
+gradients with respect to q, k, v, the three gates, the initial weights and the initial momentum.
+Both chunk chains are checked: the fused C loop (backend "native", fused_cpu.py) and PyTorch's."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from testutil.kernel_util import rel_rms
+from testutil.kernel_util import on_threads, poisoned_empty, rel_rms
+from titanforge.kernels.titans_memory import fused_cpu
 from titanforge.kernels.titans_memory import chunk_titans_memory, naive_titans_memory, titans_memory_retrieve
 from titanforge.kernels.titans_memory.naive import mlp_forward
 
@@ -33,9 +35,20 @@ def make_inputs(B, T, H, Dk, Dv, widths, dtype=torch.float64, batched_state=Fals
     return leaves, weights, mom
 
 
-def run(fn, leaves, weights, mom, chunk_size, activation="silu"):
+def run(fn, leaves, weights, mom, chunk_size, activation="silu", **kw):
     return fn(leaves["q"], leaves["k"], leaves["v"], leaves["theta"], leaves["eta"], leaves["alpha"],
-              weights=weights, momentum=mom, chunk_size=chunk_size, activation=activation)
+              weights=weights, momentum=mom, chunk_size=chunk_size, activation=activation, **kw)
+
+
+@pytest.fixture
+def poisoned():
+    """Outputs the kernels forget to write hold NaN (see kernel_util.poisoned_empty)."""
+    with poisoned_empty():
+        yield
+
+
+BACKENDS = ["torch", pytest.param("native", marks=pytest.mark.skipif(
+    not fused_cpu.available(), reason=f"C chunk chain unavailable: {fused_cpu.status()}"))]
 
 
 def flat(o, state):
@@ -53,11 +66,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("T,chunk,widths,batched,mom,act", CASES)
-def test_chunk_matches_naive_forward_and_grads(T, chunk, widths, batched, mom, act):
+def test_chunk_matches_naive_forward_and_grads(T, chunk, widths, batched, mom, act, backend, poisoned):
     B, H, Dk, Dv = 2, 3, 5, 4
     leaves, weights, momentum = make_inputs(B, T, H, Dk, Dv, widths, batched_state=batched, momentum=mom)
-    out_c = flat(*run(chunk_titans_memory, leaves, weights, momentum, chunk, act))
+    out_c = flat(*run(chunk_titans_memory, leaves, weights, momentum, chunk, act, backend=backend))
     out_n = flat(*run(naive_titans_memory, leaves, weights, momentum, chunk, act))
     for a, b in zip(out_c, out_n):
         assert a.shape == b.shape
@@ -71,6 +85,70 @@ def test_chunk_matches_naive_forward_and_grads(T, chunk, widths, batched, mom, a
     for name, a, b in zip(names, grads_c, grads_n):
         assert b.abs().max() > 0, name
         assert rel_rms(a, b) < 1e-9, name
+
+
+@pytest.mark.skipif(not fused_cpu.available(), reason=f"C chunk chain unavailable: {fused_cpu.status()}")
+@pytest.mark.parametrize("Dk,hidden,T,chunk", [(32, 64, 48, 16), (48, 80, 45, 16), (19, 37, 21, 6)])
+def test_native_chain_on_vector_tiles_matches_naive(Dk, hidden, T, chunk, poisoned):
+    """Widths that fill the C loop's register blocks and 16 x 16 transpose tiles (32, 64), that
+    fill single vectors only (48, 80), and that leave scalar edges (19, 37), in float64 against the
+    token loop, and in float32 against the float64 result; outputs and every gradient."""
+    leaves, weights, mom = make_inputs(2, T, 2, Dk, Dk, [hidden], momentum=True)
+    names = list(leaves)
+    g = torch.Generator().manual_seed(3)
+    out_n = flat(*run(naive_titans_memory, leaves, weights, mom, chunk))
+    probes = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in out_n]
+    grads_n = torch.autograd.grad(sum((p * t).sum() for p, t in zip(probes, out_n)), list(leaves.values()))
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 2e-4)):
+        lv = {n: t.detach().to(dtype).requires_grad_(True) for n, t in leaves.items()}
+        ws = [lv[f"w{i}"] for i in range(len(weights))]
+        ms = [lv[f"m{i}"] for i in range(len(mom))]
+        out_c = flat(*run(chunk_titans_memory, lv, ws, ms, chunk, backend="native"))
+        for a, b in zip(out_c, out_n):
+            assert a.dtype == dtype and rel_rms(a.double(), b) < tol
+        grads_c = torch.autograd.grad(sum((p.to(dtype) * t).sum() for p, t in zip(probes, out_c)), list(lv.values()))
+        for name, a, b in zip(names, grads_c, grads_n):
+            assert rel_rms(a.double(), b) < tol, (dtype, name)
+
+
+@pytest.mark.skipif(not fused_cpu.available(), reason=f"C chunk chain unavailable: {fused_cpu.status()}")
+def test_native_chain_threads_identical_and_graph_reusable():
+    """Tasks (batch x head rows) are independent, so 1 and 2 threads give bit-identical results; the
+    backward writes nothing it saved, so a retained graph backpropagates twice to the same grads."""
+    leaves, weights, mom = make_inputs(2, 40, 3, 16, 16, [32], dtype=torch.float32, momentum=True)
+
+    def once():
+        o, (W, S) = run(chunk_titans_memory, leaves, weights, mom, 8, backend="native")
+        loss = o.square().sum() + sum(w.sum() for w in W + S)
+        return [o.detach(), *torch.autograd.grad(loss, list(leaves.values()))]
+    a, b = on_threads(once)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    o, (W, _) = run(chunk_titans_memory, leaves, weights, mom, 8, backend="native")
+    loss = o.square().sum() + W[0].sum()
+    g1 = torch.autograd.grad(loss, list(leaves.values()), retain_graph=True)
+    g2 = torch.autograd.grad(loss, list(leaves.values()))
+    assert all(torch.equal(x, y) for x, y in zip(g1, g2))
+
+
+def test_native_chain_is_used_where_a_compiler_exists():
+    """auto picks the C loop on CPU wherever it builds: a broken build cannot hide behind the fallback."""
+    import shutil
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine")
+    assert fused_cpu.status() == "native"
+    leaves, weights, _ = make_inputs(1, 8, 1, 4, 4, [4])
+    o, _ = run(chunk_titans_memory, leaves, weights, None, 4)
+    assert any(type(f).__name__ == "FusedChunkMemoryFunctionBackward" for f in _walk(o.grad_fn))
+
+
+def _walk(fn, seen=None):
+    seen = set() if seen is None else seen
+    if fn is None or fn in seen:
+        return
+    seen.add(fn)
+    yield fn
+    for nxt, _ in fn.next_functions:
+        yield from _walk(nxt, seen)
 
 
 def test_float32_matches_float64_reference():
@@ -138,7 +216,8 @@ def test_compile_flag_routes_the_chain_through_torch_compile(monkeypatch):
     results = []
     for flag in (False, True):
         o, (W, S) = chunk_titans_memory(leaves["q"], leaves["k"], leaves["v"], leaves["theta"], leaves["eta"],
-                                        leaves["alpha"], weights=weights, momentum=mom, chunk_size=8, compile=flag)
+                                        leaves["alpha"], weights=weights, momentum=mom, chunk_size=8, compile=flag,
+                                        backend="torch")
         grads = torch.autograd.grad(o.square().sum() + sum(w.sum() for w in W + S), [leaves[n] for n in names])
         results.append([o, *W, *S, *grads])
     assert [name for name, _ in compiled] == ["_chain_forward", "_chain_backward"]

@@ -1,4 +1,5 @@
-/* Vectorisable exp2 for the CPU kernels in this folder (included by each .c file). */
+/* Vectorisable exp2 shared by the CPU kernels (the csrc folders of kernels/; kernels/native.py puts
+   this folder on the include path). */
 #ifndef TITANFORGE_EXP2_H
 #define TITANFORGE_EXP2_H
 

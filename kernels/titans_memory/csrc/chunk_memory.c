@@ -1,0 +1,52 @@
+/* Titans memory chunk chain, forward and backward, fused for CPU (plain C99 + GCC vector
+   extensions + OpenMP).
+
+   Built and loaded by kernels/native.py, called through ctypes by ../fused_cpu.py. The math is
+   that of ../chunk.py (`_chain_forward`, `_chain_backward`) and is derived in ../README.md. Per
+   chunk of b tokens, with the chunk-start weights W_l and momentum S_l of an L-layer memory MLP:
+
+       x_0 = k,  z_l = x_l W_l,  x_{l+1} = act(z_l)                         (key rows)
+       delta_{L-1} = 2 (z_{L-1} - v),  delta_l = (delta_{l+1} W_{l+1}^T) * act'(z_l)
+       W_l' = a W_l + b_M S_l - x_l^T diag(c_M) delta_l,   S_l' = b_S S_l - x_l^T diag(c_S) delta_l
+       o = M(q) at W (the read of the chunk's queries, run stacked with the key rows)
+
+   A task is one (batch, head) row; it keeps its state (W, S: 4 x 8K floats at D = 64, expansion
+   2) and the chunk's activations in L1/L2 for the whole chain, so the chain costs its arithmetic
+   instead of ~30 framework ops per chunk forward and ~60 backward. Forward stores each chunk's
+   starting W and S (the backward needs W for the second-order terms and both for the scalar
+   coefficients' gradients); backward walks the chunks in reverse and recomputes the chunk's
+   activations from them.
+
+   Every matrix product is `gemm` below: C = beta C + alpha A B with B and C row-major and A read
+   through (row, column) strides, so A^T costs nothing; products with a transposed B transpose it
+   into scratch first (a few thousand floats, cheap beside the product).
+
+   Layouts (row-major): q, k [BH][T][D_0], v, o [BH][T][D_L]; T = N b. cM0, cS0M, cS0S [BH][N];
+   c [BH][N][b][2] (per token: weight in the W-end state, in the S-end state). Per layer l, with
+   widths wid[0..L]: W0[l], S0[l], Wout[l], Sout[l] [BH][wid[l]][wid[l+1]] (W0/S0 may be NULL:
+   zero momentum for S0; W0 is required), Wst[l], Sst[l] [BH][N][wid[l]][wid[l+1]].
+   act: 0 silu, 1 gelu (exact, erf).
+   Axis glossary: BH batch x heads, T time, N chunks, b chunk size, L memory layers. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "exp2.h"
+
+#define S float
+#define SUF(name) name##_f32
+#define EXP(x) exp2_f32((x) * (float)LOG2E)
+#define ERF erff
+#include "chunk_memory_impl.h"
+#undef S
+#undef SUF
+#undef EXP
+#undef ERF
+
+#define S double
+#define SUF(name) name##_f64
+#define EXP(x) exp(x)
+#define ERF erf
+#include "chunk_memory_impl.h"
