@@ -14,6 +14,7 @@ Axis glossary: B batch, T time, C width, H heads, D head dim, P persistent token
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from titanforge.models.common import apply_rope, attention
@@ -84,9 +85,20 @@ class PersistentAttention(nn.Module):
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.view(*t.shape[:2], -1, self.head_dim)
 
-    def project_kv(self, x: torch.Tensor, freqs: torch.Tensor):
-        """Keys (with RoPE) and values of x [B, T, C] -> two [B, T, H, D]."""
-        return apply_rope(self._heads(self.wk(x)), freqs), self._heads(self.wv(x))
+    def kv_weight(self):
+        """[wk; wv] for `project_kv`, concatenated once per forward (MAC projects every segment's
+        retrieved tokens); None under tensor parallelism, where wk and wv stay column-parallel linears."""
+        from torch.distributed.tensor import DTensor
+        if isinstance(self.wk.weight, DTensor):
+            return None
+        return torch.cat([self.wk.weight, self.wv.weight])
+
+    def project_kv(self, x: torch.Tensor, freqs: torch.Tensor, kv_weight: torch.Tensor | None = None):
+        """Keys (with RoPE) and values of x [B, T, C] -> two [B, T, H, D]; one matmul with `kv_weight`."""
+        if kv_weight is None:
+            return apply_rope(self._heads(self.wk(x)), freqs), self._heads(self.wv(x))
+        k, v = F.linear(x, kv_weight).chunk(2, -1)
+        return apply_rope(self._heads(k), freqs), self._heads(v)
 
     def project_q(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         return apply_rope(self._heads(self.wq(x)), freqs)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from titanforge.kernels.mamba.conv import causal_conv1d_silu
 from titanforge.kernels.titans_memory import chunk_titans_memory, titans_memory_retrieve
 from titanforge.models.common import RMSNorm
 from titanforge.models.titans.config import TitansConfig
@@ -52,11 +53,26 @@ class ShortConv(nn.Module):
             y = torch.addcmul(y, xp[:, j:j + T], w[:, j])
         return y, xp[:, xp.shape[1] - (self.kernel - 1):]
 
+    def forward_silu(self, x: torch.Tensor, cache: torch.Tensor | None = None):
+        """silu(forward(x, cache)) through the fused conv + SiLU of kernels/mamba/conv.py (a C loop on CPU)."""
+        return conv_silu(x, self.weight, cache)
+
     def init_weights(self) -> None:
         # Start near identity (last tap 1) so the projections pass through at init.
         with torch.no_grad():
             nn.init.normal_(self.weight, std=0.02)
             self.weight[:, :, -1] += 1.0
+
+
+def conv_silu(x: torch.Tensor, weight: torch.Tensor, cache: torch.Tensor | None):
+    """silu(depthwise causal conv(x)) for x [B, T, C], weight [C, 1, K] and a ShortConv cache [B, K-1, C]."""
+    y, state = causal_conv1d_silu(x, weight, None, None if cache is None else cache.transpose(1, 2))
+    return y, state.transpose(1, 2)
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
 
 
 class MemoryWeights(nn.ParameterList):
@@ -106,8 +122,12 @@ class NeuralMemory(nn.Module):
 
     def query(self, x: torch.Tensor, cache: torch.Tensor | None = None):
         """q [B, T, H, D] (projection, conv, SiLU, l2-norm) and the conv cache."""
-        q, cache = self.conv_q(self.wq(x), cache)
-        return F.normalize(self._heads(F.silu(q)), dim=-1), cache
+        if _is_sharded(self.conv_q.weight):  # outside the conv module's own (local-shard) forward
+            q, cache = self.conv_q(self.wq(x), cache)
+            q = F.silu(q)
+        else:
+            q, cache = self.conv_q.forward_silu(self.wq(x), cache)
+        return F.normalize(self._heads(q), dim=-1), cache
 
     def keys_values(self, x: torch.Tensor, caches=(None, None)):
         k, ck = self.conv_k(self.wk(x), caches[0])
@@ -116,15 +136,48 @@ class NeuralMemory(nn.Module):
 
     def gates(self, x: torch.Tensor):
         """theta, eta, alpha [B, T, H], per token (or pooled over gate_granularity tokens)."""
-        logits = [lin(x) for lin in (self.w_theta, self.w_eta, self.w_alpha)]
+        return self._gates([lin(x) for lin in (self.w_theta, self.w_eta, self.w_alpha)])
+
+    def update_projection(self):
+        """The weights of `project`, concatenated once per forward (not per MAC segment): None under
+        tensor parallelism, where each projection runs as its own column-parallel linear."""
+        lins = (self.wq, self.wk, self.wv, self.w_theta, self.w_eta, self.w_alpha)
+        if any(_is_sharded(lin.weight) for lin in lins):
+            return None
+        weight = torch.cat([lin.weight for lin in lins])
+        bias = torch.cat([self.wq.weight.new_zeros(3 * self.wq.out_features), self.w_theta.bias, self.w_eta.bias,
+                          self.w_alpha.bias])
+        conv = torch.cat([c.weight for c in (self.conv_q, self.conv_k, self.conv_v)])
+        return weight, bias, conv
+
+    def project(self, x: torch.Tensor, cache=None, fused=None):
+        """Everything a memory update reads from x: (q, k, v [B, T, H, D], gates, conv cache), equal
+        to query + keys_values + gates. `fused` (from update_projection) runs the six projections as
+        one matmul and the three convolutions as one fused conv + SiLU (a C loop on CPU)."""
+        if fused is None:
+            caches = cache or (None, None, None)
+            q, cq = self.query(x, caches[0])
+            k, v, (ck, cv) = self.keys_values(x, caches[1:])
+            return q, k, v, self.gates(x), (cq, ck, cv)
+        weight, bias, conv = fused
+        C = self.wq.out_features
+        out = F.linear(x, weight, bias)
+        qkv, cache = conv_silu(out[..., :3 * C], conv, cache)
+        H = C // self.head_dim
+        heads = self._heads(qkv)  # [B, T, 3H, D]: q, k, v heads
+        qk = F.normalize(heads[:, :, :2 * H], dim=-1)
+        gates = self._gates(out[..., 3 * C:].chunk(3, -1))
+        return qk[:, :, :H], qk[:, :, H:], heads[:, :, 2 * H:], gates, cache
+
+    def _gates(self, logits):
         g = self.cfg.gate_granularity
         if g > 1:
-            T = x.shape[1]
+            T = logits[0].shape[1]
             pad = (-T) % g
             # Blocks of g tokens start at multiples of g, which divide the chunk grid: pooling
             # never crosses a chunk boundary, so no token's state sees a later chunk.
             # The last block may be short: divide by its real token count, not g.
-            count = torch.full((T + pad,), float(g), device=x.device)
+            count = torch.full((T + pad,), float(g), device=logits[0].device)
             count[T - T % g if T % g else T:] = float(T % g or g)
             count = count.unflatten(0, (-1, g))[:, :1, None]  # [n, 1, 1]
             logits = [(F.pad(z, (0, 0, 0, pad)).unflatten(1, (-1, g)).sum(2, keepdim=True) / count)
@@ -156,9 +209,8 @@ class NeuralMemory(nn.Module):
                                    compile=self.cfg.compile_memory)
 
     def forward(self, x: torch.Tensor, state=None):
-        q, _ = self.query(x)
-        k, v, _ = self.keys_values(x)
-        o, state = self.update(q, k, v, self.gates(x), state or self.initial_state())
+        q, k, v, gates, _ = self.project(x, fused=self.update_projection())
+        o, state = self.update(q, k, v, gates, state or self.initial_state())
         return self.read_out(o, x), state
 
     def flops_per_token(self) -> float:

@@ -88,7 +88,10 @@ class TitansBlock(nn.Module):
         q_s, (k_s, v_s) = att.project_q(h, seg_freqs), att.project_kv(h, seg_freqs)
         persistent = att.persistent_kv(B)
         state = mem.initial_state()
-        cache_q = cache_k = cache_v = None
+        # Weights the loop projects every segment with, concatenated once: one matmul per segment
+        # for the memory's q, k, v and gates of y, one for the attention's keys and values of h.
+        fused, kv_weight = mem.update_projection(), att.kv_weight()
+        cache = None
         ys, os = [], []
         # split, not per-segment slicing: each slice's backward writes a full-length zero gradient,
         # which made the backward quadratic in T (64 segments x 5 tensors of [B, T, C] at T = 4k).
@@ -98,13 +101,12 @@ class TitansBlock(nn.Module):
             # Eq. 21: retrieve from the memory as it stands before this segment.
             retrieved = mem.read_out(mem.retrieve(q_xs, state), None, gate)
             # Eq. 22-23: attention over [persistent | retrieved | segment].
-            k_h, v_h = att.project_kv(retrieved, freqs[:L])
+            k_h, v_h = att.project_kv(retrieved, freqs[:L], kv_weight)
             y = att.attend(q_seg, torch.cat([k_h, k_seg], 1), torch.cat([v_h, v_seg], 1), mac_mask_mod(P, L),
                            persistent)
             # Eq. 24: update the memory with y (conv caches continue the y stream across segments).
-            q_y, cache_q = mem.query(y, cache_q)
-            k_y, v_y, (cache_k, cache_v) = mem.keys_values(y, (cache_k, cache_v))
-            o, state = mem.update(q_y, k_y, v_y, mem.gates(y), state)
+            q_y, k_y, v_y, gates, cache = mem.project(y, cache, fused)
+            o, state = mem.update(q_y, k_y, v_y, gates, state)
             ys.append(y)
             os.append(o)
         # Eq. 25: gate y with the updated memory's (causal) read; per token, so once for all segments.
