@@ -189,10 +189,6 @@ void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *cM0, con
         }
         for (int64_t n = 0; n < N; n++) {
             const int64_t row = t * N * b + n * b, tn = t * N + n;
-            for (int64_t l = 0; l < L; l++) {
-                memcpy(Wst[l] + tn * sz[l], Wc[l], sizeof(S) * sz[l]);
-                memcpy(Sst[l] + tn * sz[l], Sc[l], sizeof(S) * sz[l]);
-            }
             SUF(chunk_forward)(L, w, b, act, q + row * w[0], k + row * w[0], v + row * w[L], Wc, X, Z, delta, P, WT);
             memcpy(o + row * w[L], Z[L - 1], sizeof(S) * b * w[L]);
             const S am = cM0[tn], bm = cS0M[tn], bs = cS0S[tn];
@@ -205,9 +201,15 @@ void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *cM0, con
                         cdM[i * d + j] = cn[2 * i] * delta[l][i * d + j];
                         cdS[i * d + j] = cn[2 * i + 1] * delta[l][i * d + j];
                     }
+                /* save the chunk-start state for the backward while scaling it, in one pass */
+                S *ws = Wst[l] + tn * sz[l], *ss = Sst[l] + tn * sz[l], *wc = Wc[l], *sc = Sc[l];
+                _Pragma("omp simd")
                 for (int64_t e = 0; e < sz[l]; e++) {
-                    Wc[l][e] = am * Wc[l][e] + bm * Sc[l][e];
-                    Sc[l][e] *= bs;
+                    const S we = wc[e], se = sc[e];
+                    ws[e] = we;
+                    ss[e] = se;
+                    wc[e] = am * we + bm * se;
+                    sc[e] = bs * se;
                 }
                 /* W -= x^T (c_M delta), S -= x^T (c_S delta); x^T read through strides */
                 const S *xk = X[l] + b * w[l];
