@@ -1,8 +1,9 @@
 """Titans neural long-term memory update (Behrouz et al. 2025): public API.
 
-`chunk_titans_memory` is the chunk-parallel op (plain torch today; a Triton kernel with the same
-signature is a later issue), `naive_titans_memory` the token loop it is tested against, and
-`titans_memory_retrieve` the read y = M*(q) without an update. The math is in README.md.
+`chunk_titans_memory` is the chunk-parallel op (its chunk chain a fused C loop on CPU, fused_cpu.py,
+else plain torch, chunk.py; a Triton kernel with the same signature is a later issue),
+`naive_titans_memory` the token loop it is tested against, and `titans_memory_retrieve` the read
+y = M*(q) without an update. The math is in README.md.
 """
 
 from __future__ import annotations
