@@ -85,6 +85,41 @@ def test_gate_granularity_pools_logits_within_blocks():
         assert torch.allclose(theta[:, s:s + 4], expect[:, None].expand_as(theta[:, s:s + 4]), atol=1e-6)
 
 
+@pytest.mark.parametrize("granularity", [1, 4])
+def test_fused_projection_equals_separate_projections_across_pieces(granularity):
+    """project(x, cache, update_projection()) (one matmul, one fused conv + SiLU) equals query +
+    keys_values + gates, also when a second piece continues the first through the conv cache;
+    outputs and the gradients of x and every parameter, float64."""
+    cfg = make_cfg("lmm", gate_granularity=granularity)
+    torch.manual_seed(0)
+    layer = tmemory.NeuralMemory(cfg.d_model, cfg.n_heads, cfg.titans).double()
+    layer.init_weights()
+    with torch.no_grad():
+        for c in (layer.conv_q, layer.conv_k, layer.conv_v):
+            c.weight.normal_()
+    x = torch.randn(2, 13, cfg.d_model, dtype=torch.float64, requires_grad=True)
+    params = [x, *layer.parameters()]
+
+    def run(fused):
+        outs, cache = [], None
+        for piece in x.split([8, 5], 1):
+            q, k, v, gates, cache = layer.project(piece, cache, layer.update_projection() if fused else None)
+            outs += [q, k, v, *gates]
+        return outs
+    ref, got = run(False), run(True)
+    g = torch.Generator().manual_seed(1)
+    probes = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in ref]
+    grads = [torch.autograd.grad(sum((p * t).sum() for p, t in zip(probes, out)), params, allow_unused=True)
+             for out in (ref, got)]
+    for a, b in zip(got, ref):
+        assert rel_rms(a, b) < 1e-12
+    for name, a, b in zip(["x", *(n for n, _ in layer.named_parameters())], *grads[::-1]):
+        if b is None:  # memory weights, out_norm, w_gate, wo: not read by project
+            assert a is None, name
+            continue
+        assert b.abs().max() > 0 and rel_rms(a, b) < 1e-12, name
+
+
 def loop_attention(q, k, v, allowed):
     """Per-query softmax over the keys `allowed(i, j)` says it may see; float64."""
     out = torch.zeros_like(q)
