@@ -114,6 +114,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, family: str, *,
     else:
         raise ValueError(f"no tensor-parallel plan for family {family!r}; choose llama, titans, ttt or jamba")
     plan = _fit_plan_to_stage(model, plan)
+    # Modules that would concatenate their projections' weights into one matmul (Titans) run them
+    # as separate linears: each is its own column-parallel module in the plan.
+    for module in model.modules():
+        if hasattr(module, "fuse_projections"):
+            module.fuse_projections = False
     parallelize_module(model, tp_mesh, plan)
     # Mixers that read the whole sequence (and the LM head) get the gathered norm output.
     for name in gathered + ["norm"]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from titanforge.kernels.native import check_backend
+from titanforge.kernels.native import check_backend, use_native
+from titanforge.kernels.titans_memory import fused_cpu
 from titanforge.kernels.titans_memory.chunk import ACTIVATIONS, chunk_titans_memory_fwd, mlp_apply
 from titanforge.kernels.titans_memory.naive import naive_titans_memory
 
@@ -80,12 +81,19 @@ def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta
             if tuple(m.shape) != (B, H, *w.shape[-2:]):
                 raise ValueError(f"momentum[{i}] has shape {tuple(m.shape)}; expected {(B, H, *w.shape[-2:])}")
     dtype = torch.promote_types(q.dtype, torch.float32)
-    # [B, H, T, D] so a chunk is a contiguous slice of the matmul batch.
-    q_, k_, v_ = (t.to(dtype).transpose(1, 2) for t in (q, k, v))
-    th, et, al = (g.to(dtype).transpose(1, 2) for g in (theta, eta, alpha))
     ws = [w.to(dtype) for w in weights]
     ms = None if momentum is None else [m.to(dtype) for m in momentum]
-    o, state = chunk_titans_memory_fwd(q_, k_, v_, th, et, al, ws, ms, chunk_size, activation, compile, backend)
+    qkv, gates = [t.to(dtype) for t in (q, k, v)], [g.to(dtype) for g in (theta, eta, alpha)]
+    if backend == "native" and len(weights) > fused_cpu.MAX_LAYERS:
+        raise ValueError(f"backend='native' runs memories of up to {fused_cpu.MAX_LAYERS} layers, got {len(weights)}")
+    if (not compile and len(weights) <= fused_cpu.MAX_LAYERS
+            and use_native(backend, qkv[0], fused_cpu.SOURCE, "Titans memory chunk chain")):
+        o, state = fused_cpu.fused_chunk_titans_memory(*qkv, *gates, ws, ms, chunk_size, activation)
+        return o.to(q.dtype), state
+    # [B, H, T, D] so a chunk is a contiguous slice of the matmul batch.
+    q_, k_, v_ = (t.transpose(1, 2) for t in qkv)
+    th, et, al = (g.transpose(1, 2) for g in gates)
+    o, state = chunk_titans_memory_fwd(q_, k_, v_, th, et, al, ws, ms, chunk_size, activation, compile)
     return o.transpose(1, 2).to(q.dtype), state
 
 

@@ -258,16 +258,9 @@ class ChunkMemoryFunction(torch.autograd.Function):
 
 
 def chunk_titans_memory_fwd(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, activation,
-                            compiled=False, backend="auto"):
-    """Inputs already validated and laid out as [B, H, T, D] / gates [B, H, T]. The chain runs the
-    fused C loop (fused_cpu.py) where `backend` allows it, else ChunkMemoryFunction."""
-    from titanforge.kernels.native import use_native
-    from titanforge.kernels.titans_memory import fused_cpu
+                            compiled=False):
+    """Inputs already validated and laid out as [B, H, T, D] / gates [B, H, T]."""
     B, H, T = q.shape[:3]
-    if backend == "native" and len(weights) > fused_cpu.MAX_LAYERS:
-        raise ValueError(f"backend='native' runs memories of up to {fused_cpu.MAX_LAYERS} layers, got {len(weights)}")
-    native = (not compiled and len(weights) <= fused_cpu.MAX_LAYERS
-              and use_native(backend, q, fused_cpu.SOURCE, "Titans memory chunk chain"))
     W = [w.expand(B, H, *w.shape[-2:]) if w.dim() == 3 else w for w in weights]
     S = [torch.zeros_like(w) for w in W] if momentum is None else list(momentum)
     L = len(W)
@@ -284,12 +277,9 @@ def chunk_titans_memory_fwd(q, k, v, theta, eta, alpha, weights, momentum, chunk
         c_M0, c_S0_M, c_g_M, c_S0_S, c_g_S = chunk_coefficients(part(theta), part(eta), part(alpha))
         # B and H fold into one batch axis so every matmul is a plain strided bmm.
         bh = lambda t: t.flatten(0, 1)  # noqa: E731
-        args = (*(bh(part(t)) for t in (q, k, v)), *(bh(t) for t in (c_M0, c_S0_M, c_S0_S, c_g_M, c_g_S)),
-                *(bh(t) for t in W), *(bh(t) for t in S))
-        if native:
-            out = fused_cpu.FusedChunkMemoryFunction.apply(activation, L, *args)
-        else:
-            out = ChunkMemoryFunction.apply(activation, L, compiled, *args)
+        out = ChunkMemoryFunction.apply(activation, L, compiled, *(bh(part(t)) for t in (q, k, v)),
+                                        *(bh(t) for t in (c_M0, c_S0_M, c_S0_S, c_g_M, c_g_S)),
+                                        *(bh(t) for t in W), *(bh(t) for t in S))
         outs.append(out[0].unflatten(0, (B, H)).flatten(2, 3))
         W = [t.unflatten(0, (B, H)) for t in out[1:1 + L]]
         S = [t.unflatten(0, (B, H)) for t in out[1 + L:]]

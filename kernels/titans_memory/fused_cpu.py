@@ -1,15 +1,18 @@
 """The Titans memory chunk chain as one fused C loop on CPU (`csrc/chunk_memory.c`, built by kernels/native.py).
 
 The plain-PyTorch chain (chunk.py) runs ~30 small framework ops per chunk forward and ~60 backward
-on [B*H, b, d] tiles; at the sizes Titans runs on CPU (b = 16, D = 64) their dispatch costs more
-than their arithmetic. Here a task (one batch row and head) keeps its memory weights and momentum
-in cache for the whole chain and runs every product through a register-blocked loop. Forward
-stores each chunk's starting weights and momentum, as the PyTorch chain does; backward recomputes
-the chunk's activations from them and walks the chunks in reverse (README.md has the math; the
-C file the loop). Tasks run on `torch.get_num_threads()` OpenMP threads.
+on [B*H, b, d] tiles, plus the gate coefficients and the layout changes around them; at the sizes
+Titans runs on CPU (b = 16, D = 64) their dispatch costs more than their arithmetic. Here a task
+(one batch row and head) keeps its memory weights and momentum in cache for the whole chain and
+runs every product through a register-blocked loop. It reads q, k, v and the gates in the model's
+[B, T, H, D] layout through their strides, computes each chunk's gate coefficients itself, and
+forward stores each chunk's starting weights and momentum; backward recomputes the chunk's
+activations from them, walks the chunks in reverse and returns the gates' gradients too
+(README.md has the math; the C file the loop). Tasks run on `torch.get_num_threads()` OpenMP
+threads.
 
-Same contract as chunk.py's `ChunkMemoryFunction`, which `chunk_titans_memory` runs instead where
-the library cannot be built (or `backend="torch"`).
+`chunk_titans_memory` runs this where the library builds (backend "auto" or "native"), else
+chunk.py's `ChunkMemoryFunction`; both are tested against the token loop of naive.py.
 """
 
 from __future__ import annotations
@@ -44,51 +47,71 @@ def _ptrs(tensors) -> ctypes.Array:
 
 
 class FusedChunkMemoryFunction(torch.autograd.Function):
-    """forward(activation, L, q, k, v [BH, N, b, D], c_M0, c_S0_M, c_S0_S [BH, N], c_g_M, c_g_S
-    [BH, N, b], *W (L tensors [BH, d_in, d_out]), *S (L tensors, same shapes))
-    -> (o [BH, N, b, D_L], *W_final, *S_final). Saves the inputs and each chunk's starting W and
-    S; writes nothing it saved (a retained graph can be backpropagated twice)."""
+    """forward(activation, L, chunk_size, q, k [B, T, H, Dk], v [B, T, H, Dv], theta, eta, alpha
+    [B, T, H], *W (L tensors [H, d_in, d_out] or [B, H, d_in, d_out]), *S (L tensors [B, H, d_in,
+    d_out], or L Nones: zero momentum)) -> (o [B, T, H, Dv], *W_final, *S_final).
+
+    Takes the model's [B, T, H, D] layout through strides (only the last dim must be contiguous),
+    so q, k, v and the gates are neither transposed nor copied, and computes each chunk's gate
+    coefficients itself (chunk.py's `chunk_coefficients`, and their gradients in backward); a ragged
+    last chunk is just a shorter chunk. Saves the inputs and each chunk's starting W and S; writes
+    nothing it saved (a retained graph can be backpropagated twice)."""
 
     @staticmethod
-    def forward(ctx, activation, L, q, k, v, c_M0, c_S0_M, c_S0_S, c_g_M, c_g_S, *WS):
-        BH, N, b, _ = q.shape
-        q, k, v = (t.contiguous() for t in (q, k, v))
-        c = torch.stack([c_g_M, c_g_S], -1).contiguous()
-        c_M0, c_S0_M, c_S0_S = (t.contiguous() for t in (c_M0, c_S0_M, c_S0_S))
-        W0, S0 = [w.contiguous() for w in WS[:L]], [s.contiguous() for s in WS[L:]]
-        check_inputs("Titans memory chunk chain", q, k, v, c, c_M0, c_S0_M, c_S0_S, *W0, *S0)
-        widths = [W0[0].shape[1]] + [w.shape[2] for w in W0]
-        o = q.new_empty(BH, N, b, widths[-1])
-        W_out, S_out = [torch.empty_like(w) for w in W0], [torch.empty_like(w) for w in W0]
-        W_st = [q.new_empty(BH, N, *w.shape[1:]) for w in W0]
-        S_st = [q.new_empty(BH, N, *w.shape[1:]) for w in W0]
+    def forward(ctx, activation, L, chunk_size, q, k, v, theta, eta, alpha, *WS):
+        B, T, H, _ = q.shape
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        W0 = [w.contiguous() for w in WS[:L]]
+        S0 = None if WS[L] is None else [s.contiguous() for s in WS[L:]]
+        check_inputs("Titans memory chunk chain", q, k, v, theta, eta, alpha, *W0, *(S0 or []))
+        batched = W0[0].dim() == 4
+        widths = [W0[0].shape[-2]] + [w.shape[-1] for w in W0]
+        N = -(-T // chunk_size)
+        o = q.new_empty(B, T, H, widths[-1])
+        W_out = [q.new_empty(B, H, *w.shape[-2:]) for w in W0]
+        S_out = [q.new_empty(B, H, *w.shape[-2:]) for w in W0]
+        W_st = [q.new_empty(B * H, N, *w.shape[-2:]) for w in W0]
+        S_st = [q.new_empty(B * H, N, *w.shape[-2:]) for w in W0]
         wid = torch.tensor(widths, dtype=torch.int64)
+        strides = torch.tensor([s for t in (q, k, v, theta, eta, alpha) for s in t.stride()[:3]], dtype=torch.int64)
         kernel(SOURCE, "titans_chunk_fwd", q.dtype)(
-            ptr(q), ptr(k), ptr(v), ptr(c_M0), ptr(c_S0_M), ptr(c_S0_S), ptr(c), ptr(wid), _i64(L),
-            _ptrs(W0), _ptrs(S0), _ptrs(W_out), _ptrs(S_out), _ptrs(W_st), _ptrs(S_st), ptr(o),
-            _i64(BH), _i64(N), _i64(b), _int(ACTIVATION_CODES[activation]), _int(torch.get_num_threads()))
-        ctx.activation, ctx.L = activation, L
-        ctx.save_for_backward(q, k, v, c_M0, c_S0_M, c_S0_S, c, wid, *W_st, *S_st)
+            ptr(q), ptr(k), ptr(v), ptr(theta), ptr(eta), ptr(alpha), ptr(strides), ptr(wid), _i64(L),
+            _ptrs(W0), _int(int(batched)), None if S0 is None else _ptrs(S0), _ptrs(W_out), _ptrs(S_out),
+            _ptrs(W_st), _ptrs(S_st), ptr(o), _i64(B), _i64(H), _i64(T), _i64(chunk_size),
+            _int(ACTIVATION_CODES[activation]), _int(torch.get_num_threads()))
+        ctx.activation, ctx.L, ctx.chunk_size = activation, L, chunk_size
+        ctx.batched, ctx.has_momentum = batched, S0 is not None
+        ctx.save_for_backward(q, k, v, theta, eta, alpha, strides, wid, *W_st, *S_st)
         return (o, *W_out, *S_out)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, *dWS):
-        q, k, v, c_M0, c_S0_M, c_S0_S, c, wid, *WS_st = ctx.saved_tensors
+        q, k, v, theta, eta, alpha, strides, wid, *WS_st = ctx.saved_tensors
         L = ctx.L
         W_st, S_st = WS_st[:L], WS_st[L:]
-        BH, N, b, _ = q.shape
-        do = torch.zeros_like(v) if do is None else do.contiguous()
+        B, T, H, _ = q.shape
+        do = torch.zeros(B, T, H, int(wid[-1]), dtype=q.dtype) if do is None else do.contiguous()
         dWf = [None if g is None else g.contiguous() for g in dWS[:L]]
         dSf = [None if g is None else g.contiguous() for g in dWS[L:]]
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        dcM0, dcS0M, dcS0S = (torch.empty_like(c_M0) for _ in range(3))
-        dc = torch.empty_like(c)
-        dW0 = [q.new_empty(BH, *w.shape[2:]) for w in W_st]
-        dS0 = [q.new_empty(BH, *w.shape[2:]) for w in W_st]
+        dq, dk = q.new_empty(B, T, H, q.shape[-1]), q.new_empty(B, T, H, q.shape[-1])
+        dv = q.new_empty(B, T, H, v.shape[-1])
+        dth, det, dal = (q.new_empty(B, T, H) for _ in range(3))
+        dW0 = [q.new_empty(B, H, *w.shape[2:]) for w in W_st]
+        dS0 = [q.new_empty(B, H, *w.shape[2:]) for w in W_st]
         kernel(SOURCE, "titans_chunk_bwd", q.dtype)(
-            ptr(q), ptr(k), ptr(v), ptr(c_M0), ptr(c_S0_M), ptr(c_S0_S), ptr(c), ptr(wid), _i64(L),
+            ptr(q), ptr(k), ptr(v), ptr(theta), ptr(eta), ptr(alpha), ptr(strides), ptr(wid), _i64(L),
             _ptrs(W_st), _ptrs(S_st), ptr(do), _ptrs(dWf), _ptrs(dSf), ptr(dq), ptr(dk), ptr(dv),
-            ptr(dcM0), ptr(dcS0M), ptr(dcS0S), ptr(dc), _ptrs(dW0), _ptrs(dS0),
-            _i64(BH), _i64(N), _i64(b), _int(ACTIVATION_CODES[ctx.activation]), _int(torch.get_num_threads()))
-        return (None, None, dq, dk, dv, dcM0, dcS0M, dcS0S, dc[..., 0], dc[..., 1], *dW0, *dS0)
+            ptr(dth), ptr(det), ptr(dal), _ptrs(dW0), _ptrs(dS0), _i64(B), _i64(H), _i64(T), _i64(ctx.chunk_size),
+            _int(ACTIVATION_CODES[ctx.activation]), _int(torch.get_num_threads()))
+        dW = dW0 if ctx.batched else [g.sum(0) for g in dW0]
+        dS = dS0 if ctx.has_momentum else [None] * L
+        return (None, None, None, dq, dk, dv, dth, det, dal, *dW, *dS)
+
+
+def fused_chunk_titans_memory(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, activation):
+    """chunk_titans_memory's contract on validated float32/float64 CPU inputs, [B, T, H, D] / [B, T, H]."""
+    L = len(weights)
+    out = FusedChunkMemoryFunction.apply(activation, L, chunk_size, q, k, v, theta, eta, alpha, *weights,
+                                         *(momentum if momentum is not None else [None] * L))
+    return out[0], (list(out[1:1 + L]), list(out[1 + L:]))

@@ -75,6 +75,9 @@ class PersistentAttention(nn.Module):
         self.wq, self.wk, self.wv = (nn.Linear(dim, dim, bias=False) for _ in range(3))
         self.wo = nn.Linear(dim, dim, bias=False)
         self.persistent = nn.Parameter(torch.empty(n_persistent, dim))
+        # Keys and values of x as one matmul (`kv_weight`); tensor parallelism turns it off, as in
+        # NeuralMemory.fuse_projections.
+        self.fuse_projections = True
 
     def init_weights(self, out_std: float | None = None) -> None:
         for lin in (self.wq, self.wk, self.wv):
@@ -87,11 +90,8 @@ class PersistentAttention(nn.Module):
 
     def kv_weight(self):
         """[wk; wv] for `project_kv`, concatenated once per forward (MAC projects every segment's
-        retrieved tokens); None under tensor parallelism, where wk and wv stay column-parallel linears."""
-        from torch.distributed.tensor import DTensor
-        if isinstance(self.wk.weight, DTensor):
-            return None
-        return torch.cat([self.wk.weight, self.wv.weight])
+        retrieved tokens); None when `fuse_projections` is off."""
+        return torch.cat([self.wk.weight, self.wv.weight]) if self.fuse_projections else None
 
     def project_kv(self, x: torch.Tensor, freqs: torch.Tensor, kv_weight: torch.Tensor | None = None):
         """Keys (with RoPE) and values of x [B, T, C] -> two [B, T, H, D]; one matmul with `kv_weight`."""

@@ -70,11 +70,6 @@ def conv_silu(x: torch.Tensor, weight: torch.Tensor, cache: torch.Tensor | None)
     return y, state.transpose(1, 2)
 
 
-def _is_sharded(t: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-    return isinstance(t, DTensor)
-
-
 class MemoryWeights(nn.ParameterList):
     """The memory MLP's initial weights, [H, d_in, d_out] per layer. A module call (rather than
     reading the list) so tensor parallelism can hand the memory op this rank's heads."""
@@ -103,6 +98,10 @@ class NeuralMemory(nn.Module):
         self.out_norm = RMSNorm(D)
         self.w_gate = nn.Linear(dim, H * D, bias=False)
         self.wo = nn.Linear(H * D, dim, bias=False)
+        # Run the update's projections as one matmul and its convolutions as one fused conv + SiLU
+        # (`project`). Tensor parallelism turns this off: there each projection is its own
+        # column-parallel linear and each conv a local-shard region (parallel/tensor_parallel.py).
+        self.fuse_projections = True
 
     def init_weights(self, out_std: float | None = None) -> None:
         for lin in (self.wq, self.wk, self.wv, self.w_gate):
@@ -122,11 +121,11 @@ class NeuralMemory(nn.Module):
 
     def query(self, x: torch.Tensor, cache: torch.Tensor | None = None):
         """q [B, T, H, D] (projection, conv, SiLU, l2-norm) and the conv cache."""
-        if _is_sharded(self.conv_q.weight):  # outside the conv module's own (local-shard) forward
+        if self.fuse_projections:
+            q, cache = self.conv_q.forward_silu(self.wq(x), cache)
+        else:  # through the conv module's own call (tensor parallelism swaps in its shard there)
             q, cache = self.conv_q(self.wq(x), cache)
             q = F.silu(q)
-        else:
-            q, cache = self.conv_q.forward_silu(self.wq(x), cache)
         return F.normalize(self._heads(q), dim=-1), cache
 
     def keys_values(self, x: torch.Tensor, caches=(None, None)):
@@ -139,11 +138,11 @@ class NeuralMemory(nn.Module):
         return self._gates([lin(x) for lin in (self.w_theta, self.w_eta, self.w_alpha)])
 
     def update_projection(self):
-        """The weights of `project`, concatenated once per forward (not per MAC segment): None under
-        tensor parallelism, where each projection runs as its own column-parallel linear."""
-        lins = (self.wq, self.wk, self.wv, self.w_theta, self.w_eta, self.w_alpha)
-        if any(_is_sharded(lin.weight) for lin in lins):
+        """The weights of `project`, concatenated once per forward (not per MAC segment); None when
+        `fuse_projections` is off."""
+        if not self.fuse_projections:
             return None
+        lins = (self.wq, self.wk, self.wv, self.w_theta, self.w_eta, self.w_alpha)
         weight = torch.cat([lin.weight for lin in lins])
         bias = torch.cat([self.wq.weight.new_zeros(3 * self.wq.out_features), self.w_theta.bias, self.w_eta.bias,
                           self.w_alpha.bias])

@@ -130,6 +130,31 @@ def test_native_chain_threads_identical_and_graph_reusable():
     assert all(torch.equal(x, y) for x, y in zip(g1, g2))
 
 
+@pytest.mark.skipif(not fused_cpu.available(), reason=f"C chunk chain unavailable: {fused_cpu.status()}")
+def test_native_chain_reads_strided_inputs_in_place():
+    """The C chain reads q, k, v and the gates through their strides (the model hands it head
+    slices of one [B, T, 3H, D] tensor, and gates sliced from one projection): same result, bit
+    for bit, as from contiguous copies, and the gradients land in the strided inputs' shapes."""
+    leaves, weights, mom = make_inputs(2, 29, 3, 8, 8, [12], momentum=True)
+    names = ["q", "k", "v", "theta", "eta", "alpha"]
+    qkv = torch.cat([leaves[n] for n in names[:3]], 2).detach().requires_grad_(True)  # [B, T, 3H, D]
+    gates = torch.stack([leaves[n] for n in names[3:]], -1).detach().requires_grad_(True)  # [B, T, H, 3]
+    views = [*qkv.split(3, 2), *gates.unbind(-1)]
+    assert not any(v.is_contiguous() for v in views)
+    copies = [v.detach().contiguous().requires_grad_(True) for v in views]
+    outs = []
+    for inp in (views, copies):
+        o, (W, S) = chunk_titans_memory(*inp, weights=weights, momentum=mom, chunk_size=8, backend="native")
+        outs.append([o, *W, *S])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    loss = lambda out: out[0].square().sum() + sum(w.sum() for w in out[1:])  # noqa: E731
+    g_view = torch.autograd.grad(loss(outs[0]), [qkv, gates])
+    g_copy = torch.autograd.grad(loss(outs[1]), copies)
+    assert torch.equal(g_view[0], torch.cat(g_copy[:3], 2))
+    assert torch.equal(g_view[1], torch.stack(g_copy[3:], -1))
+
+
 def test_native_chain_is_used_where_a_compiler_exists():
     """auto picks the C loop on CPU wherever it builds: a broken build cannot hide behind the fallback."""
     import shutil

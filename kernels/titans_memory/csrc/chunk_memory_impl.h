@@ -139,37 +139,109 @@ static void SUF(activation)(int act, const S *z, int64_t n, S *f, S *d1, S *d2) 
 typedef struct { S *p; } SUF(arena);
 static S *SUF(take)(SUF(arena) *a, int64_t n) { S *r = a->p; a->p += (n + 15) / 16 * 16; return r; }
 
-/* The chunk's forward from W: X[l] [2b][w_l] (rows 0..b-1 the queries, b..2b-1 the keys),
-   Z[l] [2b][w_{l+1}], delta[l], P[l] [b][w_{l+1}] (key rows; P only for l < L-1), WT scratch. */
-static void SUF(chunk_forward)(int64_t L, const int64_t *w, int64_t b, int act, const S *q, const S *k,
-                               const S *v, S *const *W, S **X, S **Z, S **delta, S **P, S *WT) {
-    memcpy(X[0], q, sizeof(S) * b * w[0]);
-    memcpy(X[0] + b * w[0], k, sizeof(S) * b * w[0]);
-    for (int64_t l = 0; l < L; l++) {
-        SUF(gemm)(2 * b, w[l + 1], w[l], 1, X[l], w[l], 1, W[l], w[l + 1], 0, Z[l], w[l + 1]);
-        if (l < L - 1) SUF(activation)(act, Z[l], 2 * b * w[l + 1], X[l + 1], NULL, NULL);
+/* Gates are clamped away from 0 before the log (chunk.py's _LOG_EPS). */
+#define LOG_EPS ((S)1e-12)
+
+/* The chunk's scalar coefficients from its gates (chunk.py: chunk_coefficients), in log space:
+   u_t = log E_t, w_t = log beta_t; c_M0 = beta_n, c_S0_S = E_n, c_S0_M = sum_t beta_n/beta_t E_t,
+   cS_i = theta_i E_n/E_i, cM_i = theta_i sum_{t>=i} (beta_n/beta_t)(E_t/E_i). th, et, al [n]. */
+static void SUF(coefficients)(int64_t n, const S *th, const S *et, const S *al, S *u, S *w, S *cM, S *cS,
+                              S *aM, S *bM, S *bS) {
+    S su = 0, sw = 0;
+    for (int64_t t = 0; t < n; t++) {
+        su += log(et[t] > LOG_EPS ? et[t] : LOG_EPS);
+        sw += log((S)1 - al[t] > LOG_EPS ? (S)1 - al[t] : LOG_EPS);
+        u[t] = su;
+        w[t] = sw;
     }
-    const S *zk = Z[L - 1] + b * w[L];
-    for (int64_t i = 0; i < b * w[L]; i++) delta[L - 1][i] = 2 * (zk[i] - v[i]);
-    for (int64_t l = L - 2; l >= 0; l--) {
-        /* P_l = delta_{l+1} W_{l+1}^T, delta_l = P_l act'(z_l) */
-        SUF(transpose)(W[l + 1], w[l + 1], w[l + 2], WT);
-        SUF(gemm)(b, w[l + 1], w[l + 2], 1, delta[l + 1], w[l + 2], 1, WT, w[l + 1], 0, P[l], w[l + 1]);
-        SUF(activation)(act, Z[l] + b * w[l + 1], b * w[l + 1], NULL, delta[l], NULL);
-        for (int64_t i = 0; i < b * w[l + 1]; i++) delta[l][i] *= P[l][i];
+    const S ul = u[n - 1], wl = w[n - 1];
+    S b = 0;
+    for (int64_t t = 0; t < n; t++) b += EXP(wl - w[t] + u[t]);
+    *aM = EXP(wl); *bS = EXP(ul); *bM = b;
+    for (int64_t i = 0; i < n; i++) {
+        S acc = 0;
+        for (int64_t t = i; t < n; t++) acc += EXP(wl - w[t] + u[t] - u[i]);
+        cM[i] = th[i] * acc;
+        cS[i] = th[i] * EXP(ul - u[i]);
     }
 }
 
-void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *cM0, const S *cS0M, const S *cS0S,
-                           const S *c, const int64_t *w, int64_t L, S *const *W0, S *const *S0, S *const *Wout,
-                           S *const *Sout, S *const *Wst, S *const *Sst, S *o, int64_t BH, int64_t N,
-                           int64_t b, int act, int nthreads) {
+/* Gradients of `coefficients`: from d c_M0, d c_S0_M, d c_S0_S and dc [n][2] (d cM_i, d cS_i) to
+   d theta, d eta, d alpha [n]. du, dw scratch [n]. */
+static void SUF(coefficients_bwd)(int64_t n, const S *th, const S *et, const S *al, const S *u, const S *w,
+                                  S daM, S dbM, S dbS, const S *dc, S *du, S *dw, S *dth, S *det, S *dal) {
+    const S ul = u[n - 1], wl = w[n - 1];
+    for (int64_t t = 0; t < n; t++) du[t] = dw[t] = 0;
+    dw[n - 1] += daM * EXP(wl);
+    du[n - 1] += dbS * EXP(ul);
+    for (int64_t t = 0; t < n; t++) {
+        const S r = dbM * EXP(wl - w[t] + u[t]);
+        dw[n - 1] += r; dw[t] -= r; du[t] += r;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        const S G = EXP(ul - u[i]), gS = dc[2 * i + 1] * th[i] * G;
+        du[n - 1] += gS; du[i] -= gS;
+        S A = 0;
+        for (int64_t t = i; t < n; t++) {
+            const S K = EXP(wl - w[t] + u[t] - u[i]), kk = dc[2 * i] * th[i] * K;
+            A += K;
+            dw[n - 1] += kk; dw[t] -= kk; du[t] += kk; du[i] -= kk;
+        }
+        dth[i] = dc[2 * i] * A + dc[2 * i + 1] * G;
+    }
+    /* u, w are cumsums of log eta, log(1 - alpha): reverse cumsums, then through log and clamp */
+    S cu = 0, cw = 0;
+    for (int64_t j = n - 1; j >= 0; j--) {
+        cu += du[j]; cw += dw[j];
+        det[j] = et[j] >= LOG_EPS ? cu / et[j] : 0;
+        dal[j] = (S)1 - al[j] >= LOG_EPS ? -cw / ((S)1 - al[j]) : 0;
+    }
+}
+
+/* The chunk's forward from W, X[0] already holding the chunk's rows [q (n rows); k (n rows)]:
+   X[l] [2n][w_l], Z[l] [2n][w_{l+1}], delta[l], P[l] [n][w_{l+1}] (key rows; P only for
+   l < L-1); v [n][w_L]; WT scratch. */
+static void SUF(chunk_forward)(int64_t L, const int64_t *w, int64_t n, int act, const S *v, S *const *W, S **X,
+                               S **Z, S **delta, S **P, S *WT) {
+    for (int64_t l = 0; l < L; l++) {
+        SUF(gemm)(2 * n, w[l + 1], w[l], 1, X[l], w[l], 1, W[l], w[l + 1], 0, Z[l], w[l + 1]);
+        if (l < L - 1) SUF(activation)(act, Z[l], 2 * n * w[l + 1], X[l + 1], NULL, NULL);
+    }
+    const S *zk = Z[L - 1] + n * w[L];
+    for (int64_t i = 0; i < n * w[L]; i++) delta[L - 1][i] = 2 * (zk[i] - v[i]);
+    for (int64_t l = L - 2; l >= 0; l--) {
+        /* P_l = delta_{l+1} W_{l+1}^T, delta_l = P_l act'(z_l) */
+        SUF(transpose)(W[l + 1], w[l + 1], w[l + 2], WT);
+        SUF(gemm)(n, w[l + 1], w[l + 2], 1, delta[l + 1], w[l + 2], 1, WT, w[l + 1], 0, P[l], w[l + 1]);
+        SUF(activation)(act, Z[l] + n * w[l + 1], n * w[l + 1], NULL, delta[l], NULL);
+        for (int64_t i = 0; i < n * w[l + 1]; i++) delta[l][i] *= P[l][i];
+    }
+}
+
+/* rows [n][d] of a strided [B][T][H][d] tensor (element strides sT between rows) <-> contiguous */
+static void SUF(gather)(const S *src, int64_t sT, int64_t n, int64_t d, S *dst) {
+    for (int64_t i = 0; i < n; i++) memcpy(dst + i * d, src + i * sT, sizeof(S) * d);
+}
+static void SUF(scatter)(const S *src, int64_t n, int64_t d, S *dst, int64_t sT) {
+    for (int64_t i = 0; i < n; i++) memcpy(dst + i * sT, src + i * d, sizeof(S) * d);
+}
+
+/* Strides (in elements) of q, k, v [B][T][H][D] and theta, eta, alpha [B][T][H]: st[3 x] = (batch,
+   time, head) of tensor x in the order q, k, v, theta, eta, alpha. The last dim is contiguous. */
+#define OFF(x, bi, ti, h) ((bi) * st[3 * (x)] + (ti) * st[3 * (x) + 1] + (h) * st[3 * (x) + 2])
+
+void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *th, const S *et, const S *al,
+                           const int64_t *st, const int64_t *w, int64_t L, S *const *W0, int w0_batched,
+                           S *const *S0, S *const *Wout, S *const *Sout, S *const *Wst, S *const *Sst, S *o,
+                           int64_t B, int64_t H, int64_t T, int64_t b, int act, int nthreads) {
     int64_t wmax = 0, sz[MAXL];
     for (int64_t l = 0; l <= L; l++) wmax = w[l] > wmax ? w[l] : wmax;
     for (int64_t l = 0; l < L; l++) sz[l] = w[l] * w[l + 1];
-    const int64_t scratch = 8 * (L + 2) * (2 * b * wmax + 16) + wmax * wmax + 64;
+    const int64_t N = (T + b - 1) / b;
+    const int64_t scratch = 8 * (L + 2) * (2 * b * wmax + 16) + wmax * wmax + 16 * b + 256;
     _Pragma("omp parallel for num_threads(nthreads) schedule(static)")
-    for (int64_t t = 0; t < BH; t++) {
+    for (int64_t task = 0; task < B * H; task++) {
+        const int64_t bi = task / H, h = task % H;
         S *block = (S *)malloc(sizeof(S) * scratch);
         SUF(arena) a = {block};
         S *X[MAXL], *Z[MAXL], *delta[MAXL], *P[MAXL], *Wc[MAXL], *Sc[MAXL];
@@ -179,28 +251,32 @@ void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *cM0, con
             delta[l] = SUF(take)(&a, b * w[l + 1]);
             P[l] = SUF(take)(&a, b * w[l + 1]);
         }
-        S *WT = SUF(take)(&a, wmax * wmax), *cd = SUF(take)(&a, 2 * b * wmax);
+        S *WT = SUF(take)(&a, wmax * wmax), *cd = SUF(take)(&a, 2 * b * wmax), *vb = SUF(take)(&a, b * w[L]);
+        S *gth = SUF(take)(&a, b), *get = SUF(take)(&a, b), *gal = SUF(take)(&a, b);
+        S *u = SUF(take)(&a, b), *uw = SUF(take)(&a, b), *cM = SUF(take)(&a, b), *cS = SUF(take)(&a, b);
         for (int64_t l = 0; l < L; l++) {
-            Wc[l] = Wout[l] + t * sz[l];
-            Sc[l] = Sout[l] + t * sz[l];
-            memcpy(Wc[l], W0[l] + t * sz[l], sizeof(S) * sz[l]);
-            if (S0) memcpy(Sc[l], S0[l] + t * sz[l], sizeof(S) * sz[l]);
+            Wc[l] = Wout[l] + task * sz[l];
+            Sc[l] = Sout[l] + task * sz[l];
+            memcpy(Wc[l], W0[l] + (w0_batched ? task : h) * sz[l], sizeof(S) * sz[l]);
+            if (S0) memcpy(Sc[l], S0[l] + task * sz[l], sizeof(S) * sz[l]);
             else memset(Sc[l], 0, sizeof(S) * sz[l]);
         }
-        for (int64_t n = 0; n < N; n++) {
-            const int64_t row = t * N * b + n * b, tn = t * N + n;
-            SUF(chunk_forward)(L, w, b, act, q + row * w[0], k + row * w[0], v + row * w[L], Wc, X, Z, delta, P, WT);
-            memcpy(o + row * w[L], Z[L - 1], sizeof(S) * b * w[L]);
-            const S am = cM0[tn], bm = cS0M[tn], bs = cS0S[tn];
-            const S *cn = c + tn * b * 2;
+        for (int64_t c = 0; c < N; c++) {
+            const int64_t t0 = c * b, n = T - t0 < b ? T - t0 : b, tn = task * N + c;
+            SUF(gather)(q + OFF(0, bi, t0, h), st[1], n, w[0], X[0]);
+            SUF(gather)(k + OFF(1, bi, t0, h), st[4], n, w[0], X[0] + n * w[0]);
+            SUF(gather)(v + OFF(2, bi, t0, h), st[7], n, w[L], vb);
+            for (int64_t i = 0; i < n; i++) {
+                gth[i] = th[OFF(3, bi, t0 + i, h)];
+                get[i] = et[OFF(4, bi, t0 + i, h)];
+                gal[i] = al[OFF(5, bi, t0 + i, h)];
+            }
+            S am, bm, bs;
+            SUF(coefficients)(n, gth, get, gal, u, uw, cM, cS, &am, &bm, &bs);
+            SUF(chunk_forward)(L, w, n, act, vb, Wc, X, Z, delta, P, WT);
+            SUF(scatter)(Z[L - 1], n, w[L], o + ((bi * T + t0) * H + h) * w[L], H * w[L]);
             for (int64_t l = 0; l < L; l++) {
                 const int64_t d = w[l + 1];
-                S *cdM = cd, *cdS = cd + b * d;
-                for (int64_t i = 0; i < b; i++)
-                    for (int64_t j = 0; j < d; j++) {
-                        cdM[i * d + j] = cn[2 * i] * delta[l][i * d + j];
-                        cdS[i * d + j] = cn[2 * i + 1] * delta[l][i * d + j];
-                    }
                 /* save the chunk-start state for the backward while scaling it, in one pass */
                 S *ws = Wst[l] + tn * sz[l], *ss = Sst[l] + tn * sz[l], *wc = Wc[l], *sc = Sc[l];
                 _Pragma("omp simd")
@@ -211,29 +287,40 @@ void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *cM0, con
                     wc[e] = am * we + bm * se;
                     sc[e] = bs * se;
                 }
+                S *cdM = cd, *cdS = cd + n * d;
+                for (int64_t i = 0; i < n; i++)
+                    for (int64_t j = 0; j < d; j++) {
+                        cdM[i * d + j] = cM[i] * delta[l][i * d + j];
+                        cdS[i * d + j] = cS[i] * delta[l][i * d + j];
+                    }
                 /* W -= x^T (c_M delta), S -= x^T (c_S delta); x^T read through strides */
-                const S *xk = X[l] + b * w[l];
-                SUF(gemm)(w[l], d, b, -1, xk, 1, w[l], cdM, d, 1, Wc[l], d);
-                SUF(gemm)(w[l], d, b, -1, xk, 1, w[l], cdS, d, 1, Sc[l], d);
+                const S *xk = X[l] + n * w[l];
+                SUF(gemm)(w[l], d, n, -1, xk, 1, w[l], cdM, d, 1, Wc[l], d);
+                SUF(gemm)(w[l], d, n, -1, xk, 1, w[l], cdS, d, 1, Sc[l], d);
             }
         }
         free(block);
     }
 }
 
-/* Gradients of titans_chunk_fwd. do_ [BH][T][D_L]; dWf, dSf: gradients of the final state (NULL:
-   zero). Writes dq, dk [BH][T][D_0], dv [BH][T][D_L], dcM0, dcS0M, dcS0S [BH][N], dc [BH][N][b][2],
-   dW0[l], dS0[l] [BH][w_l][w_{l+1}]. */
-void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *cM0, const S *cS0M, const S *cS0S,
-                           const S *c, const int64_t *w, int64_t L, S *const *Wst, S *const *Sst, const S *do_,
-                           S *const *dWf, S *const *dSf, S *dq, S *dk, S *dv, S *dcM0, S *dcS0M, S *dcS0S, S *dc,
-                           S *const *dW0, S *const *dS0, int64_t BH, int64_t N, int64_t b, int act, int nthreads) {
+/* Gradients of titans_chunk_fwd. do_ [B][T][H][D_L] contiguous; dWf, dSf: gradients of the final
+   state [B*H][...] (NULL or NULL entries: zero). Writes dq, dk [B][T][H][D_0], dv [B][T][H][D_L],
+   dth, det, dal [B][T][H] (all contiguous) and dW0[l], dS0[l] [B*H][w_l][w_{l+1}] (the caller sums
+   dW0 over the batch when the initial weights are shared). */
+void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, const S *et, const S *al,
+                           const int64_t *st, const int64_t *w, int64_t L, S *const *Wst, S *const *Sst,
+                           const S *do_, S *const *dWf, S *const *dSf, S *dq, S *dk, S *dv, S *dth, S *det,
+                           S *dal, S *const *dW0, S *const *dS0, int64_t B, int64_t H, int64_t T, int64_t b,
+                           int act, int nthreads) {
     int64_t wmax = 0, sz[MAXL], szsum = 0;
     for (int64_t l = 0; l <= L; l++) wmax = w[l] > wmax ? w[l] : wmax;
     for (int64_t l = 0; l < L; l++) { sz[l] = w[l] * w[l + 1]; szsum += sz[l] + 16; }
-    const int64_t scratch = 16 * (L + 2) * (2 * b * wmax + 16) + 4 * szsum + (L + 2) * (wmax * wmax + 16) + 64;
+    const int64_t N = (T + b - 1) / b;
+    const int64_t scratch = 16 * (L + 2) * (2 * b * wmax + 16) + 4 * szsum + (L + 2) * (wmax * wmax + 16)
+                            + 16 * (b + 16) + 64;
     _Pragma("omp parallel for num_threads(nthreads) schedule(static)")
-    for (int64_t t = 0; t < BH; t++) {
+    for (int64_t task = 0; task < B * H; task++) {
+        const int64_t bi = task / H, h = task % H;
         S *block = (S *)malloc(sizeof(S) * scratch);
         SUF(arena) a = {block};
         S *X[MAXL], *Z[MAXL], *delta[MAXL], *P[MAXL], *WT[MAXL], *ddelta[MAXL], *dA[MAXL], *dz[MAXL];
@@ -255,22 +342,35 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *cM0, con
         S *T1 = SUF(take)(&a, wmax * wmax), *WTf = SUF(take)(&a, wmax * wmax);
         S *g1 = SUF(take)(&a, 2 * b * wmax), *g2 = SUF(take)(&a, 2 * b * wmax);
         S *cd = SUF(take)(&a, 2 * b * wmax), *d1 = SUF(take)(&a, b * wmax), *dcn = SUF(take)(&a, 2 * b);
+        S *vb = SUF(take)(&a, b * w[L]), *gth = SUF(take)(&a, b), *get = SUF(take)(&a, b), *gal = SUF(take)(&a, b);
+        S *u = SUF(take)(&a, b), *uw = SUF(take)(&a, b), *cM = SUF(take)(&a, b), *cS = SUF(take)(&a, b);
+        S *du = SUF(take)(&a, b), *dw = SUF(take)(&a, b), *gdth = SUF(take)(&a, b), *gdet = SUF(take)(&a, b);
+        S *gdal = SUF(take)(&a, b);
         for (int64_t l = 0; l < L; l++) {
-            if (dWf && dWf[l]) memcpy(dWc[l], dWf[l] + t * sz[l], sizeof(S) * sz[l]);
+            if (dWf && dWf[l]) memcpy(dWc[l], dWf[l] + task * sz[l], sizeof(S) * sz[l]);
             else memset(dWc[l], 0, sizeof(S) * sz[l]);
-            if (dSf && dSf[l]) memcpy(dSc[l], dSf[l] + t * sz[l], sizeof(S) * sz[l]);
+            if (dSf && dSf[l]) memcpy(dSc[l], dSf[l] + task * sz[l], sizeof(S) * sz[l]);
             else memset(dSc[l], 0, sizeof(S) * sz[l]);
         }
-        for (int64_t n = N - 1; n >= 0; n--) {
-            const int64_t row = t * N * b + n * b, tn = t * N + n;
+        for (int64_t c = N - 1; c >= 0; c--) {
+            const int64_t t0 = c * b, n = T - t0 < b ? T - t0 : b, tn = task * N + c;
+            const int64_t orow = (bi * T + t0) * H + h;  /* row of token t0 in the contiguous outputs */
             S *W[MAXL], *Sm[MAXL];
             for (int64_t l = 0; l < L; l++) { W[l] = Wst[l] + tn * sz[l]; Sm[l] = Sst[l] + tn * sz[l]; }
-            SUF(chunk_forward)(L, w, b, act, q + row * w[0], k + row * w[0], v + row * w[L], W, X, Z, delta, P, WTf);
+            SUF(gather)(q + OFF(0, bi, t0, h), st[1], n, w[0], X[0]);
+            SUF(gather)(k + OFF(1, bi, t0, h), st[4], n, w[0], X[0] + n * w[0]);
+            SUF(gather)(v + OFF(2, bi, t0, h), st[7], n, w[L], vb);
+            for (int64_t i = 0; i < n; i++) {
+                gth[i] = th[OFF(3, bi, t0 + i, h)];
+                get[i] = et[OFF(4, bi, t0 + i, h)];
+                gal[i] = al[OFF(5, bi, t0 + i, h)];
+            }
+            S am, bm, bs;
+            SUF(coefficients)(n, gth, get, gal, u, uw, cM, cS, &am, &bm, &bs);
+            SUF(chunk_forward)(L, w, n, act, vb, W, X, Z, delta, P, WTf);
             for (int64_t l = 0; l < L; l++) SUF(transpose)(W[l], w[l], w[l + 1], WT[l]);
-            /* scalar coefficients: d a = <dW', W>, d b_M = <dW', S>, d b_S = <dS', S> */
-            /* and the linear part of the update: dW = a dW' + ..., dS = b_S dS' + b_M dW' */
-            const S am = cM0[tn], bm = cS0M[tn], bs = cS0S[tn];
-            const S *cn = c + tn * b * 2;
+            /* scalar coefficients: d a = <dW', W>, d b_M = <dW', S>, d b_S = <dS', S>, and the
+               linear part of the update: dW = a dW' + ..., dS = b_S dS' + b_M dW' */
             S sa = 0, sbm = 0, sbs = 0;
             for (int64_t l = 0; l < L; l++) {
                 const S *gw = dWc[l], *gs = dSc[l], *wl = W[l], *sl = Sm[l];
@@ -284,32 +384,31 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *cM0, con
                     ps[e] = bs * gs[e] + bm * gw[e];
                 }
             }
-            dcM0[tn] = sa; dcS0M[tn] = sbm; dcS0S[tn] = sbs;
             /* read path o = M(q) at W: dW_l += xq_l^T dZq, dXq = dZq W_l^T */
             {
                 S *dZq = g1, *dXq = g2;
-                memcpy(dZq, do_ + row * w[L], sizeof(S) * b * w[L]);
+                SUF(gather)(do_ + orow * w[L], H * w[L], n, w[L], dZq);
                 for (int64_t l = L - 1; l >= 0; l--) {
-                    SUF(gemm)(w[l], w[l + 1], b, 1, X[l], 1, w[l], dZq, w[l + 1], 1, dWp[l], w[l + 1]);
-                    S *out = l ? dXq : dq + row * w[0];
-                    SUF(gemm)(b, w[l], w[l + 1], 1, dZq, w[l + 1], 1, WT[l], w[l], 0, out, w[l]);
+                    SUF(gemm)(w[l], w[l + 1], n, 1, X[l], 1, w[l], dZq, w[l + 1], 1, dWp[l], w[l + 1]);
+                    SUF(gemm)(n, w[l], w[l + 1], 1, dZq, w[l + 1], 1, WT[l], w[l], 0, dXq, w[l]);
                     if (l) {
-                        SUF(activation)(act, Z[l - 1], b * w[l], NULL, d1, NULL);
-                        for (int64_t i = 0; i < b * w[l]; i++) dZq[i] = dXq[i] * d1[i];
+                        SUF(activation)(act, Z[l - 1], n * w[l], NULL, d1, NULL);
+                        for (int64_t i = 0; i < n * w[l]; i++) dZq[i] = dXq[i] * d1[i];
                     }
                 }
+                SUF(scatter)(dXq, n, w[0], dq + orow * w[0], H * w[0]);
             }
             /* through the update: G_M = x^T (c_M delta), G_S = x^T (c_S delta), dG = -dW', -dS' */
-            for (int64_t i = 0; i < 2 * b; i++) dcn[i] = 0;
+            for (int64_t i = 0; i < 2 * n; i++) dcn[i] = 0;
             for (int64_t l = 0; l < L; l++) {
                 const int64_t d = w[l + 1];
-                const S *xk = X[l] + b * w[l];
+                const S *xk = X[l] + n * w[l];
                 S *AM = g1, *AS = g2;
-                SUF(gemm)(b, d, w[l], -1, xk, w[l], 1, dWc[l], d, 0, AM, d);
-                SUF(gemm)(b, d, w[l], -1, xk, w[l], 1, dSc[l], d, 0, AS, d);
-                for (int64_t i = 0; i < b; i++) {
+                SUF(gemm)(n, d, w[l], -1, xk, w[l], 1, dWc[l], d, 0, AM, d);
+                SUF(gemm)(n, d, w[l], -1, xk, w[l], 1, dSc[l], d, 0, AS, d);
+                for (int64_t i = 0; i < n; i++) {
                     S sM = 0, sS = 0;
-                    const S cm = cn[2 * i], cs = cn[2 * i + 1];
+                    const S cm = cM[i], cs = cS[i];
                     _Pragma("omp simd reduction(+:sM, sS)")
                     for (int64_t j = 0; j < d; j++) {
                         const S dl = delta[l][i * d + j];
@@ -321,53 +420,60 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *cM0, con
                     dcn[2 * i + 1] += sS;
                 }
                 /* dA = -(c_M delta) dW'^T - (c_S delta) dS'^T */
-                S *cdM = cd, *cdS = cd + b * d;
-                for (int64_t i = 0; i < b; i++)
+                S *cdM = cd, *cdS = cd + n * d;
+                for (int64_t i = 0; i < n; i++)
                     for (int64_t j = 0; j < d; j++) {
-                        cdM[i * d + j] = cn[2 * i] * delta[l][i * d + j];
-                        cdS[i * d + j] = cn[2 * i + 1] * delta[l][i * d + j];
+                        cdM[i * d + j] = cM[i] * delta[l][i * d + j];
+                        cdS[i * d + j] = cS[i] * delta[l][i * d + j];
                     }
                 SUF(transpose)(dWc[l], w[l], d, T1);
-                SUF(gemm)(b, w[l], d, -1, cdM, d, 1, T1, w[l], 0, dA[l], w[l]);
+                SUF(gemm)(n, w[l], d, -1, cdM, d, 1, T1, w[l], 0, dA[l], w[l]);
                 SUF(transpose)(dSc[l], w[l], d, T1);
-                SUF(gemm)(b, w[l], d, -1, cdS, d, 1, T1, w[l], 1, dA[l], w[l]);
+                SUF(gemm)(n, w[l], d, -1, cdS, d, 1, T1, w[l], 1, dA[l], w[l]);
             }
-            memcpy(dc + tn * b * 2, dcn, sizeof(S) * 2 * b);
+            /* the gates, through the coefficients */
+            SUF(coefficients_bwd)(n, gth, get, gal, u, uw, sa, sbm, sbs, dcn, du, dw, gdth, gdet, gdal);
+            for (int64_t i = 0; i < n; i++) {
+                dth[orow + i * H] = gdth[i];
+                det[orow + i * H] = gdet[i];
+                dal[orow + i * H] = gdal[i];
+            }
             /* inner backprop delta_l = P_l act'(z_l), P_l = delta_{l+1} W_{l+1}^T, differentiated */
             for (int64_t l = 0; l < L - 1; l++) {
                 const int64_t d = w[l + 1];
-                const S *zk = Z[l] + b * d;
+                const S *zk = Z[l] + n * d;
                 S *d2 = cd;
-                SUF(activation)(act, zk, b * d, NULL, d1, d2);
+                SUF(activation)(act, zk, n * d, NULL, d1, d2);
                 S *dP = g1;
-                for (int64_t i = 0; i < b * d; i++) {
+                for (int64_t i = 0; i < n * d; i++) {
                     dP[i] = ddelta[l][i] * d1[i];
                     dz[l][i] = ddelta[l][i] * P[l][i] * d2[i];
                 }
-                SUF(gemm)(b, w[l + 2], d, 1, dP, d, 1, W[l + 1], w[l + 2], 1, ddelta[l + 1], w[l + 2]);
-                SUF(gemm)(d, w[l + 2], b, 1, dP, 1, d, delta[l + 1], w[l + 2], 1, dWp[l + 1], w[l + 2]);
+                SUF(gemm)(n, w[l + 2], d, 1, dP, d, 1, W[l + 1], w[l + 2], 1, ddelta[l + 1], w[l + 2]);
+                SUF(gemm)(d, w[l + 2], n, 1, dP, 1, d, delta[l + 1], w[l + 2], 1, dWp[l + 1], w[l + 2]);
             }
             /* delta_{L-1} = 2 (z_{L-1} - v) */
-            for (int64_t i = 0; i < b * w[L]; i++) {
+            for (int64_t i = 0; i < n * w[L]; i++) {
                 dz[L - 1][i] = 2 * ddelta[L - 1][i];
-                dv[row * w[L] + i] = -2 * ddelta[L - 1][i];
+                vb[i] = -2 * ddelta[L - 1][i];
             }
+            SUF(scatter)(vb, n, w[L], dv + orow * w[L], H * w[L]);
             /* key forward z_l = x_l W_l, x_{l+1} = act(z_l) */
             {
                 S *dZ = dz[L - 1], *dX = g2;
                 for (int64_t l = L - 1; l >= 0; l--) {
-                    const S *xk = X[l] + b * w[l];
-                    SUF(gemm)(w[l], w[l + 1], b, 1, xk, 1, w[l], dZ, w[l + 1], 1, dWp[l], w[l + 1]);
-                    S *out = l ? dX : dk + row * w[0];
-                    memcpy(out, dA[l], sizeof(S) * b * w[l]);
-                    SUF(gemm)(b, w[l], w[l + 1], 1, dZ, w[l + 1], 1, WT[l], w[l], 1, out, w[l]);
+                    const S *xk = X[l] + n * w[l];
+                    SUF(gemm)(w[l], w[l + 1], n, 1, xk, 1, w[l], dZ, w[l + 1], 1, dWp[l], w[l + 1]);
+                    memcpy(dX, dA[l], sizeof(S) * n * w[l]);
+                    SUF(gemm)(n, w[l], w[l + 1], 1, dZ, w[l + 1], 1, WT[l], w[l], 1, dX, w[l]);
                     if (l) {
-                        SUF(activation)(act, Z[l - 1] + b * w[l], b * w[l], NULL, d1, NULL);
+                        SUF(activation)(act, Z[l - 1] + n * w[l], n * w[l], NULL, d1, NULL);
                         S *nz = g1;
-                        for (int64_t i = 0; i < b * w[l]; i++) nz[i] = dz[l - 1][i] + dX[i] * d1[i];
+                        for (int64_t i = 0; i < n * w[l]; i++) nz[i] = dz[l - 1][i] + dX[i] * d1[i];
                         dZ = nz;
                     }
                 }
+                SUF(scatter)(dX, n, w[0], dk + orow * w[0], H * w[0]);
             }
             for (int64_t l = 0; l < L; l++) {
                 S *tmp = dWc[l]; dWc[l] = dWp[l]; dWp[l] = tmp;
@@ -375,13 +481,16 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *cM0, con
             }
         }
         for (int64_t l = 0; l < L; l++) {
-            memcpy(dW0[l] + t * sz[l], dWc[l], sizeof(S) * sz[l]);
-            memcpy(dS0[l] + t * sz[l], dSc[l], sizeof(S) * sz[l]);
+            memcpy(dW0[l] + task * sz[l], dWc[l], sizeof(S) * sz[l]);
+            memcpy(dS0[l] + task * sz[l], dSc[l], sizeof(S) * sz[l]);
         }
         free(block);
     }
 }
 
+#undef OFF
+#undef LOG_EPS
 #undef VEC
+#undef UVEC
 #undef NV
 #undef MAXL
