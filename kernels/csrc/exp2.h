@@ -11,7 +11,7 @@
    [-126, 126]: the scan's decays 2^(delta A log2 e) <= 1 are 0 for any purpose below 2^-126 (the
    result is then ~1e-38 instead of a denormal or 0), and a sigmoid 1 / (1 + 2^(-x log2 e)) is
    exact to float precision at the clamp. */
-static inline float exp2_f32(float x) {
+static inline __attribute__((always_inline)) float exp2_f32(float x) {
     x = x < -126.0f ? -126.0f : (x > 126.0f ? 126.0f : x);
     float fi = floorf(x);
     float f = x - fi;

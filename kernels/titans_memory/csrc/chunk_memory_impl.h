@@ -200,9 +200,9 @@ static void SUF(coefficients_bwd)(int64_t n, const S *th, const S *et, const S *
 
 /* The chunk's forward from W, X[0] already holding the chunk's rows [q (n rows); k (n rows)]:
    X[l] [2n][w_l], Z[l] [2n][w_{l+1}], delta[l], P[l] [n][w_{l+1}] (key rows; P only for
-   l < L-1); v [n][w_L]; WT scratch. */
+   l < L-1); v [n][w_L]; WT[l] receives W_l^T for l >= 1 (entries may share one buffer). */
 static void SUF(chunk_forward)(int64_t L, const int64_t *w, int64_t n, int act, const S *v, S *const *W, S **X,
-                               S **Z, S **delta, S **P, S *WT) {
+                               S **Z, S **delta, S **P, S *const *WT) {
     for (int64_t l = 0; l < L; l++) {
         SUF(gemm)(2 * n, w[l + 1], w[l], 1, X[l], w[l], 1, W[l], w[l + 1], 0, Z[l], w[l + 1]);
         if (l < L - 1) SUF(activation)(act, Z[l], 2 * n * w[l + 1], X[l + 1], NULL, NULL);
@@ -211,8 +211,8 @@ static void SUF(chunk_forward)(int64_t L, const int64_t *w, int64_t n, int act, 
     for (int64_t i = 0; i < n * w[L]; i++) delta[L - 1][i] = 2 * (zk[i] - v[i]);
     for (int64_t l = L - 2; l >= 0; l--) {
         /* P_l = delta_{l+1} W_{l+1}^T, delta_l = P_l act'(z_l) */
-        SUF(transpose)(W[l + 1], w[l + 1], w[l + 2], WT);
-        SUF(gemm)(n, w[l + 1], w[l + 2], 1, delta[l + 1], w[l + 2], 1, WT, w[l + 1], 0, P[l], w[l + 1]);
+        SUF(transpose)(W[l + 1], w[l + 1], w[l + 2], WT[l + 1]);
+        SUF(gemm)(n, w[l + 1], w[l + 2], 1, delta[l + 1], w[l + 2], 1, WT[l + 1], w[l + 1], 0, P[l], w[l + 1]);
         SUF(activation)(act, Z[l] + n * w[l + 1], n * w[l + 1], NULL, delta[l], NULL);
         for (int64_t i = 0; i < n * w[l + 1]; i++) delta[l][i] *= P[l][i];
     }
@@ -252,6 +252,8 @@ void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *th, cons
             P[l] = SUF(take)(&a, b * w[l + 1]);
         }
         S *WT = SUF(take)(&a, wmax * wmax), *cd = SUF(take)(&a, 2 * b * wmax), *vb = SUF(take)(&a, b * w[L]);
+        S *WTs[MAXL];
+        for (int64_t l = 0; l < L; l++) WTs[l] = WT;
         S *gth = SUF(take)(&a, b), *get = SUF(take)(&a, b), *gal = SUF(take)(&a, b);
         S *u = SUF(take)(&a, b), *uw = SUF(take)(&a, b), *cM = SUF(take)(&a, b), *cS = SUF(take)(&a, b);
         for (int64_t l = 0; l < L; l++) {
@@ -273,7 +275,7 @@ void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *th, cons
             }
             S am, bm, bs;
             SUF(coefficients)(n, gth, get, gal, u, uw, cM, cS, &am, &bm, &bs);
-            SUF(chunk_forward)(L, w, n, act, vb, Wc, X, Z, delta, P, WT);
+            SUF(chunk_forward)(L, w, n, act, vb, Wc, X, Z, delta, P, WTs);
             SUF(scatter)(Z[L - 1], n, w[L], o + ((bi * T + t0) * H + h) * w[L], H * w[L]);
             for (int64_t l = 0; l < L; l++) {
                 const int64_t d = w[l + 1];
@@ -339,7 +341,7 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
             dWp[l] = SUF(take)(&a, sz[l]);
             dSp[l] = SUF(take)(&a, sz[l]);
         }
-        S *T1 = SUF(take)(&a, wmax * wmax), *WTf = SUF(take)(&a, wmax * wmax);
+        S *dAT = SUF(take)(&a, b * wmax);
         S *g1 = SUF(take)(&a, 2 * b * wmax), *g2 = SUF(take)(&a, 2 * b * wmax);
         S *cd = SUF(take)(&a, 2 * b * wmax), *d1 = SUF(take)(&a, b * wmax), *dcn = SUF(take)(&a, 2 * b);
         S *vb = SUF(take)(&a, b * w[L]), *gth = SUF(take)(&a, b), *get = SUF(take)(&a, b), *gal = SUF(take)(&a, b);
@@ -367,8 +369,8 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
             }
             S am, bm, bs;
             SUF(coefficients)(n, gth, get, gal, u, uw, cM, cS, &am, &bm, &bs);
-            SUF(chunk_forward)(L, w, n, act, vb, W, X, Z, delta, P, WTf);
-            for (int64_t l = 0; l < L; l++) SUF(transpose)(W[l], w[l], w[l + 1], WT[l]);
+            SUF(chunk_forward)(L, w, n, act, vb, W, X, Z, delta, P, WT);  /* W_l^T for l >= 1 */
+            SUF(transpose)(W[0], w[0], w[1], WT[0]);
             /* scalar coefficients: d a = <dW', W>, d b_M = <dW', S>, d b_S = <dS', S>, and the
                linear part of the update: dW = a dW' + ..., dS = b_S dS' + b_M dW' */
             S sa = 0, sbm = 0, sbs = 0;
@@ -419,17 +421,17 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
                     dcn[2 * i] += sM;
                     dcn[2 * i + 1] += sS;
                 }
-                /* dA = -(c_M delta) dW'^T - (c_S delta) dS'^T */
-                S *cdM = cd, *cdS = cd + n * d;
+                /* dA = -(c_M delta) dW'^T - (c_S delta) dS'^T, formed transposed (dA^T = -dW' (c_M
+                   delta)^T - ...: the [n x d] factors are transposed, not the [w_l x d] states) */
+                S *cdMT = cd, *cdST = cd + n * d;
                 for (int64_t i = 0; i < n; i++)
                     for (int64_t j = 0; j < d; j++) {
-                        cdM[i * d + j] = cM[i] * delta[l][i * d + j];
-                        cdS[i * d + j] = cS[i] * delta[l][i * d + j];
+                        cdMT[j * n + i] = cM[i] * delta[l][i * d + j];
+                        cdST[j * n + i] = cS[i] * delta[l][i * d + j];
                     }
-                SUF(transpose)(dWc[l], w[l], d, T1);
-                SUF(gemm)(n, w[l], d, -1, cdM, d, 1, T1, w[l], 0, dA[l], w[l]);
-                SUF(transpose)(dSc[l], w[l], d, T1);
-                SUF(gemm)(n, w[l], d, -1, cdS, d, 1, T1, w[l], 1, dA[l], w[l]);
+                SUF(gemm)(w[l], n, d, -1, dWc[l], d, 1, cdMT, n, 0, dAT, n);
+                SUF(gemm)(w[l], n, d, -1, dSc[l], d, 1, cdST, n, 1, dAT, n);
+                SUF(transpose)(dAT, w[l], n, dA[l]);
             }
             /* the gates, through the coefficients */
             SUF(coefficients_bwd)(n, gth, get, gal, u, uw, sa, sbm, sbs, dcn, du, dw, gdth, gdet, gdal);
