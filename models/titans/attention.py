@@ -49,9 +49,10 @@ def dense_mask(mask_mod, q_len: int, kv_len: int, device) -> torch.Tensor:
     return mask_mod(None, None, q_idx, kv_idx)
 
 
-def masked_attention(q, k, v, mask_mod, *, use_flex: bool | None = None):
+def masked_attention(q, k, v, mask_mod, *, use_flex: bool | None = None, dense: torch.Tensor | None = None):
     """q [B, Tq, H, D], k/v [B, Tkv, H, D] under mask_mod -> [B, Tq, H, D].
-    FlexAttention on CUDA (use_flex=None), the exact boolean-mask SDPA path otherwise."""
+    FlexAttention on CUDA (use_flex=None), the exact boolean-mask SDPA path otherwise; `dense` is
+    mask_mod's boolean [Tq, Tkv] mask when the caller has it already (a loop over equal segments)."""
     Tq, Tkv = q.shape[1], k.shape[1]
     if use_flex is None:
         use_flex = flex_attention is not None and q.is_cuda
@@ -59,7 +60,7 @@ def masked_attention(q, k, v, mask_mod, *, use_flex: bool | None = None):
         block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=Tq, KV_LEN=Tkv, device=q.device)
         out = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
         return out.transpose(1, 2)
-    return attention(q, k, v, attn_mask=dense_mask(mask_mod, Tq, Tkv, q.device))
+    return attention(q, k, v, attn_mask=dense_mask(mask_mod, Tq, Tkv, q.device) if dense is None else dense)
 
 
 class PersistentAttention(nn.Module):
@@ -111,11 +112,12 @@ class PersistentAttention(nn.Module):
         return (self._heads(self.wk(self.persistent).expand(B, P, -1)),
                 self._heads(self.wv(self.persistent).expand(B, P, -1)))
 
-    def attend(self, q, k, v, mask_mod, persistent=None):
-        """Projected q [B, Tq, H, D] over [persistent | k, v] under mask_mod -> [B, Tq, C]."""
+    def attend(self, q, k, v, mask_mod, persistent=None, dense=None):
+        """Projected q [B, Tq, H, D] over [persistent | k, v] under mask_mod -> [B, Tq, C]
+        (`dense`: mask_mod's boolean mask, if the caller has it)."""
         if persistent is not None:
             k, v = torch.cat([persistent[0], k], 1), torch.cat([persistent[1], v], 1)
-        return self.wo(masked_attention(q, k, v, mask_mod).flatten(2))
+        return self.wo(masked_attention(q, k, v, mask_mod, dense=dense).flatten(2))
 
     def forward(self, x, mask_mod, freqs_q, context=None, freqs_kv=None):
         context = x if context is None else context

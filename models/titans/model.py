@@ -31,7 +31,7 @@ from torch import nn
 from titanforge.models.common import RMSNorm, SwiGLU, depth_scaled_std
 from titanforge.models.common.lm import CausalLM
 from titanforge.models.config import ModelConfig
-from titanforge.models.titans.attention import PersistentAttention, mac_mask_mod, sliding_window_mask_mod
+from titanforge.models.titans.attention import PersistentAttention, dense_mask, mac_mask_mod, sliding_window_mask_mod
 from titanforge.models.titans.memory import NeuralMemory
 
 
@@ -86,8 +86,9 @@ class TitansBlock(nn.Module):
         gate_x = mem.out_gate(h)
         seg_freqs = freqs[torch.arange(T, device=h.device) % seg_len]
         q_s, (k_s, v_s) = att.project_q(h, seg_freqs), att.project_kv(h, seg_freqs)
-        persistent = att.persistent_kv(B)
+        persistent = att.persistent_kv(B) or ()
         state = mem.initial_state()
+        masks = {}
         # Weights the loop projects every segment with, concatenated once: one matmul per segment
         # for the memory's q, k, v and gates of y, one for the attention's keys and values of h.
         fused, kv_weight = mem.update_projection(), att.kv_weight()
@@ -100,10 +101,14 @@ class TitansBlock(nn.Module):
             L = q_seg.shape[1]
             # Eq. 21: retrieve from the memory as it stands before this segment.
             retrieved = mem.read_out(mem.retrieve(q_xs, state), None, gate)
-            # Eq. 22-23: attention over [persistent | retrieved | segment].
+            # Eq. 22-23: attention over [persistent | retrieved | segment] (one concatenation each;
+            # the mask is the same for every full segment, built once).
             k_h, v_h = att.project_kv(retrieved, freqs[:L], kv_weight)
-            y = att.attend(q_seg, torch.cat([k_h, k_seg], 1), torch.cat([v_h, v_seg], 1), mac_mask_mod(P, L),
-                           persistent)
+            if L not in masks:
+                masks[L] = (mac_mask_mod(P, L), None if h.is_cuda else dense_mask(mac_mask_mod(P, L), L, P + 2 * L,
+                                                                                 h.device))
+            y = att.attend(q_seg, torch.cat([*persistent[:1], k_h, k_seg], 1),
+                           torch.cat([*persistent[1:], v_h, v_seg], 1), masks[L][0], dense=masks[L][1])
             # Eq. 24: update the memory with y (conv caches continue the y stream across segments).
             q_y, k_y, v_y, gates, cache = mem.project(y, cache, fused)
             o, state = mem.update(q_y, k_y, v_y, gates, state)
