@@ -34,6 +34,7 @@ static inline void SUF(block_##R##_##NVB)(int64_t k, S alpha, const S *A, int64_
 }
 
 DEFINE_BLOCK(4, 4)
+DEFINE_BLOCK(8, 1)
 DEFINE_BLOCK(4, 1)
 DEFINE_BLOCK(1, 4)
 DEFINE_BLOCK(1, 1)
@@ -44,20 +45,24 @@ DEFINE_BLOCK(1, 1)
 static void SUF(gemm)(int64_t m, int64_t n, int64_t k, S alpha, const S *A, int64_t ars, int64_t acs,
                       const S *B, int64_t ldb, S beta, S *C, int64_t ldc) {
     const int64_t nb4 = n / (4 * NV) * (4 * NV), nb1 = n / NV * NV;
+    /* columns in blocks of 4 vectors: 4 rows at a time (16 accumulators) */
     int64_t i = 0;
-    for (; i + 4 <= m; i += 4) {
-        int64_t j = 0;
-        for (; j < nb4; j += 4 * NV)
+    for (; i + 4 <= m; i += 4)
+        for (int64_t j = 0; j < nb4; j += 4 * NV)
             SUF(block_4_4)(k, alpha, A + i * ars, ars, acs, B + j, ldb, beta, C + i * ldc + j, ldc);
-        for (; j < nb1; j += NV)
-            SUF(block_4_1)(k, alpha, A + i * ars, ars, acs, B + j, ldb, beta, C + i * ldc + j, ldc);
-    }
-    for (; i < m; i++) {
-        int64_t j = 0;
-        for (; j < nb4; j += 4 * NV)
+    for (; i < m; i++)
+        for (int64_t j = 0; j < nb4; j += 4 * NV)
             SUF(block_1_4)(k, alpha, A + i * ars, ars, acs, B + j, ldb, beta, C + i * ldc + j, ldc);
-        for (; j < nb1; j += NV)
-            SUF(block_1_1)(k, alpha, A + i * ars, ars, acs, B + j, ldb, beta, C + i * ldc + j, ldc);
+    /* the remaining whole vectors: 8 rows at a time, so 8 independent accumulators hide the FMA
+       latency (4 left a narrow product such as [128 x 16] at half speed) */
+    for (int64_t j = nb4; j < nb1; j += NV) {
+        int64_t r = 0;
+        for (; r + 8 <= m; r += 8)
+            SUF(block_8_1)(k, alpha, A + r * ars, ars, acs, B + j, ldb, beta, C + r * ldc + j, ldc);
+        for (; r + 4 <= m; r += 4)
+            SUF(block_4_1)(k, alpha, A + r * ars, ars, acs, B + j, ldb, beta, C + r * ldc + j, ldc);
+        for (; r < m; r++)
+            SUF(block_1_1)(k, alpha, A + r * ars, ars, acs, B + j, ldb, beta, C + r * ldc + j, ldc);
     }
     /* the last n % NV columns of every row */
     for (int64_t r = 0; r < m; r++)
@@ -386,20 +391,6 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
                     ps[e] = bs * gs[e] + bm * gw[e];
                 }
             }
-            /* read path o = M(q) at W: dW_l += xq_l^T dZq, dXq = dZq W_l^T */
-            {
-                S *dZq = g1, *dXq = g2;
-                SUF(gather)(do_ + orow * w[L], H * w[L], n, w[L], dZq);
-                for (int64_t l = L - 1; l >= 0; l--) {
-                    SUF(gemm)(w[l], w[l + 1], n, 1, X[l], 1, w[l], dZq, w[l + 1], 1, dWp[l], w[l + 1]);
-                    SUF(gemm)(n, w[l], w[l + 1], 1, dZq, w[l + 1], 1, WT[l], w[l], 0, dXq, w[l]);
-                    if (l) {
-                        SUF(activation)(act, Z[l - 1], n * w[l], NULL, d1, NULL);
-                        for (int64_t i = 0; i < n * w[l]; i++) dZq[i] = dXq[i] * d1[i];
-                    }
-                }
-                SUF(scatter)(dXq, n, w[0], dq + orow * w[0], H * w[0]);
-            }
             /* through the update: G_M = x^T (c_M delta), G_S = x^T (c_S delta), dG = -dW', -dS' */
             for (int64_t i = 0; i < 2 * n; i++) dcn[i] = 0;
             for (int64_t l = 0; l < L; l++) {
@@ -460,22 +451,27 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
                 vb[i] = -2 * ddelta[L - 1][i];
             }
             SUF(scatter)(vb, n, w[L], dv + orow * w[L], H * w[L]);
-            /* key forward z_l = x_l W_l, x_{l+1} = act(z_l) */
+            /* the read (query rows) and key forward (key rows) backward, stacked as X is: G holds
+               [dZq; dZ] [2n][w_{l+1}], so each layer is one weight-gradient product over 2n rows
+               (dW_l += X_l^T G) and one input-gradient product (G W_l^T, plus dA on the key rows) */
             {
-                S *dZ = dz[L - 1], *dX = g2;
+                S *G = g1, *D = g2, *d1s = cd;
+                SUF(gather)(do_ + orow * w[L], H * w[L], n, w[L], G);
+                memcpy(G + n * w[L], dz[L - 1], sizeof(S) * n * w[L]);
                 for (int64_t l = L - 1; l >= 0; l--) {
-                    const S *xk = X[l] + n * w[l];
-                    SUF(gemm)(w[l], w[l + 1], n, 1, xk, 1, w[l], dZ, w[l + 1], 1, dWp[l], w[l + 1]);
-                    memcpy(dX, dA[l], sizeof(S) * n * w[l]);
-                    SUF(gemm)(n, w[l], w[l + 1], 1, dZ, w[l + 1], 1, WT[l], w[l], 1, dX, w[l]);
+                    SUF(gemm)(w[l], w[l + 1], 2 * n, 1, X[l], 1, w[l], G, w[l + 1], 1, dWp[l], w[l + 1]);
+                    SUF(gemm)(2 * n, w[l], w[l + 1], 1, G, w[l + 1], 1, WT[l], w[l], 0, D, w[l]);
+                    S *Dk = D + n * w[l];
+                    for (int64_t i = 0; i < n * w[l]; i++) Dk[i] += dA[l][i];
                     if (l) {
-                        SUF(activation)(act, Z[l - 1] + n * w[l], n * w[l], NULL, d1, NULL);
-                        S *nz = g1;
-                        for (int64_t i = 0; i < n * w[l]; i++) nz[i] = dz[l - 1][i] + dX[i] * d1[i];
-                        dZ = nz;
+                        SUF(activation)(act, Z[l - 1], 2 * n * w[l], NULL, d1s, NULL);
+                        for (int64_t i = 0; i < n * w[l]; i++) G[i] = D[i] * d1s[i];
+                        for (int64_t i = n * w[l]; i < 2 * n * w[l]; i++)
+                            G[i] = dz[l - 1][i - n * w[l]] + D[i] * d1s[i];
                     }
                 }
-                SUF(scatter)(dX, n, w[0], dk + orow * w[0], H * w[0]);
+                SUF(scatter)(D, n, w[0], dq + orow * w[0], H * w[0]);
+                SUF(scatter)(D + n * w[0], n, w[0], dk + orow * w[0], H * w[0]);
             }
             for (int64_t l = 0; l < L; l++) {
                 S *tmp = dWc[l]; dWc[l] = dWp[l]; dWp[l] = tmp;
