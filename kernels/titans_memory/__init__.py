@@ -39,8 +39,8 @@ def _check_weights(weights, B: int, H: int, Dk: int, Dv: int, name: str = "weigh
 def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor,
                         eta: torch.Tensor, alpha: torch.Tensor, *, weights: list[torch.Tensor],
                         momentum: list[torch.Tensor] | None = None, chunk_size: int = 16,
-                        activation: str = "silu", compile: bool = False,
-                        backend: str = "auto") -> tuple[torch.Tensor, State]:
+                        activation: str = "silu", compile: bool = False, backend: str = "auto",
+                        read_after: torch.Tensor | None = None):
     """Run the Titans memory over a sequence, chunk by chunk.
 
     q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; theta (step size), eta (momentum decay), alpha (forget
@@ -57,6 +57,9 @@ def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta
     backend: "auto" runs the chunk chain in the fused C loop (fused_cpu.py) for CPU float32/float64
     inputs where it builds (and compile is off), else in PyTorch; "native" insists on the C loop,
     "torch" on PyTorch.
+    read_after: queries [B, Tr, H, Dk] to read from the final memory, M_final(read_after) (what MAC
+    retrieves for the next segment); when given, returns (o, state, read) [B, Tr, H, Dv], the read
+    fused into the C loop's call.
     """
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"q, k must be [B, T, H, Dk] and v [B, T, H, Dv] with equal B, T, H; got "
@@ -74,6 +77,8 @@ def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
     _check_weights(weights, B, H, Dk, v.shape[-1])
+    if read_after is not None and (read_after.dim() != 4 or read_after.shape[0] != B or read_after.shape[2:] != (H, Dk)):
+        raise ValueError(f"read_after must be [B={B}, Tr, H={H}, Dk={Dk}]; got {tuple(read_after.shape)}")
     if momentum is not None:
         if len(momentum) != len(weights):
             raise ValueError(f"momentum has {len(momentum)} layers but weights has {len(weights)}")
@@ -88,13 +93,17 @@ def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta
         raise ValueError(f"backend='native' runs memories of up to {fused_cpu.MAX_LAYERS} layers, got {len(weights)}")
     if (not compile and len(weights) <= fused_cpu.MAX_LAYERS
             and use_native(backend, qkv[0], fused_cpu.SOURCE, "Titans memory chunk chain")):
-        o, state = fused_cpu.fused_chunk_titans_memory(*qkv, *gates, ws, ms, chunk_size, activation)
-        return o.to(q.dtype), state
+        o, state, read = fused_cpu.fused_chunk_titans_memory(
+            *qkv, *gates, ws, ms, chunk_size, activation, None if read_after is None else read_after.to(dtype))
+        return (o.to(q.dtype), state) if read_after is None else (o.to(q.dtype), state, read.to(q.dtype))
     # [B, H, T, D] so a chunk is a contiguous slice of the matmul batch.
     q_, k_, v_ = (t.transpose(1, 2) for t in qkv)
     th, et, al = (g.transpose(1, 2) for g in gates)
     o, state = chunk_titans_memory_fwd(q_, k_, v_, th, et, al, ws, ms, chunk_size, activation, compile)
-    return o.transpose(1, 2).to(q.dtype), state
+    o = o.transpose(1, 2).to(q.dtype)
+    if read_after is None:
+        return o, state
+    return o, state, titans_memory_retrieve(read_after, state[0], activation)
 
 
 def titans_memory_retrieve(q: torch.Tensor, weights: list[torch.Tensor], activation: str = "silu") -> torch.Tensor:

@@ -200,12 +200,13 @@ class NeuralMemory(nn.Module):
     def retrieve(self, q: torch.Tensor, state) -> torch.Tensor:
         return titans_memory_retrieve(q, state[0], self.cfg.memory_activation)
 
-    def update(self, q, k, v, gates, state):
-        """Run the memory op over a piece of sequence from `state`; returns raw reads [B, T, H, D]."""
+    def update(self, q, k, v, gates, state, read_after=None):
+        """Run the memory op over a piece of sequence from `state`: (raw reads [B, T, H, D], state),
+        and with `read_after` (queries) also the final memory's read of them, M_final(read_after)."""
         weights, momentum = state
         return chunk_titans_memory(q, k, v, *gates, weights=weights, momentum=momentum,
                                    chunk_size=self.cfg.chunk_size, activation=self.cfg.memory_activation,
-                                   compile=self.cfg.compile_memory)
+                                   compile=self.cfg.compile_memory, read_after=read_after)
 
     def forward(self, x: torch.Tensor, state=None):
         q, k, v, gates, _ = self.project(x, fused=self.update_projection())

@@ -96,11 +96,14 @@ class TitansBlock(nn.Module):
         ys, os = [], []
         # split, not per-segment slicing: each slice's backward writes a full-length zero gradient,
         # which made the backward quadratic in T (64 segments x 5 tensors of [B, T, C] at T = 4k).
-        segments = zip(*(t.split(seg_len, 1) for t in (q_x, gate_x, q_s, k_s, v_s)))
-        for q_xs, gate, q_seg, k_seg, v_seg in segments:
+        segments = list(zip(*(t.split(seg_len, 1) for t in (q_x, gate_x, q_s, k_s, v_s))))
+        # Eq. 21: retrieve from the memory as it stands before the segment: the first from the
+        # initial weights, each later one by the previous segment's update, which reads the
+        # segment's queries from the memory it leaves (in the same C call on CPU).
+        read = mem.retrieve(segments[0][0], state)
+        for i, (_, gate, q_seg, k_seg, v_seg) in enumerate(segments):
             L = q_seg.shape[1]
-            # Eq. 21: retrieve from the memory as it stands before this segment.
-            retrieved = mem.read_out(mem.retrieve(q_xs, state), None, gate)
+            retrieved = mem.read_out(read, None, gate)
             # Eq. 22-23: attention over [persistent | retrieved | segment] (one concatenation each;
             # the mask is the same for every full segment, built once).
             k_h, v_h = att.project_kv(retrieved, freqs[:L], kv_weight)
@@ -111,7 +114,10 @@ class TitansBlock(nn.Module):
                            torch.cat([*persistent[1:], v_h, v_seg], 1), masks[L][0], dense=masks[L][1])
             # Eq. 24: update the memory with y (conv caches continue the y stream across segments).
             q_y, k_y, v_y, gates, cache = mem.project(y, cache, fused)
-            o, state = mem.update(q_y, k_y, v_y, gates, state)
+            if i + 1 < len(segments):
+                o, state, read = mem.update(q_y, k_y, v_y, gates, state, read_after=segments[i + 1][0])
+            else:
+                o, state = mem.update(q_y, k_y, v_y, gates, state)
             ys.append(y)
             os.append(o)
         # Eq. 25: gate y with the updated memory's (causal) read; per token, so once for all segments.

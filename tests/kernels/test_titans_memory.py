@@ -155,6 +155,31 @@ def test_native_chain_reads_strided_inputs_in_place():
     assert torch.equal(g_view[1], torch.stack(g_copy[3:], -1))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("Tr", [7, 40])
+def test_read_after_the_chain_matches_reading_the_final_state(backend, Tr, poisoned):
+    """read_after = q' returns M_final(q') beside o and the state (MAC's retrieval for the next
+    segment, fused into the chain's call): equal to the token loop's final weights applied to q',
+    for outputs and for every gradient, q' included (float64; q' a strided view, and longer than
+    2b rows so the C loop reads it in several blocks)."""
+    leaves, weights, mom = make_inputs(2, 37, 3, 5, 4, [6], momentum=True)
+    g = torch.Generator().manual_seed(4)
+    qr = F.normalize(torch.randn(2, Tr, 6, 5, generator=g, dtype=torch.float64), dim=-1)[:, :, ::2]
+    qr.requires_grad_(True)
+    o, (W, S), read = run(chunk_titans_memory, leaves, weights, mom, 8, backend=backend, read_after=qr)
+    o_n, (W_n, S_n) = run(naive_titans_memory, leaves, weights, mom, 8)
+    read_n = mlp_forward(W_n, qr.transpose(1, 2)).transpose(1, 2)
+    out, ref = [o, read, *W, *S], [o_n, read_n, *W_n, *S_n]
+    for a, b in zip(out, ref):
+        assert rel_rms(a, b) < 1e-10
+    probes = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in ref]
+    inputs = [*leaves.values(), qr]
+    got = torch.autograd.grad(sum((p * t).sum() for p, t in zip(probes, out)), inputs)
+    want = torch.autograd.grad(sum((p * t).sum() for p, t in zip(probes, ref)), inputs)
+    for name, a, b in zip([*leaves, "read_after"], got, want):
+        assert b.abs().max() > 0 and rel_rms(a, b) < 1e-9, name
+
+
 def test_native_chain_is_used_where_a_compiler_exists():
     """auto picks the C loop on CPU wherever it builds: a broken build cannot hide behind the fallback."""
     import shutil

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from titanforge.kernels.titans_memory import naive_titans_memory
+from titanforge.kernels.titans_memory.naive import mlp_forward
 from titanforge.models.config import ModelConfig
 from titanforge.models.registry import build_model
 from titanforge.models.titans import attention as tattn
@@ -61,9 +62,12 @@ def test_memory_layer_matches_naive_op_forward_and_grads(monkeypatch):
     out, (W, S) = layer(x)
     g_c = torch.autograd.grad(out.square().sum() + sum(w.sum() for w in W), params)
 
-    def naive(q, k, v, theta, eta, alpha, *, weights, momentum, chunk_size, activation, compile=False):
-        return naive_titans_memory(q, k, v, theta, eta, alpha, weights=weights, momentum=momentum,
-                                   chunk_size=chunk_size, activation=activation)
+    def naive(q, k, v, theta, eta, alpha, *, weights, momentum, chunk_size, activation, compile=False, read_after=None):
+        o, state = naive_titans_memory(q, k, v, theta, eta, alpha, weights=weights, momentum=momentum,
+                                       chunk_size=chunk_size, activation=activation)
+        if read_after is None:
+            return o, state
+        return o, state, mlp_forward(state[0], read_after.transpose(1, 2), activation).transpose(1, 2)
 
     monkeypatch.setattr(tmemory, "chunk_titans_memory", naive)
     out_n, (W_n, _) = layer(x)

@@ -21,12 +21,16 @@
    through (row, column) strides, so A^T costs nothing; products with a transposed B transpose it
    into scratch first (a few thousand floats, cheap beside the product).
 
-   Layouts (row-major): q, k [BH][T][D_0], v, o [BH][T][D_L]; T = N b. cM0, cS0M, cS0S [BH][N];
-   c [BH][N][b][2] (per token: weight in the W-end state, in the S-end state). Per layer l, with
-   widths wid[0..L]: W0[l], S0[l], Wout[l], Sout[l] [BH][wid[l]][wid[l+1]] (W0/S0 may be NULL:
-   zero momentum for S0; W0 is required), Wst[l], Sst[l] [BH][N][wid[l]][wid[l+1]].
-   act: 0 silu, 1 gelu (exact, erf).
-   Axis glossary: BH batch x heads, T time, N chunks, b chunk size, L memory layers. */
+   Layouts: q, k [B][T][H][D_0], v [B][T][H][D_L] and theta, eta, alpha [B][T][H] are read in the
+   caller's layout through (batch, time, head) strides, the last dim contiguous; each chunk's
+   coefficients (a = c_M0, b_M = c_S0_M, b_S = c_S0_S, c_M, c_S) are computed from its gates in
+   log space as in chunk.py's `chunk_coefficients`, and differentiated by hand in backward. A
+   ragged last chunk is a shorter chunk. Optional: queries qr [B][Tr][H][D_0] read from the final
+   memory (MAC's retrieval for the next segment). Outputs o, or [B][T|Tr][H][D_L] contiguous; per
+   layer l with widths wid[0..L]: W0[l] [H] or [B][H] x [wid[l]][wid[l+1]], S0[l] (NULL: zero
+   momentum), Wout[l], Sout[l] [B*H][...], Wst[l], Sst[l] [B*H][N][...] (the chunk-start states).
+   act: 0 silu, 1 gelu (exact, erf). chunk_memory_impl.h documents each entry point.
+   Axis glossary: B batch, H heads, T time, N chunks, b chunk size, L memory layers. */
 
 #include <math.h>
 #include <stdint.h>

@@ -223,6 +223,14 @@ static void SUF(chunk_forward)(int64_t L, const int64_t *w, int64_t n, int act, 
     }
 }
 
+/* the memory MLP on m rows already in X[0]: X[l+1] = act(Z[l]), Z[l] = X[l] W_l */
+static void SUF(mlp_rows)(int64_t L, const int64_t *w, int64_t m, int act, S *const *W, S **X, S **Z) {
+    for (int64_t l = 0; l < L; l++) {
+        SUF(gemm)(m, w[l + 1], w[l], 1, X[l], w[l], 1, W[l], w[l + 1], 0, Z[l], w[l + 1]);
+        if (l < L - 1) SUF(activation)(act, Z[l], m * w[l + 1], X[l + 1], NULL, NULL);
+    }
+}
+
 /* rows [n][d] of a strided [B][T][H][d] tensor (element strides sT between rows) <-> contiguous */
 static void SUF(gather)(const S *src, int64_t sT, int64_t n, int64_t d, S *dst) {
     for (int64_t i = 0; i < n; i++) memcpy(dst + i * d, src + i * sT, sizeof(S) * d);
@@ -231,14 +239,16 @@ static void SUF(scatter)(const S *src, int64_t n, int64_t d, S *dst, int64_t sT)
     for (int64_t i = 0; i < n; i++) memcpy(dst + i * sT, src + i * d, sizeof(S) * d);
 }
 
-/* Strides (in elements) of q, k, v [B][T][H][D] and theta, eta, alpha [B][T][H]: st[3 x] = (batch,
-   time, head) of tensor x in the order q, k, v, theta, eta, alpha. The last dim is contiguous. */
+/* Strides (in elements) of q, k, v [B][T][H][D], theta, eta, alpha [B][T][H] and the read's
+   queries qr [B][Tr][H][D_0]: st[3 x] = (batch, time, head) of tensor x in the order q, k, v, theta,
+   eta, alpha, qr. The last dim is contiguous. */
 #define OFF(x, bi, ti, h) ((bi) * st[3 * (x)] + (ti) * st[3 * (x) + 1] + (h) * st[3 * (x) + 2])
 
 void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *th, const S *et, const S *al,
                            const int64_t *st, const int64_t *w, int64_t L, S *const *W0, int w0_batched,
                            S *const *S0, S *const *Wout, S *const *Sout, S *const *Wst, S *const *Sst, S *o,
-                           int64_t B, int64_t H, int64_t T, int64_t b, int act, int nthreads) {
+                           const S *qr, int64_t Tr, S *or_, int64_t B, int64_t H, int64_t T, int64_t b, int act,
+                           int nthreads) {
     int64_t wmax = 0, sz[MAXL];
     for (int64_t l = 0; l <= L; l++) wmax = w[l] > wmax ? w[l] : wmax;
     for (int64_t l = 0; l < L; l++) sz[l] = w[l] * w[l + 1];
@@ -306,6 +316,13 @@ void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *th, cons
                 SUF(gemm)(w[l], d, n, -1, xk, 1, w[l], cdS, d, 1, Sc[l], d);
             }
         }
+        /* the read after the chain: or = M_final(qr), in blocks of up to 2b rows */
+        for (int64_t t0 = 0; qr && t0 < Tr; t0 += 2 * b) {
+            const int64_t m = Tr - t0 < 2 * b ? Tr - t0 : 2 * b;
+            SUF(gather)(qr + OFF(6, bi, t0, h), st[19], m, w[0], X[0]);
+            SUF(mlp_rows)(L, w, m, act, Wc, X, Z);
+            SUF(scatter)(Z[L - 1], m, w[L], or_ + ((bi * Tr + t0) * H + h) * w[L], H * w[L]);
+        }
         free(block);
     }
 }
@@ -317,8 +334,9 @@ void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *th, cons
 void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, const S *et, const S *al,
                            const int64_t *st, const int64_t *w, int64_t L, S *const *Wst, S *const *Sst,
                            const S *do_, S *const *dWf, S *const *dSf, S *dq, S *dk, S *dv, S *dth, S *det,
-                           S *dal, S *const *dW0, S *const *dS0, int64_t B, int64_t H, int64_t T, int64_t b,
-                           int act, int nthreads) {
+                           S *dal, S *const *dW0, S *const *dS0, const S *qr, int64_t Tr, S *const *Wfin,
+                           const S *dor, S *dqr, int64_t B, int64_t H, int64_t T, int64_t b, int act,
+                           int nthreads) {
     int64_t wmax = 0, sz[MAXL], szsum = 0;
     for (int64_t l = 0; l <= L; l++) wmax = w[l] > wmax ? w[l] : wmax;
     for (int64_t l = 0; l < L; l++) { sz[l] = w[l] * w[l + 1]; szsum += sz[l] + 16; }
@@ -358,6 +376,30 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
             else memset(dWc[l], 0, sizeof(S) * sz[l]);
             if (dSf && dSf[l]) memcpy(dSc[l], dSf[l] + task * sz[l], sizeof(S) * sz[l]);
             else memset(dSc[l], 0, sizeof(S) * sz[l]);
+        }
+        /* the read after the chain, or = M_final(qr): its weight gradient joins dW_final */
+        if (qr) {
+            S *Wf[MAXL];
+            for (int64_t l = 0; l < L; l++) {
+                Wf[l] = Wfin[l] + task * sz[l];
+                SUF(transpose)(Wf[l], w[l], w[l + 1], WT[l]);
+            }
+            for (int64_t t0 = 0; t0 < Tr; t0 += 2 * b) {
+                const int64_t m = Tr - t0 < 2 * b ? Tr - t0 : 2 * b, orow = (bi * Tr + t0) * H + h;
+                S *G = g1, *D = g2;
+                SUF(gather)(qr + OFF(6, bi, t0, h), st[19], m, w[0], X[0]);
+                SUF(mlp_rows)(L, w, m, act, Wf, X, Z);
+                SUF(gather)(dor + orow * w[L], H * w[L], m, w[L], G);
+                for (int64_t l = L - 1; l >= 0; l--) {
+                    SUF(gemm)(w[l], w[l + 1], m, 1, X[l], 1, w[l], G, w[l + 1], 1, dWc[l], w[l + 1]);
+                    SUF(gemm)(m, w[l], w[l + 1], 1, G, w[l + 1], 1, WT[l], w[l], 0, D, w[l]);
+                    if (l) {
+                        SUF(activation)(act, Z[l - 1], m * w[l], NULL, cd, NULL);
+                        for (int64_t i = 0; i < m * w[l]; i++) G[i] = D[i] * cd[i];
+                    }
+                }
+                SUF(scatter)(D, m, w[0], dqr + orow * w[0], H * w[0]);
+            }
         }
         for (int64_t c = N - 1; c >= 0; c--) {
             const int64_t t0 = c * b, n = T - t0 < b ? T - t0 : b, tn = task * N + c;
