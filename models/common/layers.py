@@ -58,7 +58,7 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
                          f"D={D}; build it with rope_frequencies(head_dim={D}, max_seq_len>={T})")
     cos = freqs[:T, :, 0].repeat(1, 2)[None, :, None, :]  # [1, T, 1, D]
     sin = freqs[:T, :, 1].repeat(1, 2)[None, :, None, :]
-    x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    x1, x2 = x.split(D // 2, -1)  # split, not slicing: one backward cat instead of two zero-filled grads
     rotated = torch.cat([-x2, x1], dim=-1)
     # At least float32 (bf16 rotations drift), but float64 stays float64.
     compute = torch.promote_types(x.dtype, torch.float32)

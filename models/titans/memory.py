@@ -160,13 +160,13 @@ class NeuralMemory(nn.Module):
             return q, k, v, self.gates(x), (cq, ck, cv)
         weight, bias, conv = fused
         C = self.wq.out_features
-        out = F.linear(x, weight, bias)
-        qkv, cache = conv_silu(out[..., :3 * C], conv, cache)
         H = C // self.head_dim
-        heads = self._heads(qkv)  # [B, T, 3H, D]: q, k, v heads
-        qk = F.normalize(heads[:, :, :2 * H], dim=-1)
-        gates = self._gates(out[..., 3 * C:].chunk(3, -1))
-        return qk[:, :, :H], qk[:, :, H:], heads[:, :, 2 * H:], gates, cache
+        # split, not slicing: one backward concatenation instead of a zero-filled gradient per slice
+        qkv, logits = F.linear(x, weight, bias).split([3 * C, 3 * H], -1)
+        qkv, cache = conv_silu(qkv, conv, cache)
+        qk, v = self._heads(qkv).split([2 * H, H], 2)  # [B, T, 3H, D]: q, k, v heads
+        q, k = F.normalize(qk, dim=-1).split(H, 2)
+        return q, k, v, self._gates(logits.split(H, -1)), cache
 
     def _gates(self, logits):
         g = self.cfg.gate_granularity
