@@ -8,7 +8,8 @@ B = 2. titans-pytorch gets no long-term memory tokens and no hyper-connections
 
 Speed: each (model, T) is timed alone in a fresh subprocess, under the trainer's CPU settings
 (train.keep_freed_memory: glibc keeps freed memory, so steps do not page-fault their activations
-in again; train.flush_denormal), one warm-up step, then the fastest of `--repeats` steps. An
+in again; train.flush_denormal; huge pages: the glibc tunable `titanforge train` starts with),
+one warm-up step, then the fastest of `--repeats` steps. An
 earlier version alternated both models' steps in one process and called malloc_trim between
 steps; that made titans-pytorch pay page faults for its large buffers every step (4.96 vs 3.45 s
 at T=1k, 17.4 vs 7.2 s at 2k on the same host) and overstated our ratio, so it is gone.
@@ -36,6 +37,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from titanforge.launch.cli import huge_pages_env
 from titanforge.trainer.perf import keep_freed_memory
 
 VOCAB, DIM, DEPTH, HEADS, B = 256, 256, 4, 4, 2
@@ -100,9 +102,16 @@ def child_args(args):
         + ([] if args.flush_denormal else ["--no-flush-denormal"])
 
 
+def child_env(args, **extra):
+    """The children's environment: the launcher's (glibc huge-page malloc, launch/cli.py) unless
+    --plain-allocator."""
+    env = dict(os.environ, **extra)
+    return env if args.plain_allocator else huge_pages_env(env)
+
+
 def time_child(args, name, T):
     """(best, first) step seconds of `name` at T, timed alone in a fresh subprocess."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    env = child_env(args, OMP_NUM_THREADS=str(args.threads))
     out = subprocess.run([sys.executable, __file__, "--time-child", name, str(T), *child_args(args)],
                          capture_output=True, text=True, env=env)
     if out.returncode:
@@ -138,7 +147,7 @@ def step_peak_growth(name, T):
 def peak_rss_child(args, name, T):
     """Peak RSS growth of one step of `name` at T, measured in a fresh subprocess (None on failure)."""
     out = subprocess.run([sys.executable, __file__, "--child", name, str(T), *child_args(args)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=child_env(args))
     if out.returncode:
         print(f"memory child {name} T={T} failed: {out.stderr[-2000:]}", file=sys.stderr)
         return None
@@ -222,7 +231,8 @@ def write(args, results):
             "torch": torch.__version__, "python": platform.python_version(),
             "load_average_1m_at_write": round(os.getloadavg()[0], 2),
             "allocator": ("glibc defaults" if args.plain_allocator
-                          else "glibc, freed memory kept in the process (mallopt; the trainer's default)"),
+                          else "glibc, freed memory kept in the process (mallopt; the trainer's default) and "
+                               "transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1; the launcher's default)"),
             "flush_denormal": args.flush_denormal,
             "titans_pytorch": __import__("importlib.metadata").metadata.version("titans-pytorch"),
             "config": dict(vocab=VOCAB, dim=DIM, depth=DEPTH, heads=HEADS, batch=B, ffn_inner=FFN, memory_depth=2,

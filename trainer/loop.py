@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -89,11 +90,15 @@ def evaluate(step_fn, val_loader, n_batches: int, device) -> float:
 
 def train(job, *, config_yaml: str = "", info: DistInfo | None = None) -> TrainResult:
     t, out = job.train, Path(job.output_dir)
-    if t.keep_freed_memory:
-        keep_freed_memory()
+    kept = t.keep_freed_memory and keep_freed_memory()
     info = info or init_distributed(t.device, job.parallel.backend)
     # Before the first op starts intra-op threads, which inherit the setting.
     flushing = t.flush_denormal and info.device.type == "cpu" and torch.set_flush_denormal(True)
+    if info.is_main and info.device.type == "cpu":
+        # Huge pages come from the environment glibc started with (launch/cli.py sets it).
+        huge = "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")
+        print(f"[cpu] freed memory kept: {'on' if kept else 'off'} | huge pages: {'on' if huge else 'off'} | "
+              f"denormals flushed: {'on' if flushing else 'off'}", flush=True)
     try:
         return _train(job, t, out, info, config_yaml)
     finally:

@@ -161,3 +161,11 @@ def test_preemption_signal_on_one_rank_saves_and_exits_cleanly(shakespeare64, tm
     assert len(saved) == 1 and int(saved[0].name.split("_")[1]) == max(lu.losses(tmp_path)) < 200
     meta = json.loads((saved[0] / "meta.json").read_text())
     assert meta["world_size"] == 2
+
+
+def test_launcher_starts_the_ranks_with_huge_pages(uninterrupted):
+    """`titanforge train` runs itself again once with glibc's huge-page malloc tunable (glibc reads
+    tunables at start only); torchrun's ranks inherit it and rank 0 reports its CPU settings."""
+    line = next((ln for ln in uninterrupted[1].splitlines() if ln.startswith("[cpu]")), None)
+    assert line is not None, uninterrupted[1][-2000:]
+    assert "huge pages: on" in line and "freed memory kept: on" in line and "denormals flushed: on" in line
