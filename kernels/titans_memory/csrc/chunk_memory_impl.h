@@ -244,6 +244,21 @@ static void SUF(scatter)(const S *src, int64_t n, int64_t d, S *dst, int64_t sT)
    eta, alpha, qr. The last dim is contiguous. */
 #define OFF(x, bi, ti, h) ((bi) * st[3 * (x)] + (ti) * st[3 * (x) + 1] + (h) * st[3 * (x) + 2])
 
+/* The chunk's rows [t0, t0 + n) of task (bi, h): q and k stacked into X0 [2n][w_0], v into vb
+   [n][w_L], the gates into gth, get, gal [n]. */
+static void SUF(load_chunk)(const S *q, const S *k, const S *v, const S *th, const S *et, const S *al,
+                            const int64_t *st, const int64_t *w, int64_t L, int64_t bi, int64_t h, int64_t t0,
+                            int64_t n, S *X0, S *vb, S *gth, S *get, S *gal) {
+    SUF(gather)(q + OFF(0, bi, t0, h), st[1], n, w[0], X0);
+    SUF(gather)(k + OFF(1, bi, t0, h), st[4], n, w[0], X0 + n * w[0]);
+    SUF(gather)(v + OFF(2, bi, t0, h), st[7], n, w[L], vb);
+    for (int64_t i = 0; i < n; i++) {
+        gth[i] = th[OFF(3, bi, t0 + i, h)];
+        get[i] = et[OFF(4, bi, t0 + i, h)];
+        gal[i] = al[OFF(5, bi, t0 + i, h)];
+    }
+}
+
 void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *th, const S *et, const S *al,
                            const int64_t *st, const int64_t *w, int64_t L, S *const *W0, int w0_batched,
                            S *const *S0, S *const *Wout, S *const *Sout, S *const *Wst, S *const *Sst, S *o,
@@ -280,15 +295,8 @@ void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *th, cons
         }
         for (int64_t c = 0; c < N; c++) {
             const int64_t t0 = c * b, n = T - t0 < b ? T - t0 : b, tn = task * N + c;
-            SUF(gather)(q + OFF(0, bi, t0, h), st[1], n, w[0], X[0]);
-            SUF(gather)(k + OFF(1, bi, t0, h), st[4], n, w[0], X[0] + n * w[0]);
-            SUF(gather)(v + OFF(2, bi, t0, h), st[7], n, w[L], vb);
-            for (int64_t i = 0; i < n; i++) {
-                gth[i] = th[OFF(3, bi, t0 + i, h)];
-                get[i] = et[OFF(4, bi, t0 + i, h)];
-                gal[i] = al[OFF(5, bi, t0 + i, h)];
-            }
             S am, bm, bs;
+            SUF(load_chunk)(q, k, v, th, et, al, st, w, L, bi, h, t0, n, X[0], vb, gth, get, gal);
             SUF(coefficients)(n, gth, get, gal, u, uw, cM, cS, &am, &bm, &bs);
             SUF(chunk_forward)(L, w, n, act, vb, Wc, X, Z, delta, P, WTs);
             SUF(scatter)(Z[L - 1], n, w[L], o + ((bi * T + t0) * H + h) * w[L], H * w[L]);
@@ -406,15 +414,8 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
             const int64_t orow = (bi * T + t0) * H + h;  /* row of token t0 in the contiguous outputs */
             S *W[MAXL], *Sm[MAXL];
             for (int64_t l = 0; l < L; l++) { W[l] = Wst[l] + tn * sz[l]; Sm[l] = Sst[l] + tn * sz[l]; }
-            SUF(gather)(q + OFF(0, bi, t0, h), st[1], n, w[0], X[0]);
-            SUF(gather)(k + OFF(1, bi, t0, h), st[4], n, w[0], X[0] + n * w[0]);
-            SUF(gather)(v + OFF(2, bi, t0, h), st[7], n, w[L], vb);
-            for (int64_t i = 0; i < n; i++) {
-                gth[i] = th[OFF(3, bi, t0 + i, h)];
-                get[i] = et[OFF(4, bi, t0 + i, h)];
-                gal[i] = al[OFF(5, bi, t0 + i, h)];
-            }
             S am, bm, bs;
+            SUF(load_chunk)(q, k, v, th, et, al, st, w, L, bi, h, t0, n, X[0], vb, gth, get, gal);
             SUF(coefficients)(n, gth, get, gal, u, uw, cM, cS, &am, &bm, &bs);
             SUF(chunk_forward)(L, w, n, act, vb, W, X, Z, delta, P, WT);  /* W_l^T for l >= 1 */
             SUF(transpose)(W[0], w[0], w[1], WT[0]);
