@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from testutil.kernel_util import rel_rms
 from titanforge.models.common import rope_frequencies
 from titanforge.models.config import ModelConfig
 from titanforge.models.llama.hf import (
@@ -29,10 +30,6 @@ transformers = pytest.importorskip("transformers")
 
 PARITY_TOL = 1e-5
 V = 37
-
-
-def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def tiny_cfg(tie: bool, **kw) -> ModelConfig:

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from testutil.kernel_util import rel_rms
 from titanforge.models.common.moe import (
     MoE,
     MoEConfig,
@@ -23,10 +24,6 @@ from titanforge.models.common.moe import (
     router_z_loss,
     sort_tokens_by_expert,
 )
-
-
-def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).double().pow(2).mean().sqrt() / b.double().pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 def make_moe(dim=20, hidden=28, dtype=torch.float64, **cfg) -> MoE:

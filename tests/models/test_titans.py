@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from testutil.kernel_util import rel_rms
 from titanforge.kernels.titans_memory import naive_titans_memory
 from titanforge.kernels.titans_memory.naive import mlp_forward
 from titanforge.models.config import ModelConfig
@@ -23,10 +24,6 @@ def make_cfg(variant, **kw):
     t.update(kw)
     return ModelConfig(family="titans", vocab_size=VOCAB, d_model=30, n_layers=2, n_heads=3, max_seq_len=128,
                        titans=TitansConfig(**t))
-
-
-def rel_rms(a, b):
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
 
 
 def perturb(model):

@@ -9,7 +9,8 @@ import torch
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b||_rms / ||b||_rms (b the reference)."""
+    """||a - b||_rms / ||b||_rms (b the reference), computed in float64."""
+    a, b = a.double(), b.double()
     return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
