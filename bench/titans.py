@@ -37,7 +37,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from titanforge.launch.cli import huge_pages_env
+from titanforge.trainer.cpu_env import huge_pages_env
 from titanforge.trainer.perf import keep_freed_memory
 
 VOCAB, DIM, DEPTH, HEADS, B = 256, 256, 4, 4, 2

@@ -74,27 +74,12 @@ def _slurm(argv: list[str]) -> int:
 COMMANDS = {"train": _train, "prepare": _prepare, "slurm": _slurm}
 
 
-# glibc (>= 2.35) tunable: malloc advises transparent huge pages (madvise(MADV_HUGEPAGE)) on the
-# memory it takes from the kernel, so a CPU step's activations sit on 2 MiB pages instead of 4 KiB:
-# far fewer TLB misses over the hundreds of MB a step touches (Titans MAC at T=1k on one core:
-# 1.59 -> 1.44 s). glibc reads tunables at process start only, so the launcher sets it for the
-# processes it starts (below); TITANFORGE_HUGE_PAGES=0 turns it off.
-HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
-
-
-def huge_pages_env(env: dict[str, str]) -> dict[str, str]:
-    """env with HUGE_PAGES_TUNABLE added to GLIBC_TUNABLES (kept as it is if the user set a
-    glibc.malloc.hugetlb value, or TITANFORGE_HUGE_PAGES=0)."""
-    tunables = env.get("GLIBC_TUNABLES", "")
-    if env.get("TITANFORGE_HUGE_PAGES", "1") == "0" or "glibc.malloc.hugetlb" in tunables:
-        return dict(env)
-    return {**env, "GLIBC_TUNABLES": f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE}
-
-
 def _reexec_with_huge_pages() -> None:
     """Run the `titanforge` command again, once, with glibc's huge-page tunable in its environment
     (glibc reads it only at process start; torchrun and its ranks inherit it). Only from the
     console script on Linux: a caller of main(argv) keeps its process."""
+    from titanforge.trainer.cpu_env import huge_pages_env  # torch-free: this runs before the re-exec
+
     env = huge_pages_env(dict(os.environ))
     if sys.platform != "linux" or env == dict(os.environ) or os.environ.get("_TITANFORGE_REEXEC"):
         return

@@ -26,6 +26,7 @@ from titanforge.parallel import ParallelDims, build_mesh
 from titanforge.trainer.checkpoint import Checkpointer
 from titanforge.trainer.dist import DistInfo, all_reduce, broadcast_object, init_distributed
 from titanforge.trainer.optim import build_scheduler
+from titanforge.trainer.cpu_env import huge_pages_on
 from titanforge.trainer.perf import keep_freed_memory, peak_flops, peak_memory_gib
 from titanforge.trainer.signals import PreemptionWatcher
 from titanforge.trainer.step import build_train_step
@@ -96,7 +97,7 @@ def train(job, *, config_yaml: str = "", info: DistInfo | None = None) -> TrainR
     flushing = t.flush_denormal and info.device.type == "cpu" and torch.set_flush_denormal(True)
     if info.is_main and info.device.type == "cpu":
         # Huge pages come from the environment glibc started with (launch/cli.py sets it).
-        huge = "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")
+        huge = huge_pages_on(os.environ)
         print(f"[cpu] freed memory kept: {'on' if kept else 'off'} | huge pages: {'on' if huge else 'off'} | "
               f"denormals flushed: {'on' if flushing else 'off'}", flush=True)
     try:
