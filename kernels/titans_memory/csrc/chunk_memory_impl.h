@@ -81,16 +81,14 @@ typedef int32_t SUF(ivec) __attribute__((vector_size(64 * sizeof(int32_t) / size
 typedef int64_t SUF(lvec) __attribute__((vector_size(64)));
 #define MASKVEC __typeof__(__builtin_choose_expr(sizeof(S) == 4, (SUF(ivec)){0}, (SUF(lvec)){0}))
 static void SUF(transpose)(const S *src, int64_t r, int64_t c, S *dst) {
-    static int init = 0;
-    static MASKVEC lo[8], hi[8];
-    if (!init) {  /* masks of round s: lo keeps row i's low half of each 2s block, hi the high */
-        for (int e = 0, st = 1; st < NV; e++, st *= 2)
-            for (int j = 0; j < NV; j++) {
-                lo[e][j] = (j & st) ? NV + j - st : j;
-                hi[e][j] = (j & st) ? NV + j : j + st;
-            }
-        init = 1;
-    }
+    /* masks of round s: lo keeps row i's low half of each 2s block, hi the high (built per call:
+       a few dozen stores, and no state shared by the OpenMP threads) */
+    MASKVEC lo[8], hi[8];
+    for (int e = 0, st = 1; st < NV; e++, st *= 2)
+        for (int j = 0; j < NV; j++) {
+            lo[e][j] = (j & st) ? NV + j - st : j;
+            hi[e][j] = (j & st) ? NV + j : j + st;
+        }
     const int64_t rt = r / NV * NV, ct = c / NV * NV;
     for (int64_t i0 = 0; i0 < rt; i0 += NV)
         for (int64_t j0 = 0; j0 < ct; j0 += NV) {
