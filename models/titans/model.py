@@ -107,9 +107,9 @@ class TitansBlock(nn.Module):
             # Eq. 22-23: attention over [persistent | retrieved | segment] (one concatenation each;
             # the mask is the same for every full segment, built once).
             k_h, v_h = att.project_kv(retrieved, freqs[:L], kv_weight)
-            if L not in masks:
-                masks[L] = (mac_mask_mod(P, L), None if h.is_cuda else dense_mask(mac_mask_mod(P, L), L, P + 2 * L,
-                                                                                 h.device))
+            if L not in masks:  # (FlexAttention, where masked_attention picks it, ignores the dense mask)
+                mask_mod = mac_mask_mod(P, L)
+                masks[L] = (mask_mod, dense_mask(mask_mod, L, P + 2 * L, h.device))
             y = att.attend(q_seg, torch.cat([*persistent[:1], k_h, k_seg], 1),
                            torch.cat([*persistent[1:], v_h, v_seg], 1), masks[L][0], dense=masks[L][1])
             # Eq. 24: update the memory with y (conv caches continue the y stream across segments).
