@@ -89,7 +89,7 @@ class FusedChunkMemoryFunction(torch.autograd.Function):
             _i64(B), _i64(H), _i64(T), _i64(chunk_size), _int(ACTIVATION_CODES[activation]),
             _int(torch.get_num_threads()))
         ctx.activation, ctx.L, ctx.chunk_size = activation, L, chunk_size
-        ctx.batched, ctx.has_momentum, ctx.has_read = batched, S0 is not None, q_read is not None
+        ctx.batched, ctx.has_momentum = batched, S0 is not None
         ctx.save_for_backward(q, k, v, theta, eta, alpha, q_read, strides, wid, *W_st, *S_st,
                               *(W_out if q_read is not None else ()))
         return (o, o_read, *W_out, *S_out)
