@@ -15,6 +15,7 @@ import copy
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -33,6 +34,22 @@ VARIANTS = ("titans-mag", "titans-mal", "titans-lmm", "ttt-mlp")
 # Odd sizes on purpose: vocabulary and length are not powers of two.
 VOCAB, SEQ_LEN, GLOBAL_BATCH = 97, 37, 4
 LR, STEPS = 1e-2, 5
+
+
+def worker_main(main) -> None:
+    """A gloo worker's entry: main(); a failure prints its traceback and exits 1. After a clean run
+    (results written, process group destroyed) the process leaves with os._exit(0), skipping the
+    interpreter's teardown: in fresh-clone CI runs a rank of these workers sometimes aborted there
+    with "terminate called without an active exception" (gloo's C++ worker threads being destroyed
+    during interpreter finalisation; pytorch/pytorch#179291 describes the mechanism)."""
+    try:
+        main()
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def tiny_config(name: str) -> ModelConfig:

@@ -11,9 +11,7 @@ Rank 0 computes the single-process reference and writes OUT/result.json.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import traceback
 from pathlib import Path
 
 import deepspeed
@@ -113,15 +111,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception:
-        traceback.print_exc()
-        sys.exit(1)
-    # Results are written and the process group is gone: leave without the interpreter's teardown.
-    # Once in a fresh-clone CI run (1 of ~10 here) a rank aborted with "terminate called without
-    # an active exception" after this worker's DeepSpeed runs; C++ threads destroyed during
-    # teardown are the usual cause. A failure above still exits 1.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    cases.worker_main(main)

@@ -39,6 +39,9 @@ from titanforge.trainer.pipeline_step import PipelineTrainStep
 from titanforge.trainer.step import build_plain_model
 
 sys.path.insert(0, str(Path(__file__).parent))
+import fsdp_cases as cases  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
 import tp_worker  # noqa: E402  (the tiny per-family configs)
 
 STEPS = 5
@@ -197,4 +200,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cases.worker_main(main)

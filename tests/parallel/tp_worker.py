@@ -33,6 +33,9 @@ from titanforge.parallel.config import ParallelConfig
 from titanforge.parallel.tensor_parallel import apply_tensor_parallel, tp_cross_entropy
 from titanforge.parallel.tp_loss import vocab_parallel_cross_entropy
 
+sys.path.insert(0, str(Path(__file__).parent))
+import fsdp_cases as cases  # noqa: E402
+
 STEPS = 5
 T = 32
 MICRO = 2  # sequences per data-parallel rank
@@ -266,4 +269,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cases.worker_main(main)
