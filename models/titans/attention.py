@@ -89,10 +89,14 @@ class PersistentAttention(nn.Module):
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.view(*t.shape[:2], -1, self.head_dim)
 
-    def kv_weight(self):
+    def kv_weight(self, through: torch.Tensor | None = None):
         """[wk; wv] for `project_kv`, concatenated once per forward (MAC projects every segment's
-        retrieved tokens); None when `fuse_projections` is off."""
-        return torch.cat([self.wk.weight, self.wv.weight]) if self.fuse_projections else None
+        retrieved tokens); None when `fuse_projections` is off. `through` (a [C, C_in] weight the
+        input would pass first) is folded in: [wk; wv] @ through projects that linear's input."""
+        if not self.fuse_projections:
+            return None
+        weight = torch.cat([self.wk.weight, self.wv.weight])
+        return weight if through is None else weight @ through
 
     def project_kv(self, x: torch.Tensor, freqs: torch.Tensor, kv_weight: torch.Tensor | None = None):
         """Keys (with RoPE) and values of x [B, T, C] -> two [B, T, H, D]; one matmul with `kv_weight`."""

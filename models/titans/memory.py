@@ -119,10 +119,11 @@ class NeuralMemory(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:2], -1, self.head_dim)
 
-    def query(self, x: torch.Tensor, cache: torch.Tensor | None = None):
-        """q [B, T, H, D] (projection, conv, SiLU, l2-norm) and the conv cache."""
+    def query(self, x: torch.Tensor, cache: torch.Tensor | None = None, projected: torch.Tensor | None = None):
+        """q [B, T, H, D] (projection, conv, SiLU, l2-norm) and the conv cache; `projected` is x W_q
+        when the caller computed it (fused with other projections of x)."""
         if self.fuse_projections:
-            q, cache = self.conv_q.forward_silu(self.wq(x), cache)
+            q, cache = self.conv_q.forward_silu(self.wq(x) if projected is None else projected, cache)
         else:  # through the conv module's own call (tensor parallelism swaps in its shard there)
             q, cache = self.conv_q(self.wq(x), cache)
             q = F.silu(q)
@@ -184,15 +185,18 @@ class NeuralMemory(nn.Module):
         theta = self.cfg.theta_max * torch.sigmoid(logits[0])
         return theta, torch.sigmoid(logits[1]), torch.sigmoid(logits[2])
 
-    def out_gate(self, x: torch.Tensor) -> torch.Tensor:
-        """The learned read gate sigmoid(x W_g), [B, T, H, D]."""
-        return torch.sigmoid(self._heads(self.w_gate(x)))
+    def out_gate(self, x: torch.Tensor, projected: torch.Tensor | None = None) -> torch.Tensor:
+        """The learned read gate sigmoid(x W_g), [B, T, H, D] (`projected`: x W_g, if computed)."""
+        return torch.sigmoid(self._heads(self.w_gate(x) if projected is None else projected))
+
+    def read_gated(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Norm and gate of the read, before the output projection: y [B, T, H, D] -> [B, T, H*D]."""
+        return (self.out_norm(y) * gate).flatten(2)
 
     def read_out(self, y: torch.Tensor, x: torch.Tensor | None, gate: torch.Tensor | None = None) -> torch.Tensor:
         """Norm, learned gate sigmoid(x W_g) (or a precomputed `gate`), output projection:
         y [B, T, H, D] -> [B, T, C]."""
-        y = self.out_norm(y) * (self.out_gate(x) if gate is None else gate)
-        return self.wo(y.flatten(2))
+        return self.wo(self.read_gated(y, self.out_gate(x) if gate is None else gate))
 
     def initial_state(self):
         return self.memory(), None

@@ -26,9 +26,10 @@ Axis glossary: B batch, T time, C model width, H heads, D head dim, V vocabulary
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from titanforge.models.common import RMSNorm, SwiGLU, depth_scaled_std
+from titanforge.models.common import RMSNorm, SwiGLU, apply_rope, depth_scaled_std
 from titanforge.models.common.lm import CausalLM
 from titanforge.models.config import ModelConfig
 from titanforge.models.titans.attention import PersistentAttention, dense_mask, mac_mask_mod, sliding_window_mask_mod
@@ -82,16 +83,27 @@ class TitansBlock(nn.Module):
         # Whatever reads only the layer input is computed for all segments at once, before the
         # segment loop: the memory's queries and read gate, the attention's projections of S
         # (segment-local RoPE positions t mod seg_len) and the persistent keys/values.
-        q_x, _ = mem.query(h)
-        gate_x = mem.out_gate(h)
         seg_freqs = freqs[torch.arange(T, device=h.device) % seg_len]
-        q_s, (k_s, v_s) = att.project_q(h, seg_freqs), att.project_kv(h, seg_freqs)
+        fuse = mem.fuse_projections and att.fuse_projections
+        if fuse:  # the five projections of h as one matmul (one gradient for h, not five summed)
+            lins = (mem.wq, mem.w_gate, att.wq, att.wk, att.wv)
+            parts = F.linear(h, torch.cat([lin.weight for lin in lins])).split([lin.out_features for lin in lins], -1)
+            q_x, _ = mem.query(h, projected=parts[0])
+            gate_x = mem.out_gate(h, projected=parts[1])
+            q_s, k_s = (apply_rope(att._heads(t), seg_freqs) for t in parts[2:4])
+            v_s = att._heads(parts[4])
+        else:
+            q_x, _ = mem.query(h)
+            gate_x = mem.out_gate(h)
+            q_s, (k_s, v_s) = att.project_q(h, seg_freqs), att.project_kv(h, seg_freqs)
         persistent = att.persistent_kv(B) or ()
         state = mem.initial_state()
         masks = {}
         # Weights the loop projects every segment with, concatenated once: one matmul per segment
         # for the memory's q, k, v and gates of y, one for the attention's keys and values of h.
-        fused, kv_weight = mem.update_projection(), att.kv_weight()
+        # With fused projections, the retrieved tokens' output projection (the memory's wo) and the
+        # attention's keys/values of them are one product: k_h, v_h = (norm(read) * gate) (W_kv W_o)^T.
+        fused, kv_weight = mem.update_projection(), att.kv_weight(mem.wo.weight if fuse else None)
         cache = None
         ys, os = [], []
         # split, not per-segment slicing: each slice's backward writes a full-length zero gradient,
@@ -103,10 +115,12 @@ class TitansBlock(nn.Module):
         read = mem.retrieve(segments[0][0], state)
         for i, (_, gate, q_seg, k_seg, v_seg) in enumerate(segments):
             L = q_seg.shape[1]
-            retrieved = mem.read_out(read, None, gate)
             # Eq. 22-23: attention over [persistent | retrieved | segment] (one concatenation each;
             # the mask is the same for every full segment, built once).
-            k_h, v_h = att.project_kv(retrieved, freqs[:L], kv_weight)
+            if fuse:
+                k_h, v_h = att.project_kv(mem.read_gated(read, gate), freqs[:L], kv_weight)
+            else:
+                k_h, v_h = att.project_kv(mem.read_out(read, None, gate), freqs[:L], kv_weight)
             if L not in masks:  # (FlexAttention, where masked_attention picks it, ignores the dense mask)
                 mask_mod = mac_mask_mod(P, L)
                 masks[L] = (mask_mod, dense_mask(mask_mod, L, P + 2 * L, h.device))

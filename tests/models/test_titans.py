@@ -184,10 +184,14 @@ def naive_memory_read(q, weights, mem):
     return mlp_forward(weights, q.transpose(1, 2), mem.cfg.memory_activation).transpose(1, 2)
 
 
-def test_mac_mixer_matches_per_token_reference():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-projections", "separate-projections"])
+def test_mac_mixer_matches_per_token_reference(fused):
+    # fused: the default (h's five projections one matmul, the read's wo folded into the
+    # attention's k/v weight); separate: as tensor parallelism runs it
     model = build_model(make_cfg("mac", segment_len=8, chunk_size=4)).double()
     perturb(model)
     block = model.layers["0"]
+    block.memory.fuse_projections = block.attention.fuse_projections = fused
     h = torch.randn(2, 21, 30, dtype=torch.float64, requires_grad=True)
     params = [h, *block.memory.parameters(), *block.attention.parameters()]
     out = block._mac(h, model.freqs.double())
