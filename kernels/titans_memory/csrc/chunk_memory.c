@@ -39,6 +39,31 @@
 
 #include "exp2.h"
 
+/* Non-temporal (cache-bypassing) stores of one 64-byte vector at a 64-byte aligned address, and
+   the fence that orders them before the caller reads the memory; plain stores elsewhere. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define NT_STORE_f32(p, v) _mm512_stream_ps((p), (__m512)(v))
+#define NT_STORE_f64(p, v) _mm512_stream_pd((p), (__m512d)(v))
+#elif defined(__AVX__)
+#include <immintrin.h>
+#define NT_STORE_HALVES(p, v, T, store)                                                              \
+    do {                                                                                          \
+        T lo_, hi_;                                                                               \
+        memcpy(&lo_, &(v), 32);                                                                   \
+        memcpy(&hi_, (const char *)&(v) + 32, 32);                                                \
+        store((p), lo_);                                                                          \
+        store((p) + 32 / sizeof(*(p)), hi_);                                                      \
+    } while (0)
+#define NT_STORE_f32(p, v) NT_STORE_HALVES(p, v, __m256, _mm256_stream_ps)
+#define NT_STORE_f64(p, v) NT_STORE_HALVES(p, v, __m256d, _mm256_stream_pd)
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#define STORE_FENCE() __builtin_ia32_sfence()
+#else
+#define STORE_FENCE() ((void)0)
+#endif
+
 #define S float
 #define SUF(name) name##_f32
 #define EXP(x) exp2_f32((x) * (float)LOG2E)

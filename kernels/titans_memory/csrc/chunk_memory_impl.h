@@ -9,6 +9,11 @@ typedef S SUF(uvec) __attribute__((vector_size(64), aligned(sizeof(S))));
 #define VEC SUF(vec)
 #define UVEC SUF(uvec)
 #define NV ((int64_t)(64 / sizeof(S)))
+#ifdef NT_STORE_f32
+#define NT_STORE(p, v) SUF(NT_STORE)(p, v)
+#else
+#define NT_STORE(p, v) (*(VEC *)(p) = (v))
+#endif
 
 /* C[R rows][NVB*NV cols] = beta C + alpha A B over k, accumulators in registers. A points at the
    block's first row (row stride ars, column stride acs), B and C at its first column. */
@@ -302,8 +307,20 @@ void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *th, cons
                 const int64_t d = w[l + 1];
                 /* save the chunk-start state for the backward while scaling it, in one pass */
                 S *ws = Wst[l] + tn * sz[l], *ss = Sst[l] + tn * sz[l], *wc = Wc[l], *sc = Sc[l];
-                _Pragma("omp simd")
-                for (int64_t e = 0; e < sz[l]; e++) {
+                int64_t e = 0;
+                if (((uintptr_t)ws | (uintptr_t)ss | (uintptr_t)wc | (uintptr_t)sc) % 64 == 0) {
+                    /* the saved copies bypass the cache (non-temporal stores): 4 MB a call that only
+                       the backward reads, much later; writing them through the cache cost more
+                       than the chunk's arithmetic */
+                    for (; e + NV <= sz[l]; e += NV) {
+                        const VEC we = *(const VEC *)(wc + e), se = *(const VEC *)(sc + e);
+                        NT_STORE(ws + e, we);
+                        NT_STORE(ss + e, se);
+                        *(VEC *)(wc + e) = am * we + bm * se;
+                        *(VEC *)(sc + e) = bs * se;
+                    }
+                }
+                for (; e < sz[l]; e++) {
                     const S we = wc[e], se = sc[e];
                     ws[e] = we;
                     ss[e] = se;
@@ -331,6 +348,7 @@ void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *th, cons
         }
         free(block);
     }
+    STORE_FENCE();
 }
 
 /* Gradients of titans_chunk_fwd. do_ [B][T][H][D_L] contiguous; dWf, dSf: gradients of the final
@@ -532,4 +550,5 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
 #undef VEC
 #undef UVEC
 #undef NV
+#undef NT_STORE
 #undef MAXL
