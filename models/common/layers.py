@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from titanforge.kernels.norms import rms_norm
+
 
 class RMSNorm(nn.Module):
     """y = x / rms(x) * weight, computed in at least float32 (Llama; Zhang & Sennrich 2019).
@@ -29,10 +31,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(torch.promote_types(dtype, torch.float32))
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x * self.weight.to(x.dtype)).to(dtype)
+        # one fused C loop each way on CPU float32/float64, these formulas elsewhere (kernels/norms)
+        return rms_norm(x, self.weight, self.eps)
 
     def init_weights(self) -> None:
         nn.init.ones_(self.weight)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from titanforge.kernels.mamba.conv import causal_conv1d_silu
+from titanforge.kernels.norms import l2_normalize, rms_norm
 from titanforge.kernels.titans_memory import chunk_titans_memory, titans_memory_retrieve
 from titanforge.models.common import RMSNorm
 from titanforge.models.titans.config import TitansConfig
@@ -127,12 +128,12 @@ class NeuralMemory(nn.Module):
         else:  # through the conv module's own call (tensor parallelism swaps in its shard there)
             q, cache = self.conv_q(self.wq(x), cache)
             q = F.silu(q)
-        return F.normalize(self._heads(q), dim=-1), cache
+        return l2_normalize(self._heads(q)), cache
 
     def keys_values(self, x: torch.Tensor, caches=(None, None)):
         k, ck = self.conv_k(self.wk(x), caches[0])
         v, cv = self.conv_v(self.wv(x), caches[1])
-        return F.normalize(self._heads(F.silu(k)), dim=-1), self._heads(F.silu(v)), (ck, cv)
+        return l2_normalize(self._heads(F.silu(k))), self._heads(F.silu(v)), (ck, cv)
 
     def gates(self, x: torch.Tensor):
         """theta, eta, alpha [B, T, H], per token (or pooled over gate_granularity tokens)."""
@@ -166,7 +167,7 @@ class NeuralMemory(nn.Module):
         qkv, logits = F.linear(x, weight, bias).split([3 * C, 3 * H], -1)
         qkv, cache = conv_silu(qkv, conv, cache)
         qk, v = self._heads(qkv).split([2 * H, H], 2)  # [B, T, 3H, D]: q, k, v heads
-        q, k = F.normalize(qk, dim=-1).split(H, 2)
+        q, k = l2_normalize(qk).split(H, 2)
         return q, k, v, self._gates(logits.split(H, -1)), cache
 
     def _gates(self, logits):
@@ -191,7 +192,7 @@ class NeuralMemory(nn.Module):
 
     def read_gated(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Norm and gate of the read, before the output projection: y [B, T, H, D] -> [B, T, H*D]."""
-        return (self.out_norm(y) * gate).flatten(2)
+        return rms_norm(y, self.out_norm.weight, self.out_norm.eps, gate).flatten(2)
 
     def read_out(self, y: torch.Tensor, x: torch.Tensor | None, gate: torch.Tensor | None = None) -> torch.Tensor:
         """Norm, learned gate sigmoid(x W_g) (or a precomputed `gate`), output projection:
