@@ -9,7 +9,9 @@ B = 2. titans-pytorch gets no long-term memory tokens and no hyper-connections
 Speed: each (model, T) is timed alone in a fresh subprocess, under the trainer's CPU settings
 (train.keep_freed_memory: glibc keeps freed memory, so steps do not page-fault their activations
 in again; train.flush_denormal; huge pages: the glibc tunable `titanforge train` starts with),
-one warm-up step, then the fastest of `--repeats` steps. An
+`--warmup` steps (default 2: the first step faults the activations in, the second still runs
+~10% slow while the allocator's free lists settle, on both models), then the fastest of
+`--repeats` steps. An
 earlier version alternated both models' steps in one process and called malloc_trim between
 steps; that made titans-pytorch pay page faults for its large buffers every step (4.96 vs 3.45 s
 at T=1k, 17.4 vs 7.2 s at 2k on the same host) and overstated our ratio, so it is gone.
@@ -20,7 +22,7 @@ the model is built, the kernel's peak-RSS mark is reset (`/proc/self/clear_refs`
 peak growth = VmHWM after the step - VmRSS before it. Divided by B*T. A fresh process matters:
 after a first step the allocator keeps freed pages resident, so a second step shows no growth.
 
-Usage: python bench/titans.py [--seq 1024 2048 4096] [--repeats 3] [--skip-ref-above 4096] [--no-memory]
+Usage: python bench/titans.py [--seq 1024 2048 4096] [--warmup 2] [--repeats 3] [--skip-ref-above 4096] [--no-memory]
        [--compile-memory] [--plain-allocator] [--no-flush-denormal]
 """
 
@@ -82,23 +84,23 @@ BUILDERS = {"ours": build_ours, "titans_pytorch": build_ref,
             "ours_compiled": lambda T: build_ours(T, compile_memory=True)}
 
 
-def time_steps(name, T, repeats):
-    """In this (fresh) process: build `name` at T, one warm-up step, then the fastest of `repeats`
-    steps (seconds) and the warm-up step's time."""
+def time_steps(name, T, repeats, warmup=2):
+    """In this (fresh) process: build `name` at T, `warmup` steps, then the fastest of `repeats`
+    steps (seconds) and the first step's time."""
     torch.manual_seed(0)
     _, step = BUILDERS[name](T)
     tokens = torch.randint(0, VOCAB, (B, T + 1))
     times = []
-    for _ in range(repeats + 1):
+    for _ in range(repeats + warmup):
         t0 = time.perf_counter()
         step(tokens)
         times.append(time.perf_counter() - t0)
-    return min(times[1:]), times[0]
+    return min(times[warmup:]), times[0]
 
 
 def child_args(args):
     return ["--chunk", str(CHUNK), "--segment", str(SEGMENT), "--threads", str(args.threads),
-            "--repeats", str(args.repeats)] + (["--plain-allocator"] if args.plain_allocator else []) \
+            "--repeats", str(args.repeats), "--warmup", str(args.warmup)] + (["--plain-allocator"] if args.plain_allocator else []) \
         + ([] if args.flush_denormal else ["--no-flush-denormal"])
 
 
@@ -158,6 +160,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones (>= 1)")
     ap.add_argument("--skip-ref-above", type=int, default=4096)
     ap.add_argument("--no-memory", dest="memory", action="store_false",
                     help="skip the per-token peak RSS growth (one fresh subprocess per model and T)")
@@ -177,6 +180,8 @@ def main():
     # The trainer keeps freed memory (train.keep_freed_memory); this times under glibc's defaults.
     ap.add_argument("--plain-allocator", action="store_true")
     args = ap.parse_args()
+    if args.warmup < 1:
+        ap.error("--warmup must be >= 1: the first step pays the page faults of its activations")
     global CHUNK, SEGMENT
     CHUNK, SEGMENT = args.chunk, args.segment
     if args.flush_denormal:
@@ -188,7 +193,7 @@ def main():
     if args.time_child:
         if not args.plain_allocator and not keep_freed_memory():
             raise SystemExit("keeping freed memory needs glibc (use --plain-allocator)")
-        print(*time_steps(args.time_child[0], int(args.time_child[1]), args.repeats))
+        print(*time_steps(args.time_child[0], int(args.time_child[1]), args.repeats, args.warmup))
         return
     torch.manual_seed(0)
     if args.compile_memory:
@@ -237,7 +242,8 @@ def write(args, results):
             "titans_pytorch": __import__("importlib.metadata").metadata.version("titans-pytorch"),
             "config": dict(vocab=VOCAB, dim=DIM, depth=DEPTH, heads=HEADS, batch=B, ffn_inner=FFN, memory_depth=2,
                            memory_expansion=2, chunk_size=CHUNK, segment_len=SEGMENT, n_persistent=4),
-            "method": "each model and T alone in a fresh process, min of repeats after one warm-up step; "
+            "method": f"each model and T alone in a fresh process, min of {args.repeats} steps after {args.warmup} "
+                      "warm-up steps; "
                       "peak RSS growth (VmHWM after - VmRSS before, mark reset via clear_refs) of the first "
                       "step in a fresh process per model and T, per token"}
     with open(args.out, "w") as f:

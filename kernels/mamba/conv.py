@@ -81,8 +81,10 @@ class CausalConvSiluFunction(torch.autograd.Function):
         K = wT.shape[0]
         gx, gpre = torch.empty_like(x), torch.empty_like(pre)
         gw, gb = x.new_empty(Bsz, K, D), x.new_empty(Bsz, D)
+        # a name holds the contiguous copy: ptr() of a temporary would hand C memory already freed
+        gy = gy.contiguous()
         kernel(SOURCE, "causal_conv_silu_bwd", x.dtype)(
-            ptr(x), ptr(pre), ptr(wT), ptr(bias), ptr(gy.contiguous()), ptr(gx), ptr(gpre), ptr(gw), ptr(gb),
+            ptr(x), ptr(pre), ptr(wT), ptr(bias), ptr(gy), ptr(gx), ptr(gpre), ptr(gw), ptr(gb),
             _i64(Bsz), _i64(T), _i64(D), _i64(K), _int(torch.get_num_threads()))
         return gx, gpre, gw.sum(0), gb.sum(0) if bias is not None else None
 

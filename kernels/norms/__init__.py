@@ -25,8 +25,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tens
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"rms_norm: weight has shape {tuple(weight.shape)}, expected [{x.shape[-1]}] "
                          f"(the last dim of x {tuple(x.shape)})")
-    if gate is not None and torch.broadcast_shapes(gate.shape, x.shape) != x.shape:
-        raise ValueError(f"rms_norm: gate {tuple(gate.shape)} does not broadcast to x {tuple(x.shape)}")
+    if gate is not None:
+        try:
+            fits = torch.broadcast_shapes(gate.shape, x.shape) == x.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"rms_norm: gate {tuple(gate.shape)} does not broadcast to x {tuple(x.shape)}")
     native = use_native(backend, x, fused_cpu.SOURCE, "RMSNorm") and weight.dtype == x.dtype and (
         gate is None or gate.dtype == x.dtype)
     if not native or x.numel() == 0:

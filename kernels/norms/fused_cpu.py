@@ -113,6 +113,7 @@ class L2NormalizeFunction(torch.autograd.Function):
     def backward(ctx, dy):
         y, norm = ctx.saved_tensors
         dx = torch.empty_like(y)
-        kernel(SOURCE, "l2norm_bwd", y.dtype)(ptr(y), ptr(norm), ptr(dy.contiguous()), _i64(norm.numel()),
+        dy = dy.contiguous()  # a name holds the copy: ptr() of a temporary would outlive its memory
+        kernel(SOURCE, "l2norm_bwd", y.dtype)(ptr(y), ptr(norm), ptr(dy), _i64(norm.numel()),
                                               _i64(y.shape[-1]), _f64(ctx.eps), ptr(dx), _int(torch.get_num_threads()))
         return dx, None

@@ -13,6 +13,7 @@ import torch
 from titanforge.kernels.native import check_backend, use_native
 from titanforge.kernels.titans_memory import fused_cpu
 from titanforge.kernels.titans_memory.chunk import ACTIVATIONS, chunk_titans_memory_fwd, mlp_apply
+from titanforge.kernels.titans_memory.inputs import titans_memory_inputs
 from titanforge.kernels.titans_memory.naive import naive_titans_memory
 
 State = tuple[list[torch.Tensor], list[torch.Tensor]]

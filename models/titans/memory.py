@@ -29,7 +29,7 @@ from torch import nn
 
 from titanforge.kernels.mamba.conv import causal_conv1d_silu
 from titanforge.kernels.norms import l2_normalize, rms_norm
-from titanforge.kernels.titans_memory import chunk_titans_memory, titans_memory_retrieve
+from titanforge.kernels.titans_memory import chunk_titans_memory, titans_memory_inputs, titans_memory_retrieve
 from titanforge.models.common import RMSNorm
 from titanforge.models.titans.config import TitansConfig
 
@@ -163,6 +163,10 @@ class NeuralMemory(nn.Module):
         weight, bias, conv = fused
         C = self.wq.out_features
         H = C // self.head_dim
+        if self.cfg.gate_granularity == 1:
+            # conv + SiLU, the q/k norms and the gates in one op (one C loop each way on CPU)
+            q, k, v, gates, cache = titans_memory_inputs(F.linear(x, weight, bias), conv, cache, H, self.cfg.theta_max)
+            return q, k, v, gates, cache
         # split, not slicing: one backward concatenation instead of a zero-filled gradient per slice
         qkv, logits = F.linear(x, weight, bias).split([3 * C, 3 * H], -1)
         qkv, cache = conv_silu(qkv, conv, cache)

@@ -97,3 +97,18 @@ def test_conv_bad_backend():
     kw = inputs(1, 4, 8, 4, True, False)
     with pytest.raises(ValueError, match="backend='cuda'"):
         causal_conv1d_silu(**kw, backend="cuda")
+
+
+def test_conv_silu_backward_takes_a_strided_output_gradient():
+    # The output gradient arrives transposed; its contiguous copy must live until the C loop has
+    # read it (a ptr() of a temporary once handed the loop memory glibc had already reused).
+    kw = inputs(2, 40, 96, 4, True, True)
+    probe = torch.randn(2, 96, 40, dtype=torch.float64).transpose(1, 2)  # [B, T, D], strided
+    grads = []
+    for fn in (reference, lambda **a: causal_conv1d_silu(**a, backend="native")):
+        leaves = {k: (v.clone().requires_grad_(True) if v is not None else None) for k, v in kw.items()}
+        y, _ = fn(**leaves)
+        y.backward(probe)
+        grads.append([leaves[k].grad for k in ("x", "weight", "bias", "conv_state")])
+    for a, b in zip(*grads[::-1]):
+        assert rel_rms(a, b) < 1e-12

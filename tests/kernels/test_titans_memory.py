@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from testutil.kernel_util import on_threads, poisoned_empty, rel_rms
+from testutil.kernel_util import on_threads, rel_rms
 from titanforge.kernels.titans_memory import fused_cpu
 from titanforge.kernels.titans_memory import chunk_titans_memory, naive_titans_memory, titans_memory_retrieve
 from titanforge.kernels.titans_memory.naive import mlp_forward
@@ -38,13 +38,6 @@ def make_inputs(B, T, H, Dk, Dv, widths, dtype=torch.float64, batched_state=Fals
 def run(fn, leaves, weights, mom, chunk_size, activation="silu", **kw):
     return fn(leaves["q"], leaves["k"], leaves["v"], leaves["theta"], leaves["eta"], leaves["alpha"],
               weights=weights, momentum=mom, chunk_size=chunk_size, activation=activation, **kw)
-
-
-@pytest.fixture
-def poisoned():
-    """Outputs the kernels forget to write hold NaN (see kernel_util.poisoned_empty)."""
-    with poisoned_empty():
-        yield
 
 
 BACKENDS = ["torch", pytest.param("native", marks=pytest.mark.skipif(
