@@ -106,7 +106,12 @@ def load(source: str) -> ctypes.CDLL | None:
                           f"instead:\n{_failures[source]}")
             return None
         os.replace(tmp, out)
-    return ctypes.CDLL(str(out))
+    try:
+        return ctypes.CDLL(str(out))
+    except OSError as e:  # built but unloadable (an unresolved symbol): the PyTorch path runs
+        _failures[source] = f"loading {out.name} failed: {e}"
+        warnings.warn(f"titanforge: {_failures[source]}; {Path(source).name} runs its slower PyTorch path")
+        return None
 
 
 def native_status(source: str) -> str:

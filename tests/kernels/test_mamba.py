@@ -276,3 +276,15 @@ def test_native_scan_refuses_mixed_dtypes():
     inputs = {k: v.float() for k, v in mamba1_inputs(1, 10, 8, 4).items()}
     with pytest.raises(ValueError, match="one dtype, float32 or float64"):
         fused_cpu.fused_selective_scan(inputs["u"], inputs["delta"], inputs["A"], inputs["B"].double(), inputs["C"])
+
+
+@pytest.mark.skipif(native._compiler() is None, reason="no C compiler on this machine")
+def test_a_library_that_builds_but_cannot_load_falls_back(monkeypatch, tmp_path, fresh_native):
+    # An unresolved symbol links (-shared) but fails at load: the caller gets None and the reason,
+    # so ops take their PyTorch path instead of raising OSError from deep inside a step.
+    monkeypatch.setenv("TITANFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "broken.c"
+    source.write_text("extern void titanforge_missing_symbol(void);\nvoid f(void) { titanforge_missing_symbol(); }\n")
+    with pytest.warns(UserWarning, match="loading broken-.*failed"):
+        assert native.load(str(source)) is None
+    assert "titanforge_missing_symbol" in native.native_status(str(source))
