@@ -127,21 +127,36 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"backend={backend!r}: expected 'auto', 'native' or 'torch'")
 
 
-def use_native(backend: str, x: torch.Tensor, source: str, what: str) -> bool:
+def plain(*tensors) -> bool:
+    """Whether every tensor given (None skipped) is a plain tensor with its own storage. A tensor
+    subclass (DTensor under tensor/sequence parallelism, FakeTensor, ...) holds its data elsewhere
+    or nowhere: its data_ptr() is not memory a C loop may read."""
+    return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+
+
+def use_native(backend: str, x: torch.Tensor, source: str, what: str, *others) -> bool:
     """Whether an op offered with `backend` runs its C loop (`source`) on x: "torch" never, "native"
     always (raising if x is not CPU float32/float64 or the loop cannot be built), "auto" where x
-    is CPU float32/float64, the loop builds and torch.compile is not tracing."""
+    is CPU float32/float64, the loop builds and torch.compile is not tracing. x and `others` (the
+    op's other tensor operands, None allowed) must be plain tensors, not DTensors or other
+    subclasses: "auto" takes the PyTorch path for those, "native" refuses them."""
     check_backend(backend)
     if backend == "torch":
         return False
     fits = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    is_plain = plain(x, *others)
     if backend == "native":
         if not fits:
             raise ValueError(f"backend='native' runs CPU float32/float64 only, got {x.device.type} {x.dtype}")
+        if not is_plain:
+            kinds = sorted({type(t).__name__ for t in (x, *others) if t is not None})
+            raise ValueError(f"backend='native' takes plain tensors, got {kinds}: a C loop cannot read a "
+                             f"tensor subclass such as DTensor (use backend='auto' or 'torch', or pass "
+                             f".to_local() shards)")
         if load(source) is None:
             raise RuntimeError(f"backend='native': the C {what} is unavailable ({native_status(source)})")
         return True
-    return fits and not torch.compiler.is_compiling() and load(source) is not None
+    return fits and is_plain and not torch.compiler.is_compiling() and load(source) is not None
 
 
 def kernel(source: str, name: str, dtype: torch.dtype):

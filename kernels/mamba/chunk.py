@@ -333,7 +333,8 @@ def chunk_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
     if initial_state is not None:
         _check("initial_state", initial_state, (Bsz, Dn, N))
         initial_state = initial_state.to(u.dtype)
-    if chunk_size == 0 and native.use_native(backend, u, fused_cpu.SOURCE, "scan"):
+    if chunk_size == 0 and native.use_native(backend, u, fused_cpu.SOURCE, "scan", delta, A, B, C, D, z,
+                                                   initial_state):
         cast = lambda t: None if t is None else t.to(u.dtype)  # noqa: E731
         y, h_last = fused_cpu.FusedSelectiveScanFunction.apply(u, *map(cast, (delta, A, B, C, D, z)), initial_state)
         return y, (h_last if output_final_state else None)

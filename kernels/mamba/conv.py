@@ -94,7 +94,7 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """silu(causal depthwise conv(x)) and the new conv state; shapes as in `causal_conv1d`.
     backend "auto" runs the C loop for CPU float32/float64 where it builds, "native" requires it,
     "torch" never uses it."""
-    if not use_native(backend, x, SOURCE, "conv"):
+    if not use_native(backend, x, SOURCE, "conv", weight, bias, conv_state):
         y, state = causal_conv1d(x, weight, bias, conv_state)
         return F.silu(y), state
     K = weight.shape[-1]

@@ -32,7 +32,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tens
             fits = False
         if not fits:
             raise ValueError(f"rms_norm: gate {tuple(gate.shape)} does not broadcast to x {tuple(x.shape)}")
-    native = use_native(backend, x, fused_cpu.SOURCE, "RMSNorm") and weight.dtype == x.dtype and (
+    native = use_native(backend, x, fused_cpu.SOURCE, "RMSNorm", weight, gate) and weight.dtype == x.dtype and (
         gate is None or gate.dtype == x.dtype)
     if not native or x.numel() == 0:
         return rms_norm_reference(x, weight, eps, gate)

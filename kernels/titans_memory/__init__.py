@@ -93,7 +93,8 @@ def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta
     if backend == "native" and len(weights) > fused_cpu.MAX_LAYERS:
         raise ValueError(f"backend='native' runs memories of up to {fused_cpu.MAX_LAYERS} layers, got {len(weights)}")
     if (not compile and len(weights) <= fused_cpu.MAX_LAYERS
-            and use_native(backend, qkv[0], fused_cpu.SOURCE, "Titans memory chunk chain")):
+            and use_native(backend, qkv[0], fused_cpu.SOURCE, "Titans memory chunk chain", *qkv[1:],
+                           *gates, *ws, *(ms or ()), read_after)):
         o, state, read = fused_cpu.fused_chunk_titans_memory(
             *qkv, *gates, ws, ms, chunk_size, activation, None if read_after is None else read_after.to(dtype))
         return (o.to(q.dtype), state) if read_after is None else (o.to(q.dtype), state, read.to(q.dtype))

@@ -111,7 +111,8 @@ def titans_memory_inputs(z: torch.Tensor, conv_weight: torch.Tensor, cache: torc
     if cache is not None and cache.shape != (z.shape[0], K - 1, C3):
         raise ValueError(f"titans_memory_inputs: cache has shape {tuple(cache.shape)}, expected "
                          f"[{z.shape[0]}, {K - 1}, {C3}]")
-    if not use_native(backend, z, SOURCE, "memory inputs") or z.shape[1] == 0 or conv_weight.dtype != z.dtype:
+    if (not use_native(backend, z, SOURCE, "memory inputs", conv_weight, cache) or z.shape[1] == 0
+            or conv_weight.dtype != z.dtype):
         return memory_inputs_torch(z, conv_weight, cache, heads, theta_max)
     pre = cache if cache is not None else z.new_zeros(z.shape[0], K - 1, C3)
     q, k, v, th, et, al, new_pre = MemoryInputsFunction.apply(z, pre, conv_weight[:, 0].t(), heads, theta_max, EPS)

@@ -30,9 +30,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # one fused C loop each way on CPU float32/float64, these formulas elsewhere (kernels/norms)
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """norm(x) * weight, times `gate` (broadcastable to x) when given, in the same pass. One
+        fused C loop each way on CPU float32/float64, the plain formulas elsewhere (kernels/norms)."""
+        return rms_norm(x, self.weight, self.eps, gate)
 
     def init_weights(self) -> None:
         nn.init.ones_(self.weight)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from titanforge.kernels.mamba.conv import causal_conv1d_silu
-from titanforge.kernels.norms import l2_normalize, rms_norm
+from titanforge.kernels.norms import l2_normalize
 from titanforge.kernels.titans_memory import chunk_titans_memory, titans_memory_inputs, titans_memory_retrieve
 from titanforge.models.common import RMSNorm
 from titanforge.models.titans.config import TitansConfig
@@ -196,7 +196,8 @@ class NeuralMemory(nn.Module):
 
     def read_gated(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Norm and gate of the read, before the output projection: y [B, T, H, D] -> [B, T, H*D]."""
-        return rms_norm(y, self.out_norm.weight, self.out_norm.eps, gate).flatten(2)
+        # Through the module (not rms_norm on its weight): parallel styles hook the module call.
+        return self.out_norm(y, gate).flatten(2)
 
     def read_out(self, y: torch.Tensor, x: torch.Tensor | None, gate: torch.Tensor | None = None) -> torch.Tensor:
         """Norm, learned gate sigmoid(x W_g) (or a precomputed `gate`), output projection:

@@ -101,3 +101,24 @@ def test_fallbacks_and_errors():
         rms_norm(x.float(), w.float(), 1e-5, gate=torch.ones(2, 3, 4))
     y = torch.randn(3, 5)
     assert torch.equal(l2_normalize(y, backend="torch"), l2_normalize_reference(y))
+
+
+class _Wrapped(torch.Tensor):
+    """A tensor subclass standing in for DTensor: the C loops must not take its data_ptr()."""
+
+
+def test_tensor_subclasses_take_the_pytorch_path():
+    """A DTensor (tensor/sequence parallelism) has no local storage behind data_ptr(): handing it
+    to the C loop segfaulted the tensor-parallel workers. "auto" falls back to the formulas, which
+    dispatch through the subclass; "native" refuses it with a clear error."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64)
+    w = torch.randn(16, generator=g, dtype=torch.float64)
+    want = rms_norm_reference(x, w, 1e-6)
+    for args in [(x.as_subclass(_Wrapped), w), (x, w.as_subclass(_Wrapped))]:
+        got = rms_norm(*args, 1e-6)
+        torch.testing.assert_close(got.as_subclass(torch.Tensor), want, rtol=1e-12, atol=1e-12)
+        with pytest.raises(ValueError, match="plain tensors.*_Wrapped"):
+            rms_norm(*args, 1e-6, backend="native")
+    got = l2_normalize(x.as_subclass(_Wrapped))
+    torch.testing.assert_close(got.as_subclass(torch.Tensor), l2_normalize_reference(x), rtol=1e-12, atol=1e-12)
