@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from titanforge.kernels.norms import rms_norm
+from titanforge.kernels.pointwise import rope, swiglu
 
 
 class RMSNorm(nn.Module):
@@ -57,13 +58,8 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     if T > freqs.shape[0] or D != 2 * freqs.shape[1]:
         raise ValueError(f"RoPE table [{freqs.shape[0]}, {freqs.shape[1]}, 2] does not cover x with T={T}, "
                          f"D={D}; build it with rope_frequencies(head_dim={D}, max_seq_len>={T})")
-    cos = freqs[:T, :, 0].repeat(1, 2)[None, :, None, :]  # [1, T, 1, D]
-    sin = freqs[:T, :, 1].repeat(1, 2)[None, :, None, :]
-    x1, x2 = x.split(D // 2, -1)  # split, not slicing: one backward cat instead of two zero-filled grads
-    rotated = torch.cat([-x2, x1], dim=-1)
-    # At least float32 (bf16 rotations drift), but float64 stays float64.
-    compute = torch.promote_types(x.dtype, torch.float32)
-    return (x.to(compute) * cos + rotated.to(compute) * sin).to(x.dtype)
+    # one fused C loop each way on CPU float32/float64, the formulas elsewhere (kernels/pointwise)
+    return rope(x, freqs)
 
 
 class SwiGLU(nn.Module):
@@ -77,7 +73,7 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x)))  # silu(a) * b fused on CPU (kernels/pointwise)
 
     def init_weights(self, out_std: float | None = None) -> None:
         for lin in (self.w1, self.w3):

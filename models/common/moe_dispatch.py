@@ -26,7 +26,8 @@ import itertools
 import math
 
 import torch
-import torch.nn.functional as F
+
+from titanforge.kernels.pointwise import swiglu
 
 # torch._grouped_mm runs on CPU in torch 2.13 for float32/bfloat16/float16 when every row stride is
 # a multiple of 16 bytes (checked); it rejects float64 and odd widths, where the loop takes over.
@@ -138,7 +139,7 @@ def expert_forward(x_sorted: torch.Tensor, counts: torch.Tensor | list[int], w1:
         if sum(counts_list) != x_sorted.shape[0]:
             raise ValueError(f"expert_forward: counts sum to {sum(counts_list)} but x_sorted has "
                              f"{x_sorted.shape[0]} rows")
-    h = F.silu(_segment_mm(x_sorted, w1, counts_list, offs)) * _segment_mm(x_sorted, w3, counts_list, offs)
+    h = swiglu(_segment_mm(x_sorted, w1, counts_list, offs), _segment_mm(x_sorted, w3, counts_list, offs))
     y = _segment_mm(h, w2, counts_list, offs)
     return _ContiguousGrad.apply(y) if offs is not None else y
 
