@@ -70,7 +70,8 @@ class MemoryInputsFunction(torch.autograd.Function):
         kernel(SOURCE, "memory_inputs_fwd", z.dtype)(
             ptr(z), ptr(pre), ptr(wT), _i64(B), _i64(T), _i64(ldz), _i64(H), _i64(D), _i64(K), _f64(theta_max),
             _f64(eps), ptr(q), ptr(k), ptr(v), ptr(th), ptr(et), ptr(al), ptr(nrm), _int(torch.get_num_threads()))
-        new_pre = torch.cat([pre, z[..., :C3]], 1)[:, T:].contiguous()
+        # cache' = the last K-1 rows of [pre; z[..., :3C]] (only those rows are copied)
+        new_pre = (z[:, T - (K - 1):, :C3] if T >= K - 1 else torch.cat([pre[:, T:], z[..., :C3]], 1)).contiguous()
         ctx.save_for_backward(z, pre, wT, q, k, nrm)
         ctx.H, ctx.theta_max, ctx.eps = H, theta_max, eps
         return q, k, v, th, et, al, new_pre
