@@ -61,10 +61,16 @@ class RMSNormFunction(torch.autograd.Function):
         weight = weight.contiguous()
         if gate is not None:
             gate, (gO, gI, sgo, sgi) = rows(gate.expand_as(x))
-            if (gO, gI) != (O, I):  # the two views collapse differently: read both contiguous
-                x, gate = x.contiguous(), gate.contiguous()
-                O, I, sxo, sxi = 1, x.numel() // x.shape[-1], 0, x.shape[-1]
-                sgo, sgi = 0, x.shape[-1]
+            if (gO, gI) != (O, I):
+                N = x.shape[-1]
+                if O == 1 and sxi == N:  # x is contiguous rows: read it in the gate's two levels
+                    O, I, sxo, sxi = gO, gI, gI * N, N
+                elif gO == 1 and sgi == N:  # and the other way round
+                    gO, gI, sgo, sgi = O, I, I * N, N
+                else:  # the two views collapse differently: read both contiguous
+                    x, gate = x.contiguous(), gate.contiguous()
+                    O, I, sxo, sxi = 1, x.numel() // N, 0, N
+                    sgo, sgi = 0, N
         else:
             sgo = sgi = 0
         N = x.shape[-1]

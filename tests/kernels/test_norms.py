@@ -48,6 +48,23 @@ def test_rms_norm_matches_reference(shape, kind, gated, poisoned):
         assert rel_rms(a, b) < 1e-12
 
 
+@pytest.mark.parametrize("x_kind,g_kind", [("contiguous", "time-slice"), ("time-slice", "contiguous"),
+                                           ("head-split", "contiguous"), ("time-slice", "head-split")])
+def test_rms_norm_x_and_gate_in_different_layouts(x_kind, g_kind, poisoned):
+    """x and gate read in place even where their leading dims collapse differently (the MAC read:
+    a contiguous retrieval gated by a time slice of the whole sequence's gate)."""
+    shape = (2, 6, 3, 10)
+    x_leaf, x = views(shape, x_kind)
+    g_leaf, gate = views(shape, g_kind, seed=1)
+    w = torch.randn(shape[-1], dtype=torch.float64, requires_grad=True)
+    out = rms_norm(x, w, 1e-5, gate, backend="native")
+    ref = rms_norm_reference(x, w, 1e-5, gate)
+    assert rel_rms(out, ref) < 1e-13
+    probe = torch.randn_like(ref)
+    for a, b in zip(grads(out, [x_leaf, w, g_leaf], probe), grads(ref, [x_leaf, w, g_leaf], probe)):
+        assert rel_rms(a, b) < 1e-12
+
+
 def test_rms_norm_broadcast_gate_and_float32():
     x = torch.randn(4, 6, 40, requires_grad=True)
     w = torch.randn(40, requires_grad=True)
