@@ -146,10 +146,9 @@ class NeuralMemory(nn.Module):
             return None
         lins = (self.wq, self.wk, self.wv, self.w_theta, self.w_eta, self.w_alpha)
         weight = torch.cat([lin.weight for lin in lins])
-        bias = torch.cat([self.wq.weight.new_zeros(3 * self.wq.out_features), self.w_theta.bias, self.w_eta.bias,
-                          self.w_alpha.bias])
+        gate_bias = torch.cat([self.w_theta.bias, self.w_eta.bias, self.w_alpha.bias])  # [3H]: only the gates have one
         conv = torch.cat([c.weight for c in (self.conv_q, self.conv_k, self.conv_v)])
-        return weight, bias, conv
+        return weight, gate_bias, conv
 
     def project(self, x: torch.Tensor, cache=None, fused=None):
         """Everything a memory update reads from x: (q, k, v [B, T, H, D], gates, conv cache), equal
@@ -160,15 +159,18 @@ class NeuralMemory(nn.Module):
             q, cq = self.query(x, caches[0])
             k, v, (ck, cv) = self.keys_values(x, caches[1:])
             return q, k, v, self.gates(x), (cq, ck, cv)
-        weight, bias, conv = fused
+        weight, gate_bias, conv = fused
         C = self.wq.out_features
         H = C // self.head_dim
         if self.cfg.gate_granularity == 1:
-            # conv + SiLU, the q/k norms and the gates in one op (one C loop each way on CPU)
-            q, k, v, gates, cache = titans_memory_inputs(F.linear(x, weight, bias), conv, cache, H, self.cfg.theta_max)
+            # conv + SiLU, the q/k norms and the gates (their bias added inside) in one op, one C
+            # loop each way on CPU; the projection is a plain matmul
+            q, k, v, gates, cache = titans_memory_inputs(F.linear(x, weight), conv, cache, H, self.cfg.theta_max,
+                                                         gate_bias=gate_bias)
             return q, k, v, gates, cache
         # split, not slicing: one backward concatenation instead of a zero-filled gradient per slice
-        qkv, logits = F.linear(x, weight, bias).split([3 * C, 3 * H], -1)
+        qkv, logits = F.linear(x, weight).split([3 * C, 3 * H], -1)
+        logits = logits + gate_bias
         qkv, cache = conv_silu(qkv, conv, cache)
         qk, v = self._heads(qkv).split([2 * H, H], 2)  # [B, T, 3H, D]: q, k, v heads
         q, k = l2_normalize(qk).split(H, 2)

@@ -15,7 +15,7 @@ BACKENDS = ["torch", pytest.param("native", marks=pytest.mark.skipif(load(SOURCE
 THETA_MAX = 0.1
 
 
-def reference(z, conv_weight, cache, H, theta_max=THETA_MAX):
+def reference(z, conv_weight, cache, H, theta_max=THETA_MAX, gate_bias=None):
     B, T, _ = z.shape
     C3, K = conv_weight.shape[0], conv_weight.shape[-1]
     D = C3 // (3 * H)
@@ -24,7 +24,7 @@ def reference(z, conv_weight, cache, H, theta_max=THETA_MAX):
     a = F.conv1d(xc.transpose(1, 2), conv_weight, groups=C3).transpose(1, 2)
     u = F.silu(a).reshape(B, T, 3, H, D)
     q, k, v = F.normalize(u[:, :, 0], dim=-1), F.normalize(u[:, :, 1], dim=-1), u[:, :, 2]
-    lg = z[..., C3:]
+    lg = z[..., C3:] if gate_bias is None else z[..., C3:] + gate_bias
     gates = (theta_max * torch.sigmoid(lg[..., :H]), torch.sigmoid(lg[..., H:2 * H]), torch.sigmoid(lg[..., 2 * H:]))
     return q, k, v, gates, xc[:, T:]
 
@@ -45,7 +45,8 @@ def flat(out):
 
 def run(fn, kw, H):
     leaves = {n: t.clone().requires_grad_(True) for n, t in kw.items() if t is not None}
-    outs = flat(fn(leaves["z"], leaves["conv_weight"], leaves.get("cache"), H))
+    extra = (leaves["gate_bias"],) if "gate_bias" in leaves else ()
+    outs = flat(fn(leaves["z"], leaves["conv_weight"], leaves.get("cache"), H, *extra))
     g = torch.Generator().manual_seed(7)
     loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
     grads = torch.autograd.grad(loss, list(leaves.values()))
@@ -106,9 +107,27 @@ def test_native_reads_a_strided_projection_and_threads_agree():
     assert torch.all(one[-1][..., -5:] == 0)  # the columns outside the view get no gradient
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gate_bias_added_inside_matches_reference(backend, poisoned):
+    """The gates' bias enters the op (the projection before it is then a plain matmul): outputs and
+    the gradients of z, the conv weight, the cache and the bias against the reference."""
+    kw = make(2, 11, 3, 6, 4, with_cache=True, seed=3)
+    kw["gate_bias"] = torch.randn(9, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    outs_ref, grads_ref = run(lambda z, w, c, H, b: reference(z, w, c, H, gate_bias=b), kw, 3)
+    outs, grads = run(lambda z, w, c, H, b: titans_memory_inputs(z, w, c, H, THETA_MAX, backend=backend,
+                                                                 gate_bias=b), kw, 3)
+    assert len(grads) == 4
+    for a, b in zip(outs, outs_ref):
+        assert rel_rms(a, b) < 1e-13
+    for a, b in zip(grads, grads_ref):
+        assert rel_rms(a, b) < 1e-12
+
+
 def test_bad_shapes_raise_clear_errors():
     kw = make(1, 4, 2, 3, 4, with_cache=True)
     with pytest.raises(ValueError, match=r"expected \[B, T, 3C \+ 3H\]"):
         titans_memory_inputs(kw["z"][..., :-1], kw["conv_weight"], kw["cache"], 2, THETA_MAX)
     with pytest.raises(ValueError, match=r"cache has shape \(1, 2, 18\), expected \[1, 3, 18\]"):
         titans_memory_inputs(kw["z"], kw["conv_weight"], kw["cache"][:, 1:], 2, THETA_MAX)
+    with pytest.raises(ValueError, match=r"gate_bias has shape \(5,\), expected \[6\]"):
+        titans_memory_inputs(kw["z"], kw["conv_weight"], kw["cache"], 2, THETA_MAX, gate_bias=torch.zeros(5))

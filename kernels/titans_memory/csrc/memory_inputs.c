@@ -7,12 +7,14 @@
 
        a_t = sum_k wT_k x_{t-(K-1)+k},  u_t = silu(a_t)
        q, k heads: y = u / max(||u||, eps) over each head's D channels;  v = u
-       theta = theta_max sigmoid(z_theta), eta = sigmoid(z_eta), alpha = sigmoid(z_alpha)
+       theta = theta_max sigmoid(z_theta + b_theta), eta = sigmoid(z_eta + b_eta),
+       alpha = sigmoid(z_alpha + b_alpha)     (gate bias gb [3H] = [b_theta; b_eta; b_alpha], or NULL)
 
    Outputs: q, k, v [B][T][H][D] and theta, eta, alpha [B][T][H], all contiguous, plus nrm
    [B][T][2H] (the q and k heads' norms, saved for the backward). Backward recomputes a_t and the
    sigmoids, writes da [B][T][C3] (scratch), then gathers dz [B][T][ldz], dpre [B][K-1][C3] and
-   per-thread dw_part [nthreads][K][C3] from it (a gather, not a scatter, so rows are independent).
+   per-thread dw_part [nthreads][K][C3] from it (a gather, not a scatter, so rows are independent);
+   the gate bias's gradient is the caller's row sum of dz's logit columns.
    Axis glossary: B batch, T time, H heads, D head dim, C3 = 3 H D channels, K conv width. */
 
 #include <math.h>
@@ -40,7 +42,12 @@ static inline void preact_##SUF(S *a, const S *z, const S *pre, const S *wT, int
                                                                                                     \
 static inline S sigmoid_##SUF(S x) { return (S)1 / (1 + EXP2(-x * (S)1.4426950408889634)); }       \
                                                                                                     \
-void memory_inputs_fwd_##SUF(const S *z, const S *pre, const S *wT, int64_t B, int64_t T,            \
+/* the row's 3H gate logits: z's, plus the gate bias gb [3H] where given */                         \
+static inline void logits_##SUF(S *lg, const S *zl, const S *gb, int64_t H) {                      \
+    for (int64_t g = 0; g < 3 * H; g++) lg[g] = gb ? zl[g] + gb[g] : zl[g];                         \
+}                                                                                                   \
+                                                                                                    \
+void memory_inputs_fwd_##SUF(const S *z, const S *pre, const S *wT, const S *gb, int64_t B, int64_t T, \
                              int64_t ldz, int64_t H, int64_t D, int64_t K, double theta_max,        \
                              double eps, S *q, S *k, S *v, S *th, S *et, S *al, S *nrm,             \
                              int nthreads) {                                                        \
@@ -66,7 +73,8 @@ void memory_inputs_fwd_##SUF(const S *z, const S *pre, const S *wT, int64_t B, i
                 for (int64_t j = 0; j < D; j++) y[j] = u[j] * inv;                                  \
             }                                                                                       \
             memcpy(v + r * C, a + 2 * C, sizeof(S) * C);                                            \
-            const S *lg = z + r * ldz + C3;                                                         \
+            S lg[3 * H];                                                                            \
+            logits_##SUF(lg, z + r * ldz + C3, gb, H);                                              \
             for (int64_t h = 0; h < H; h++) {                                                       \
                 th[r * H + h] = (S)theta_max * sigmoid_##SUF(lg[h]);                                \
                 et[r * H + h] = sigmoid_##SUF(lg[H + h]);                                           \
@@ -76,7 +84,7 @@ void memory_inputs_fwd_##SUF(const S *z, const S *pre, const S *wT, int64_t B, i
     }                                                                                               \
 }                                                                                                   \
                                                                                                     \
-void memory_inputs_bwd_##SUF(const S *z, const S *pre, const S *wT, int64_t B, int64_t T,            \
+void memory_inputs_bwd_##SUF(const S *z, const S *pre, const S *wT, const S *gb, int64_t B, int64_t T, \
                              int64_t ldz, int64_t H, int64_t D, int64_t K, double theta_max,        \
                              double eps, const S *q, const S *k, const S *nrm, const S *dq,         \
                              const S *dk, const S *dv, const S *dth, const S *det, const S *dal,    \
@@ -115,7 +123,8 @@ void memory_inputs_bwd_##SUF(const S *z, const S *pre, const S *wT, int64_t B, i
                 const S s = 1 / (1 + EXP2(-a[c] * (S)1.4426950408889634));                          \
                 dar[c] = du[c] * s * (1 + a[c] * (1 - s));                                          \
             }                                                                                       \
-            const S *lg = z + r * ldz + C3;                                                         \
+            S lg[3 * H];                                                                            \
+            logits_##SUF(lg, z + r * ldz + C3, gb, H);                                              \
             S *dlg = dz + r * ldz + C3;                                                             \
             for (int64_t h = 0; h < H; h++) {                                                       \
                 S s = sigmoid_##SUF(lg[h]);                                                         \
