@@ -245,7 +245,9 @@ def write(args, results):
             "method": f"each model and T alone in a fresh process, min of {args.repeats} steps after {args.warmup} "
                       "warm-up steps; "
                       "peak RSS growth (VmHWM after - VmRSS before, mark reset via clear_refs) of the first "
-                      "step in a fresh process per model and T, per token"}
+                      "step in a fresh process per model and T, per token",
+            "date": __import__("datetime").date.today().isoformat(),
+            "command": "python " + " ".join(sys.argv)}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
 
