@@ -119,4 +119,4 @@ def titans_memory_retrieve(q: torch.Tensor, weights: list[torch.Tensor], activat
     return y.transpose(1, 2).to(q.dtype)
 
 
-__all__ = ["chunk_titans_memory", "naive_titans_memory", "titans_memory_retrieve", "State"]
+__all__ = ["chunk_titans_memory", "naive_titans_memory", "titans_memory_retrieve", "titans_memory_inputs", "State"]

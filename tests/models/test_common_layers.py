@@ -12,13 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from testutil.kernel_util import rel_rms
 from titanforge.models.common import Attention, RMSNorm, SwiGLU, apply_rope, attention, rope_frequencies
 
 F64_TOL = 1e-10
-
-
-def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
 def grads(out: torch.Tensor, inputs, seed_grad: torch.Tensor):

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from testutil.kernel_util import rel_rms
 from titanforge.models.common.moe import MoEConfig
 from titanforge.models.config import ModelConfig
 from titanforge.models.jamba.config import JambaConfig
@@ -13,10 +14,6 @@ from titanforge.models.jamba.hf import export_hf, from_hf, to_hf
 from titanforge.models.registry import build_model, collect_aux_losses
 
 transformers = pytest.importorskip("transformers")
-
-
-def rel_rms(a, b):
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 def tiny(pattern, n_layers, **kw):

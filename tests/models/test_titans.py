@@ -154,7 +154,7 @@ def test_masks_match_loop_reference_and_flex(kind):
 def reference_mac_mixer(block, h, freqs):
     """MAC by tokens: token t's output from explicit loops, the memory through the naive op."""
     mem, att, P = block.memory, block.attention, block.tcfg.n_persistent
-    seg_len, B, T, C = block.tcfg.segment_len, *h.shape
+    seg_len, (B, T, _) = block.tcfg.segment_len, h.shape
     q_x, _ = mem.query(h)
     state = mem.initial_state()
     caches = [None, None, None]
