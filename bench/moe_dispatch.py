@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -23,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from titanforge.models.common.moe import MoE, MoEConfig, combine, expert_forward, sort_tokens_by_expert
+
+from machine_info import cpu_model  # bench/machine_info.py (this folder is sys.path[0])
 
 
 def sorted_dispatch(x, ids, weights, w1, w3, w2, grouped_mm):
@@ -99,13 +100,13 @@ def main() -> None:
         for name, fn in variants.items():
             best[name] = min(best[name], step(fn, grads, g))
 
-    cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout
+    cpu = cpu_model()
     result = {
         "what": "forward+backward seconds (min of repeats) and ratio to mask_loop_reference (lower is faster)",
         "shape": {"tokens": N, "dim": C, "expert_hidden": H, "experts": E, "top_k": k, "dtype": "float32"},
         "seconds": {n: round(t, 5) for n, t in best.items()},
         "ratio_to_reference": {n: round(t / best["mask_loop_reference"], 3) for n, t in best.items()},
-        "machine": {"cpu": cpu.split(":", 1)[-1].strip(), "threads": torch.get_num_threads(),
+        "machine": {"cpu": cpu, "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version()},
         "repeats": args.repeats,
     }

@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine_info import cpu_model  # bench/machine_info.py (this folder is sys.path[0])
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
@@ -69,11 +71,7 @@ def _machine(device: str) -> dict:
 
     out = {"torch": torch.__version__, "python": platform.python_version(), "cpu_cores": os.cpu_count(),
            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
-    try:
-        out["cpu"] = next(ln.split(":", 1)[1].strip() for ln in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if ln.startswith("Model name"))
-    except (StopIteration, FileNotFoundError):
-        out["cpu"] = platform.processor()
+    out["cpu"] = cpu_model()
     if device == "cuda":
         out["gpu"] = torch.cuda.get_device_name(0)
         out["gpus"] = torch.cuda.device_count()

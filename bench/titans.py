@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from titanforge.trainer.cpu_env import huge_pages_env
 from titanforge.trainer.perf import keep_freed_memory
 
+from machine_info import cpu_model  # bench/machine_info.py (this folder is sys.path[0])
+
 VOCAB, DIM, DEPTH, HEADS, B = 256, 256, 4, 4, 2
 CHUNK = 16
 SEGMENT = 64
@@ -230,8 +232,7 @@ def main():
 
 
 def write(args, results):
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model_name = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?")
+    model_name = cpu_model()
     meta = {"machine": model_name, "cores": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "load_average_1m_at_write": round(os.getloadavg()[0], 2),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -23,15 +22,13 @@ from titanforge.models.config import ModelConfig
 from titanforge.models.llama.hf import hf_config, to_hf_state_dict
 from titanforge.models.registry import build_model
 
+from machine_info import cpu_model  # bench/machine_info.py (this folder is sys.path[0])
+
 RESULTS = Path(__file__).parent / "results" / "train_step.json"
 
 
 def machine() -> dict:
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True)
-                   .stdout.splitlines() if ln.startswith("Model name"))
-    except (StopIteration, FileNotFoundError):
-        cpu = platform.processor()
+    cpu = cpu_model()
     return {"cpu": cpu, "cores": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
 
 

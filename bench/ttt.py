@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -37,6 +36,8 @@ from titanforge.models.config import ModelConfig
 from titanforge.models.registry import build_model
 from titanforge.models.ttt import layer as ttt_layer
 from titanforge.models.ttt.config import TTTConfig
+
+from machine_info import cpu_model  # bench/machine_info.py (this folder is sys.path[0])
 
 OURS = ttt_layer.chunk_ttt_linear
 
@@ -67,11 +68,7 @@ def step(model, tokens) -> tuple[float, float]:
 
 
 def machine() -> dict:
-    try:
-        cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        cpu = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
-    except OSError:
-        cpu = platform.processor()
+    cpu = cpu_model()
     from importlib.metadata import version
 
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
