@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 
 from titanforge.launch.config import ConfigError, load_config, validate
+from titanforge.trainer.cpu_env import HUGE_PAGES_TUNABLE
 
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 _PARTITION = re.compile(r"^[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*$")
@@ -157,6 +158,12 @@ def render(args: argparse.Namespace, job) -> str:
              f"mkdir -p {q(str(out_dir))}",
              'echo "[slurm] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_NNODES nodes, '
              'head $HEAD:$PORT"',
+             "",
+             "# glibc's huge-page malloc for the ranks, as `titanforge train` sets it (trainer/cpu_env.py):",
+             "# glibc reads it at process start. TITANFORGE_HUGE_PAGES=0, or your own glibc.malloc.hugetlb, wins.",
+             'if [ "${TITANFORGE_HUGE_PAGES:-1}" != 0 ] && [[ "${GLIBC_TUNABLES:-}" != *glibc.malloc.hugetlb* ]]; then',
+             f'    export GLIBC_TUNABLES="${{GLIBC_TUNABLES:+$GLIBC_TUNABLES:}}{HUGE_PAGES_TUNABLE}"',
+             "fi",
              "",
              "# SLURM's --signal=B:USR1 reaches only this shell: pass it to srun, which forwards it to its",
              "# tasks (torchrun), which forwards it to the workers; they checkpoint and exit (launch/slurm.py).",

@@ -31,6 +31,7 @@ FAKE_SRUN = """\
 while [[ $# -gt 0 && $1 == -* ]]; do shift; done
 echo "srun $1" >> "$FAKE_SLURM_LOG"
 if [[ -n "${FAKE_SRUN_PRINT_ARGS:-}" ]]; then printf '%s\\0' "$@" > "$FAKE_SRUN_PRINT_ARGS"; exit 0; fi
+if [[ -n "${FAKE_SRUN_PRINT_TUNABLES:-}" ]]; then echo "${GLIBC_TUNABLES-<unset>}" > "$FAKE_SRUN_PRINT_TUNABLES"; exit 0; fi
 export SLURM_NODEID=0 SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_STEP_ID=0
 exec "$@"
 """
@@ -117,6 +118,24 @@ def test_overrides_reach_the_trainer_quoted_as_given(tmp_path, fake_slurm):
                                                                  "train.seed=3"]
     assert "--rdzv-endpoint=localhost:29999" in args and "--rdzv-id=4242" in args and "--nnodes=1" in args
     assert "scontrol requeue" not in Path(fake_slurm["FAKE_SLURM_LOG"]).read_text()
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, "glibc.malloc.hugetlb=1"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.check=0"}, "glibc.malloc.check=0:glibc.malloc.hugetlb=1"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "glibc.malloc.hugetlb=0"),
+    ({"TITANFORGE_HUGE_PAGES": "0"}, "<unset>"),
+])
+def test_ranks_start_with_huge_page_malloc(tmp_path, fake_slurm, env, expected):
+    """The ranks get glibc's huge-page tunable as `titanforge train`'s own ranks do (trainer/cpu_env),
+    unless the user set one or turned it off."""
+    script = _write(tmp_path, "--nodes", "1", "--nproc-per-node", "2", "--port", "29999")
+    out = tmp_path / "tunables.txt"
+    base = {k: v for k, v in fake_slurm.items() if k not in ("GLIBC_TUNABLES", "TITANFORGE_HUGE_PAGES")}
+    proc = subprocess.run(["bash", str(script)], env={**base, **env, "FAKE_SRUN_PRINT_TUNABLES": str(out)},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert out.read_text().strip() == expected
 
 
 @pytest.mark.parametrize("args,message", [
