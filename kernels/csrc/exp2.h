@@ -33,4 +33,10 @@ static inline double exp2_f64(double x) { return exp2(x); }
 
 #define LOG2E 1.4426950408889634
 
+/* 1 / (1 + e^-x) through the exp2 above (vectorisable in float32; libm in float64) */
+static inline __attribute__((always_inline)) float sigmoid_f32(float x) {
+    return 1.0f / (1.0f + exp2_f32(-x * (float)LOG2E));
+}
+static inline double sigmoid_f64(double x) { return 1.0 / (1.0 + exp2_f64(-x * LOG2E)); }
+
 #endif

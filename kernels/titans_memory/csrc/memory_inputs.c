@@ -24,7 +24,7 @@
 
 #include "exp2.h"
 
-#define DEFINE_INPUTS(S, SUF, EXP2, SQRT)                                                           \
+#define DEFINE_INPUTS(S, SUF, SQRT)                                                                 \
 static inline const S *zrow_##SUF(const S *z, const S *pre, int64_t b, int64_t s, int64_t T,         \
                                   int64_t ldz, int64_t C3, int64_t K) {                             \
     return s >= 0 ? z + (b * T + s) * ldz : pre + (b * (K - 1) + (K - 1 + s)) * C3;                 \
@@ -39,8 +39,6 @@ static inline void preact_##SUF(S *a, const S *z, const S *pre, const S *wT, int
         for (int64_t c = 0; c < C3; c++) a[c] += wk[c] * xr[c];                                     \
     }                                                                                               \
 }                                                                                                   \
-                                                                                                    \
-static inline S sigmoid_##SUF(S x) { return (S)1 / (1 + EXP2(-x * (S)1.4426950408889634)); }       \
                                                                                                     \
 /* the row's 3H gate logits: z's, plus the gate bias gb [3H] where given */                         \
 static inline void logits_##SUF(S *lg, const S *zl, const S *gb, int64_t H) {                      \
@@ -60,7 +58,7 @@ void memory_inputs_fwd_##SUF(const S *z, const S *pre, const S *wT, const S *gb,
             const int64_t b = r / T, t = r % T;                                                     \
             preact_##SUF(a, z, pre, wT, b, t, T, ldz, C3, K);                                       \
             _Pragma("omp simd")                                                                     \
-            for (int64_t c = 0; c < C3; c++) a[c] = a[c] / (1 + EXP2(-a[c] * (S)1.4426950408889634)); \
+            for (int64_t c = 0; c < C3; c++) a[c] *= sigmoid_##SUF(a[c]);                           \
             for (int64_t g = 0; g < 2 * H; g++) {                                                   \
                 const S *u = a + g * D;                                                             \
                 S ss = 0;                                                                           \
@@ -120,7 +118,7 @@ void memory_inputs_bwd_##SUF(const S *z, const S *pre, const S *wT, const S *gb,
             S *dar = da + r * C3;                                                                   \
             _Pragma("omp simd")                                                                     \
             for (int64_t c = 0; c < C3; c++) {                                                      \
-                const S s = 1 / (1 + EXP2(-a[c] * (S)1.4426950408889634));                          \
+                const S s = sigmoid_##SUF(a[c]);                                                    \
                 dar[c] = du[c] * s * (1 + a[c] * (1 - s));                                          \
             }                                                                                       \
             S lg[3 * H];                                                                            \
@@ -157,5 +155,5 @@ void memory_inputs_bwd_##SUF(const S *z, const S *pre, const S *wT, const S *gb,
     }                                                                                               \
 }
 
-DEFINE_INPUTS(float, f32, exp2_f32, sqrtf)
-DEFINE_INPUTS(double, f64, exp2_f64, sqrt)
+DEFINE_INPUTS(float, f32, sqrtf)
+DEFINE_INPUTS(double, f64, sqrt)
