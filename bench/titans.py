@@ -29,6 +29,7 @@ Usage: python bench/titans.py [--seq 1024 2048 4096] [--warmup 2] [--repeats 3] 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -233,7 +234,7 @@ def main():
 
 def write(args, results):
     model_name = cpu_model()
-    meta = {"machine": model_name, "cores": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
+    meta = {"machine": model_name, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "load_average_1m_at_write": round(os.getloadavg()[0], 2),
             "allocator": ("glibc defaults" if args.plain_allocator
@@ -247,7 +248,7 @@ def write(args, results):
                       "warm-up steps; "
                       "peak RSS growth (VmHWM after - VmRSS before, mark reset via clear_refs) of the first "
                       "step in a fresh process per model and T, per token",
-            "date": __import__("datetime").date.today().isoformat(),
+            "date": datetime.date.today().isoformat(),
             "command": "python " + " ".join(sys.argv)}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
