@@ -38,4 +38,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # The run has returned: tracker finished, checkpoint writes joined, process group destroyed.
+    # Leave without the interpreter's teardown: a rank sometimes still aborted there ("terminate
+    # called without an active exception", gloo's C++ threads destroyed during finalisation,
+    # pytorch/pytorch#179291) after printing [done], and torchrun reported the finished run as
+    # failed. The gloo test workers leave the same way (tests/parallel/fsdp_cases.worker_main).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
