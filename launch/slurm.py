@@ -139,7 +139,7 @@ def render(args: argparse.Namespace, job) -> str:
     port = str(args.port) if args.port else "$((20000 + SLURM_JOB_ID % 20000))"
     q = shlex.quote
     torchrun = [
-        '"$PYTHON"', "-m", "torch.distributed.run", '--nnodes="$SLURM_NNODES"', f"--nproc-per-node={nproc}",
+        '"$PYTHON"', "-P", "-m", "torch.distributed.run", '--nnodes="$SLURM_NNODES"', f"--nproc-per-node={nproc}",
         "--rdzv-backend=c10d", '--rdzv-endpoint="$HEAD:$PORT"', '--rdzv-id="$SLURM_JOB_ID"',
         f"--signals-to-handle={TORCHRUN_SIGNALS}", f"--shutdown-timeout={args.signal_lead - 20}",
         "-m", "titanforge.launch.train", '"$CONFIG"', '"${OVERRIDES[@]}"',
@@ -156,6 +156,8 @@ def render(args: argparse.Namespace, job) -> str:
              'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
              f"PORT={port}",
              f"mkdir -p {q(str(out_dir))}",
+             "# The job's directory never goes on the ranks' sys.path (torchrun starts them with -m).",
+             "export PYTHONSAFEPATH=1",
              'echo "[slurm] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_NNODES nodes, '
              'head $HEAD:$PORT"',
              "",

@@ -7,8 +7,9 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-# Shared test helpers (tests/testutil) import as `testutil`.
-sys.path.insert(0, str(Path(__file__).parent))
+# Shared test helpers (tests/support/testutil) import as `testutil`. Only tests/support goes on
+# sys.path: tests/ itself holds folders named like installed distributions (kernels, data, ...).
+sys.path.insert(0, str(Path(__file__).parent / "support"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -165,3 +165,56 @@ def test_no_python_folder_without_init():
     orphans = sorted({str(p.parent.relative_to(ROOT)) for layer in LAYERS for p in python_files(layer)
                       if not (p.parent / "__init__.py").is_file()})
     assert not orphans, f"these folders hold .py files but no __init__.py, so they are not installed: {orphans}"
+
+
+def _inside_repo(path: str | None) -> bool:
+    """Whether `path` is one of our source folders (not the .venv/ that may sit in the checkout)."""
+    if path is None or not Path(path).resolve().is_relative_to(ROOT):
+        return False
+    return Path(path).resolve().relative_to(ROOT).parts[:1] in ((layer,) for layer in (*LAYERS, "tests"))
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_our_folders_shadow_no_installed_package(name):
+    """`import kernels` (the Hugging Face distribution transformers needs), `import data`, ... never
+    reach our top-level folders: neither the repository root nor tests/ is on sys.path (make test
+    runs `python -P -m pytest`; pytest runs with --import-mode=importlib). Our code imports only
+    as `titanforge.*` from the installed package."""
+    import importlib.util
+
+    roots = [p for p in sys.path if p in ("", ".") or Path(p).resolve() in (ROOT, ROOT / "tests")]
+    assert not roots, f"{roots} on sys.path: our folders would shadow installed packages"
+    spec = importlib.util.find_spec(name)
+    if spec is not None:
+        places = [spec.origin, *(spec.submodule_search_locations or [])]
+        assert not any(_inside_repo(p) for p in places), f"`import {name}` resolves to our folder: {places}"
+
+
+def test_kernels_is_the_installed_distribution_where_transformers_needs_it():
+    """transformers >= 5.25 imports the Hugging Face `kernels` package: it must be that one."""
+    import importlib.metadata
+    import importlib.util
+
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the Hugging Face `kernels` distribution is not installed")
+    spec = importlib.util.find_spec("kernels")
+    assert spec is not None and not _inside_repo(spec.origin)
+    import transformers.integrations.hub_kernels  # noqa: F401  (failed with our folder first)
+
+
+def test_processes_we_start_keep_the_working_directory_off_sys_path(tmp_path):
+    """The launcher's torchrun command and the SLURM script start Python with -P (and
+    PYTHONSAFEPATH for the ranks torchrun starts with `python -m`)."""
+    import subprocess
+
+    code = ("import sys; from pathlib import Path; "
+            "print(any(Path(p or '.').resolve() == Path.cwd().resolve() for p in sys.path))")
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
+    cli = (ROOT / "launch" / "cli.py").read_text()
+    assert '[sys.executable, "-P", "-m", "torch.distributed.run"' in cli and 'PYTHONSAFEPATH' in cli
+    slurm = (ROOT / "launch" / "slurm.py").read_text()
+    assert '"-P", "-m", "torch.distributed.run"' in slurm and "export PYTHONSAFEPATH=1" in slurm

@@ -151,7 +151,7 @@ def flat_state(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
 def torchrun(nproc: int, script: str, *args: str, timeout: float = 300) -> None:
     """Launch tests/parallel/<script> on `nproc` gloo ranks; raise with the output tail if it fails."""
     here = Path(__file__).parent
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+    cmd = [sys.executable, "-P", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            str(here / script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=here.parents[1], env=env, capture_output=True, text=True, timeout=timeout)

@@ -32,7 +32,7 @@ LOSS_TOL, GRAD_TOL = 1e-10, 1e-9
 def _launch(tmp_path_factory, nproc: int) -> list[dict]:
     out = tmp_path_factory.mktemp(f"tp{nproc}")
     env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+    proc = subprocess.run([sys.executable, "-P", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                            str(nproc), str(WORKER), str(out), *CASES], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def env() -> dict:
@@ -20,7 +20,7 @@ def env() -> dict:
 
 
 def command(config: str, overrides: list[str], nproc: int = 1) -> list[str]:
-    return [sys.executable, "-m", "titanforge.launch.cli", "train", str(ROOT / config), *overrides,
+    return [sys.executable, "-P", "-m", "titanforge.launch.cli", "train", str(ROOT / config), *overrides,
             "--nproc", str(nproc)]
 
 
