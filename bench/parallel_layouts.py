@@ -128,7 +128,7 @@ def worker(args) -> None:
         tokens = t.global_batch_size * args.seq_len
         step_s = statistics.median(times)
         fpt = build_model(job.model, device="meta").flops_per_token(args.seq_len)
-        peak = peak_flops(info.device, t.peak_tflops)
+        peak = peak_flops(info.device, t.peak_tflops, t.dtype)
         res = {"step_s_median": step_s, "step_s_min": min(times), "tokens_per_s": tokens / step_s,
                "mfu": tokens / step_s * fpt / (peak * info.world_size), "peak_mem_gib": peak_memory_gib(info.device),
                "losses": losses, "world_size": info.world_size, "accum": accum}

@@ -67,8 +67,9 @@ class TrainConfig:
     val_batches: int = 4
     # Skip steps whose loss or gradient is not finite; stop after this many in a row.
     max_consecutive_nonfinite: int = 3
-    # Peak FLOP/s per device for MFU, in TFLOP/s; 0 = look up the GPU (bf16 dense) or estimate
-    # the CPU as cores * 2 GHz * 32 FLOP/cycle (AVX2 FMA, fp32).
+    # Peak FLOP/s per device for MFU, in TFLOP/s; 0 = look up the GPU (bf16 dense) or derive the
+    # CPU rank's peak: its threads x FLOP/cycle (vector width, FMA, AMX for bf16) x clock
+    # (trainer/perf.py; rank 0's [cpu] line shows the derivation).
     peak_tflops: float = 0.0
     # Keep freed host memory in the process (glibc mallopt) so activations are not page-faulted
     # in again every step; a large win for CPU training, harmless on GPU.

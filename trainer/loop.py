@@ -27,7 +27,7 @@ from titanforge.trainer.checkpoint import Checkpointer
 from titanforge.trainer.dist import DistInfo, all_reduce, broadcast_object, init_distributed
 from titanforge.trainer.optim import build_scheduler
 from titanforge.trainer.cpu_env import huge_pages_on
-from titanforge.trainer.perf import keep_freed_memory, peak_flops, peak_memory_gib
+from titanforge.trainer.perf import cpu_peak, keep_freed_memory, peak_flops, peak_memory_gib
 from titanforge.trainer.signals import PreemptionWatcher
 from titanforge.trainer.step import build_train_step
 from titanforge.trainer.tracking import Tracker, format_line
@@ -99,7 +99,8 @@ def train(job, *, config_yaml: str = "", info: DistInfo | None = None) -> TrainR
         # Huge pages come from the environment glibc started with (launch/cli.py sets it).
         huge = huge_pages_on(os.environ)
         print(f"[cpu] freed memory kept: {'on' if kept else 'off'} | huge pages: {'on' if huge else 'off'} | "
-              f"denormals flushed: {'on' if flushing else 'off'}", flush=True)
+              f"denormals flushed: {'on' if flushing else 'off'} | "
+              f"{'configured peak' if t.peak_tflops > 0 else cpu_peak(dtype=t.dtype).describe()}", flush=True)
     try:
         return _train(job, t, out, info, config_yaml)
     finally:
@@ -150,7 +151,7 @@ def _train(job, t, out: Path, info: DistInfo, config_yaml: str) -> TrainResult:
     tokens_per_step = t.global_batch_size * seq_len
     # From the whole model (built on meta: no memory), whatever part of it this rank holds.
     flops_per_token = build_model(job.model, device="meta").flops_per_token(seq_len)
-    peak = peak_flops(info.device, t.peak_tflops)
+    peak = peak_flops(info.device, t.peak_tflops, t.dtype)
     clip = job.optim.grad_clip if job.optim.grad_clip > 0 else float("inf")
     watcher = PreemptionWatcher()
     data_iter = iter(loader)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 import signal
 from pathlib import Path
 
@@ -169,3 +170,10 @@ def test_launcher_starts_the_ranks_with_huge_pages(uninterrupted):
     line = next((ln for ln in uninterrupted[1].splitlines() if ln.startswith("[cpu]")), None)
     assert line is not None, uninterrupted[1][-2000:]
     assert "huge pages: on" in line and "freed memory kept: on" in line and "denormals flushed: on" in line
+
+
+def test_cpu_line_spells_out_the_rank_peak(uninterrupted):
+    """Each of the 2 ranks runs one thread (torchrun's default): the MFU peak counts one thread at
+    the vector units' FLOP/cycle and a clock, and says where the clock came from."""
+    line = next(ln for ln in uninterrupted[1].splitlines() if ln.startswith("[cpu]"))
+    assert re.search(r"peak \d+ GFLOP/s = 1 thread\(s\) x \d+ FLOP/cycle x [0-9.]+ GHz \(", line), line
