@@ -1,0 +1,40 @@
+/* TTT-Linear dual form, forward and backward, fused for CPU (plain C99 + OpenMP).
+
+   Built and loaded by kernels/native.py, called through ctypes by ../fused_cpu.py. The math is
+   that of ../chunk.py (`_linear_step`) and ../README.md; per mini-batch of K <= b tokens, with
+   the weights W [D][D], bias c [D] from the end of the previous mini-batch and
+   E[i][j] = tok[i] eta_j (j <= i):
+
+       Z = K W + c,  G = d/dZ 1/2 ||LN(Z) - (V - K)||^2          (LayerNorm + L2 backward)
+       A = tril(E * (Q K^T + 1)),  Zbar = Q W + c - A G,  z = Q + LN(Zbar)
+       W' = W - (e K)^T G,  c' = c - sum_j e_j G_j,              e_j = tok[K-1] eta_j
+
+   A task is one (batch, head) row: it keeps W and c in cache for the whole sequence and runs
+   every product through the register-blocked loops of ../../csrc/small_matrix_impl.h, instead of
+   ~25 framework ops per mini-batch forward and ~60 backward. Forward stores each mini-batch's
+   starting W and c; backward walks the mini-batches in reverse, recomputes the mini-batch's
+   activations from them and carries dW, dc (README.md derives each term). A ragged last
+   mini-batch is a shorter one using tok[:K].
+
+   Layouts: q, k, v [B][T][H][D] and eta [B][T][H] read through (batch, time, head) strides with
+   the last dim contiguous; tok [b]; gamma, beta [H][D]; states per task (B*H of them, batch-major):
+   W0, Wout [BH][D][D], c0, cout [BH][D], Wst [BH][N][D][D], cst [BH][N][D]; z, dz, dq, dk, dv
+   [B][T][H][D] and deta [B][T][H] contiguous; per-task partial gradients dtok [BH][b],
+   dgamma, dbeta [BH][D] (the caller sums them). */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define S float
+#define SUF(name) name##_f32
+#include "small_matrix_impl.h"
+#include "ttt_linear_impl.h"
+#undef S
+#undef SUF
+
+#define S double
+#define SUF(name) name##_f64
+#include "small_matrix_impl.h"
+#include "ttt_linear_impl.h"
