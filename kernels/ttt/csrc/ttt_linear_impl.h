@@ -21,10 +21,13 @@ static void SUF(ln_rows)(int64_t K, int64_t D, const S *x, S eps, S *xh, S *rstd
         const S *r = x + i * D;
         S *o = xh + i * D;
         S mu = 0, var = 0;
+#pragma omp simd reduction(+ : mu)
         for (int64_t d = 0; d < D; d++) mu += r[d];
         mu /= (S)D;
+#pragma omp simd reduction(+ : var)
         for (int64_t d = 0; d < D; d++) var += (r[d] - mu) * (r[d] - mu);
         const S rs = (S)1 / sqrt(var / (S)D + eps);
+#pragma omp simd
         for (int64_t d = 0; d < D; d++) o[d] = (r[d] - mu) * rs;
         rstd[i] = rs;
     }
@@ -38,6 +41,7 @@ static void SUF(ln_l2_fwd)(int64_t K, int64_t D, const S *xh, const S *rstd, con
         const S *x = xh + i * D, *ti = t + i * D;
         S *h = gh + i * D, *o = G + i * D;
         S m1 = 0, m2 = 0;
+#pragma omp simd reduction(+ : m1, m2)
         for (int64_t d = 0; d < D; d++) {
             h[d] = (g[d] * x[d] + be[d] - ti[d]) * g[d];
             m1 += h[d];
@@ -45,6 +49,7 @@ static void SUF(ln_l2_fwd)(int64_t K, int64_t D, const S *xh, const S *rstd, con
         }
         m1 /= (S)D;
         m2 /= (S)D;
+#pragma omp simd
         for (int64_t d = 0; d < D; d++) o[d] = rstd[i] * (h[d] - m1 - x[d] * m2);
     }
 }
@@ -60,6 +65,7 @@ static void SUF(mb_forward)(SUF(mb) *m, const S *qb, const S *kb, const S *vb, c
                             const S *W, const S *c) {
     for (int64_t i = 0; i < K; i++) {
         const S *qr = qb + (t0 + i) * st[1], *kr = kb + (t0 + i) * st[4], *vr = vb + (t0 + i) * st[7];
+#pragma omp simd
         for (int64_t d = 0; d < D; d++) {
             m->Qc[i * D + d] = qr[d];
             m->Kc[i * D + d] = kr[d];
@@ -128,13 +134,16 @@ int SUF(ttt_linear_fwd)(const S *q, const S *k, const S *v, const S *eta, const 
             SUF(mb_forward)(&m, qb, kb, vb, eb, st, t0, K, D, tok, g, be, eps, W, c);
             for (int64_t i = 0; i < K; i++) {
                 S *zr = z + ((bi * T + t0 + i) * H + h) * D;
+#pragma omp simd
                 for (int64_t d = 0; d < D; d++) zr[d] = m.Qc[i * D + d] + m.xh2[i * D + d] * g[d] + be[d];
             }
             /* W -= (e K)^T G, c -= sum_j e_j G_j */
             for (int64_t j = 0; j < K; j++)
+#pragma omp simd
                 for (int64_t d = 0; d < D; d++) m.Ke[j * D + d] = m.el[j] * m.Kc[j * D + d];
             SUF(gemm)(D, D, K, -1, m.Ke, 1, D, m.G, D, 1, W, D);
             for (int64_t j = 0; j < K; j++)
+#pragma omp simd
                 for (int64_t d = 0; d < D; d++) c[d] -= m.el[j] * m.G[j * D + d];
         }
         free(block);
@@ -187,6 +196,7 @@ int SUF(ttt_linear_bwd)(const S *q, const S *k, const S *v, const S *eta, const 
             for (int64_t i = 0; i < K; i++) {
                 const S *dzr = dz + ((bi * T + t0 + i) * H + h) * D, *x = m.xh2 + i * D;
                 S *o = dZb + i * D, m1 = 0, m2 = 0;
+#pragma omp simd reduction(+ : m1, m2)
                 for (int64_t d = 0; d < D; d++) {
                     dQ[i * D + d] = dzr[d];
                     dga[d] += dzr[d] * x[d];
@@ -197,6 +207,7 @@ int SUF(ttt_linear_bwd)(const S *q, const S *k, const S *v, const S *eta, const 
                 }
                 m1 /= (S)D;
                 m2 /= (S)D;
+#pragma omp simd
                 for (int64_t d = 0; d < D; d++) o[d] = m.rstd2[i] * (o[d] - m1 - x[d] * m2);
             }
             /* Zbar = Q W + c - A G */
@@ -205,12 +216,14 @@ int SUF(ttt_linear_bwd)(const S *q, const S *k, const S *v, const S *eta, const 
             SUF(gemm)(K, D, K, -1, m.A, 1, K, dZb, D, 0, dG, D);
             /* W' = W - (e K)^T G, c' = c - sum_j e_j G_j, with dW, dc the gradients of W', c' */
             for (int64_t j = 0; j < K; j++)
+#pragma omp simd
                 for (int64_t d = 0; d < D; d++) m.Ke[j * D + d] = m.el[j] * m.Kc[j * D + d];
             SUF(transpose)(dW, D, D, dWT);
             SUF(gemm)(K, D, D, -1, m.G, D, 1, dWT, D, 0, dKe, D);
             SUF(gemm)(K, D, D, -1, m.Ke, D, 1, dW, D, 1, dG, D);
             for (int64_t j = 0; j < K; j++) {
                 S s = 0;
+#pragma omp simd reduction(+ : s)
                 for (int64_t d = 0; d < D; d++) {
                     dG[j * D + d] -= m.el[j] * dc[d];
                     s += m.Kc[j * D + d] * dKe[j * D + d] - m.G[j * D + d] * dc[d];
@@ -236,6 +249,7 @@ int SUF(ttt_linear_bwd)(const S *q, const S *k, const S *v, const S *eta, const 
             /* the gradients of W, c through Zbar (after dW' was used above) */
             SUF(gemm)(D, D, K, 1, m.Qc, 1, D, dZb, D, 1, dW, D);
             for (int64_t i = 0; i < K; i++)
+#pragma omp simd
                 for (int64_t d = 0; d < D; d++) dc[d] += dZb[i * D + d];
             /* G = LN-L2 backward at Z (xh, rstd, gh): dG -> dZ, d target (= dV, -dK), dgamma, dbeta */
             for (int64_t i = 0; i < K; i++) {
@@ -243,6 +257,7 @@ int SUF(ttt_linear_bwd)(const S *q, const S *k, const S *v, const S *eta, const 
                 const S *dGi = dG + i * D, rs = m.rstd[i];
                 S *dx = dxh + i * D, *dZi = dZ + i * D;
                 S mg = 0, mgx = 0, mhx = 0, dstd = 0;
+#pragma omp simd reduction(+ : mg, mgx, mhx, dstd)
                 for (int64_t d = 0; d < D; d++) {
                     mg += dGi[d];
                     mgx += dGi[d] * x[d];
@@ -254,6 +269,7 @@ int SUF(ttt_linear_bwd)(const S *q, const S *k, const S *v, const S *eta, const 
                 mhx /= (S)D;
                 dstd *= -rs;
                 S m1 = 0, m2 = 0;
+#pragma omp simd reduction(+ : m1, m2)
                 for (int64_t d = 0; d < D; d++) {
                     const S P = rs * (dGi[d] - mg - x[d] * mgx);
                     dx[d] = -rs * (dGi[d] * mhx + h2[d] * mgx) + P * g[d] * g[d];
@@ -267,6 +283,7 @@ int SUF(ttt_linear_bwd)(const S *q, const S *k, const S *v, const S *eta, const 
                 }
                 m1 /= (S)D;
                 m2 /= (S)D;
+#pragma omp simd
                 for (int64_t d = 0; d < D; d++)
                     dZi[d] = rs * (dx[d] - m1 - x[d] * m2) + dstd * x[d] / (S)D;
             }
@@ -274,6 +291,7 @@ int SUF(ttt_linear_bwd)(const S *q, const S *k, const S *v, const S *eta, const 
             SUF(gemm)(K, D, D, 1, dZ, D, 1, WT, D, 1, dK, D);
             SUF(gemm)(D, D, K, 1, m.Kc, 1, D, dZ, D, 1, dW, D);
             for (int64_t i = 0; i < K; i++) {
+#pragma omp simd
                 for (int64_t d = 0; d < D; d++) dc[d] += dZ[i * D + d];
                 memcpy(dq + ((bi * T + t0 + i) * H + h) * D, dQ + i * D, D * sizeof(S));
                 memcpy(dk + ((bi * T + t0 + i) * H + h) * D, dK + i * D, D * sizeof(S));
