@@ -8,7 +8,7 @@
    BLAS's call overhead.
 
    Shared by kernels/ttt/csrc. The Titans chain (kernels/titans_memory/csrc/chunk_memory_impl.h)
-   carries its own copy of `gemm` and `transpose` (same blocking) and has not been switched over
+   carries its own copy of `gemm` and `transpose` (the same code) and has not been switched over
    yet. Defines: SUF(vec), SUF(uvec), SUF(gemm), SUF(gemm_nt), SUF(transpose); uses the macros
    SM_VEC, SM_UVEC, SM_NV internally and undefines them at the end. */
 
@@ -100,11 +100,39 @@ static void SUF(gemm_nt)(int64_t m, int64_t n, int64_t k, S alpha, const S *A, i
         }
 }
 
-/* dst [c][r] = src [r][c]^T (scalar; for the few [D x D] transposes per mini-batch). */
+/* dst [c][r] = src [r][c]^T. Full NV x NV tiles go through registers: log2(NV) rounds of
+   two-vector shuffles, round s swapping bit s of the row and column index (64 shuffles per 16 x 16
+   float tile, against 256 scalar moves); the edges are scalar. */
+typedef int32_t SUF(sm_ivec) __attribute__((vector_size(64 * sizeof(int32_t) / sizeof(S))));
+typedef int64_t SUF(sm_lvec) __attribute__((vector_size(64)));
+#define SM_MASKVEC __typeof__(__builtin_choose_expr(sizeof(S) == 4, (SUF(sm_ivec)){0}, (SUF(sm_lvec)){0}))
 static void SUF(transpose)(const S *src, int64_t r, int64_t c, S *dst) {
+    /* masks of round s: lo keeps row i's low half of each 2s block, hi the high (built per call:
+       a few dozen stores, and no state shared by the OpenMP threads) */
+    SM_MASKVEC lo[8], hi[8];
+    for (int e = 0, st = 1; st < SM_NV; e++, st *= 2)
+        for (int j = 0; j < SM_NV; j++) {
+            lo[e][j] = (j & st) ? SM_NV + j - st : j;
+            hi[e][j] = (j & st) ? SM_NV + j : j + st;
+        }
+    const int64_t rt = r / SM_NV * SM_NV, ct = c / SM_NV * SM_NV;
+    for (int64_t i0 = 0; i0 < rt; i0 += SM_NV)
+        for (int64_t j0 = 0; j0 < ct; j0 += SM_NV) {
+            SM_VEC v[SM_NV];
+            for (int i = 0; i < SM_NV; i++) v[i] = *(const SM_UVEC *)(src + (i0 + i) * c + j0);
+            for (int e = 0, st = 1; st < SM_NV; e++, st *= 2)
+                for (int i = 0; i < SM_NV; i++)
+                    if (!(i & st)) {
+                        const SM_VEC a = v[i], b2 = v[i + st];
+                        v[i] = __builtin_shuffle(a, b2, lo[e]);
+                        v[i + st] = __builtin_shuffle(a, b2, hi[e]);
+                    }
+            for (int j = 0; j < SM_NV; j++) *(SM_UVEC *)(dst + (j0 + j) * r + i0) = v[j];
+        }
     for (int64_t i = 0; i < r; i++)
-        for (int64_t j = 0; j < c; j++) dst[j * r + i] = src[i * c + j];
+        for (int64_t j = (i < rt ? ct : 0); j < c; j++) dst[j * r + i] = src[i * c + j];
 }
+#undef SM_MASKVEC
 
 #undef SM_VEC
 #undef SM_UVEC
