@@ -188,15 +188,21 @@ def chunk_ttt_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
 
 def chunk_ttt_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor,
                   token_eta: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
-                  initial_state: State, eps: float = 1e-6) -> tuple[torch.Tensor, State]:
+                  initial_state: State, eps: float = 1e-6, backend: str = "auto") -> tuple[torch.Tensor, State]:
     """TTT-MLP layer, dual form: f(x) = x + LN(GELU_tanh(x W1 + b1) W2 + b2) per head.
 
-    Arguments as `chunk_ttt_linear`, with initial_state
+    Arguments as `chunk_ttt_linear` (backend included), with initial_state
     (W1 [B, H, D, F], b1 [B, H, F], W2 [B, H, F, D], b2 [B, H, D]); F is read from W1 (4D in the paper).
     """
     B, T, H, D = q.shape if q.dim() == 4 else (0, 0, 0, 0)
     Fh = initial_state[0].shape[-1] if len(initial_state) == 4 else 0
     _check(q, k, v, eta, token_eta, ln_weight, ln_bias, initial_state,
            [(B, H, D, Fh), (B, H, Fh), (B, H, Fh, D), (B, H, D)], "chunk_ttt_mlp")
+    others = (k, v, eta, token_eta, ln_weight, ln_bias, *initial_state)
+    if use_native(backend, q, fused_cpu.SOURCE, "TTT-MLP chain", *others):
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        args = [t.to(dtype) for t in (q, *others)]
+        z, state = fused_cpu.fused_chunk_ttt_mlp(*args[:7], tuple(args[7:]), eps)
+        return z.to(q.dtype), state
     z, state = _dual_scan(_mlp_step, q, k, v, eta, token_eta, ln_weight, ln_bias, initial_state, eps)
     return z.to(q.dtype), state

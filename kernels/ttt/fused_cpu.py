@@ -24,7 +24,7 @@ from torch.autograd.function import once_differentiable
 
 from titanforge.kernels.native import check_inputs, kernel, load, native_status, ptr
 
-SOURCE = str(Path(__file__).with_name("csrc") / "ttt_linear.c")
+SOURCE = str(Path(__file__).with_name("csrc") / "ttt.c")
 
 _i64, _int = ctypes.c_int64, ctypes.c_int
 
@@ -103,3 +103,66 @@ def fused_chunk_ttt_linear(q, k, v, eta, token_eta, ln_weight, ln_bias, initial_
     W0, b0 = initial_state
     z, W, b = FusedTTTLinearFunction.apply(eps, q, k, v, eta, token_eta, ln_weight, ln_bias, W0, b0)
     return z, (W, b)
+
+
+def _ptrs(tensors) -> ctypes.Array:
+    """A C array of the tensors' data pointers (None -> NULL)."""
+    return (ctypes.c_void_p * len(tensors))(*(None if t is None else t.data_ptr() for t in tensors))
+
+
+class FusedTTTMLPFunction(torch.autograd.Function):
+    """forward(eps, q, k, v [B, T, H, D], eta [B, T, H], token_eta [b], ln_weight, ln_bias [H, D],
+    W1 [B, H, D, F], b1 [B, H, F], W2 [B, H, F, D], b2 [B, H, D]) -> (z [B, T, H, D], W1', b1', W2', b2').
+
+    As FusedTTTLinearFunction; saves each mini-batch's four starting state tensors."""
+
+    @staticmethod
+    def forward(ctx, eps, q, k, v, eta, token_eta, ln_weight, ln_bias, *state):
+        B, T, H, D = q.shape
+        F = state[0].shape[-1]
+        q, k, v, eta = (_last_contiguous(t) for t in (q, k, v, eta))
+        token_eta, ln_weight, ln_bias = (t.contiguous() for t in (token_eta, ln_weight, ln_bias))
+        state = [s.contiguous() for s in state]
+        check_inputs("TTT-MLP chain", q, k, v, eta, token_eta, ln_weight, ln_bias, *state)
+        bs = token_eta.shape[0]
+        N = -(-T // bs)
+        z = q.new_empty(B, T, H, D)
+        out = [q.new_empty(s.shape) for s in state]
+        saved = [q.new_empty(B * H, N, *s.shape[2:]) for s in state]
+        strides = torch.tensor([s for t in (q, k, v) for s in t.stride()[:3]] + list(eta.stride()), dtype=torch.int64)
+        rc = kernel(SOURCE, "ttt_mlp_fwd", q.dtype)(
+            ptr(q), ptr(k), ptr(v), ptr(eta), ptr(strides), ptr(token_eta), ptr(ln_weight), ptr(ln_bias),
+            _ptrs(state), _ptrs(out), _ptrs(saved), ptr(z), _i64(B), _i64(H), _i64(T), _i64(D), _i64(F), _i64(bs),
+            ctypes.c_double(eps), _int(torch.get_num_threads()))
+        _check_rc(rc, "forward")
+        ctx.eps = eps
+        ctx.save_for_backward(q, k, v, eta, strides, token_eta, ln_weight, ln_bias, *saved)
+        return (z, *out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dz, *d_final):
+        q, k, v, eta, strides, token_eta, ln_weight, ln_bias, *saved = ctx.saved_tensors
+        B, T, H, D = q.shape
+        F = saved[0].shape[-1]
+        bs = token_eta.shape[0]
+        dz = torch.zeros(B, T, H, D, dtype=q.dtype) if dz is None else dz.contiguous()
+        d_final = [None if g is None else g.contiguous() for g in d_final]
+        dq, dk, dv = (q.new_empty(B, T, H, D) for _ in range(3))
+        deta = q.new_empty(B, T, H)
+        dtok = q.new_empty(B * H, bs)
+        dgamma, dbeta = q.new_empty(B, H, D), q.new_empty(B, H, D)
+        d_state = [q.new_empty(B, H, *s.shape[2:]) for s in saved]
+        rc = kernel(SOURCE, "ttt_mlp_bwd", q.dtype)(
+            ptr(q), ptr(k), ptr(v), ptr(eta), ptr(strides), ptr(token_eta), ptr(ln_weight), ptr(ln_bias),
+            _ptrs(saved), ptr(dz), _ptrs(d_final), ptr(dq), ptr(dk), ptr(dv), ptr(deta), ptr(dtok), ptr(dgamma),
+            ptr(dbeta), _ptrs(d_state), _i64(B), _i64(H), _i64(T), _i64(D), _i64(F), _i64(bs),
+            ctypes.c_double(ctx.eps), _int(torch.get_num_threads()))
+        _check_rc(rc, "backward")
+        return (None, dq, dk, dv, deta, dtok.sum(0), dgamma.sum(0), dbeta.sum(0), *d_state)
+
+
+def fused_chunk_ttt_mlp(q, k, v, eta, token_eta, ln_weight, ln_bias, initial_state, eps):
+    """chunk_ttt_mlp's contract on validated CPU inputs of one dtype, float32 or float64."""
+    z, *state = FusedTTTMLPFunction.apply(eps, q, k, v, eta, token_eta, ln_weight, ln_bias, *initial_state)
+    return z, tuple(state)

@@ -54,15 +54,78 @@ static void SUF(ln_l2_fwd)(int64_t K, int64_t D, const S *xh, const S *rstd, con
     }
 }
 
+/* Backward of z = Q + LN(Zbar) over K rows: dQ = dz (rows of dz at stride ldz), dZbar through
+   the LayerNorm (xh2, rstd2 of Zbar), d gamma and d beta accumulated. */
+static void SUF(out_ln_bwd)(int64_t K, int64_t D, const S *dz, int64_t ldz, const S *xh2, const S *rstd2,
+                            const S *g, S *dQ, S *dga, S *dbe, S *dZb) {
+    for (int64_t i = 0; i < K; i++) {
+        const S *dzr = dz + i * ldz, *x = xh2 + i * D;
+        S *o = dZb + i * D, m1 = 0, m2 = 0;
+#pragma omp simd reduction(+ : m1, m2)
+        for (int64_t d = 0; d < D; d++) {
+            dQ[i * D + d] = dzr[d];
+            dga[d] += dzr[d] * x[d];
+            dbe[d] += dzr[d];
+            o[d] = dzr[d] * g[d];
+            m1 += o[d];
+            m2 += o[d] * x[d];
+        }
+        m1 /= (S)D;
+        m2 /= (S)D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; d++) o[d] = rstd2[i] * (o[d] - m1 - x[d] * m2);
+    }
+}
+
+/* Backward of G = LN-L2 backward at Z (xh, rstd of Z, gh, G, target rows t) over K rows: from dG
+   to dZ, d target written to dv (rows at stride ldv) and subtracted from dK (t = V - K), d gamma
+   and d beta accumulated (README.md, step 5). dxh scratch [K][D]. */
+static void SUF(ln_l2_bwd)(int64_t K, int64_t D, const S *xh, const S *rstd, const S *gh, const S *G, const S *t,
+                           const S *g, const S *be, const S *dG, S *dxh, S *dga, S *dbe, S *dv, int64_t ldv,
+                           S *dK, S *dZ) {
+    for (int64_t i = 0; i < K; i++) {
+        const S *x = xh + i * D, *h2 = gh + i * D, *Gi = G + i * D, *ti = t + i * D;
+        const S *dGi = dG + i * D, rs = rstd[i];
+        S *dx = dxh + i * D, *dZi = dZ + i * D, *dvi = dv + i * ldv;
+        S mg = 0, mgx = 0, mhx = 0, dstd = 0;
+#pragma omp simd reduction(+ : mg, mgx, mhx, dstd)
+        for (int64_t d = 0; d < D; d++) {
+            mg += dGi[d];
+            mgx += dGi[d] * x[d];
+            mhx += h2[d] * x[d];
+            dstd += dGi[d] * Gi[d];
+        }
+        mg /= (S)D;
+        mgx /= (S)D;
+        mhx /= (S)D;
+        dstd *= -rs;
+        S m1 = 0, m2 = 0;
+#pragma omp simd reduction(+ : m1, m2)
+        for (int64_t d = 0; d < D; d++) {
+            const S P = rs * (dGi[d] - mg - x[d] * mgx);
+            dx[d] = -rs * (dGi[d] * mhx + h2[d] * mgx) + P * g[d] * g[d];
+            dga[d] += P * ((S)2 * g[d] * x[d] + be[d] - ti[d]);
+            dbe[d] += P * g[d];
+            const S dt = -P * g[d];
+            dvi[d] = dt;
+            dK[i * D + d] -= dt;
+            m1 += dx[d];
+            m2 += dx[d] * x[d];
+        }
+        m1 /= (S)D;
+        m2 /= (S)D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; d++) dZi[d] = rs * (dx[d] - m1 - x[d] * m2) + dstd * x[d] / (S)D;
+    }
+}
+
 typedef struct {
     S *Qc, *Kc, *Tc, *xh, *gh, *G, *xh2, *Ke, *e, *el, *rstd, *rstd2, *Sm, *A;
 } SUF(mb);
 
-/* The mini-batch [t0, t0 + K) at weights W, c: loads Q, K, T = V - K, eta; forms xh/rstd of
-   Z = K W + c, gh, G, S = Q K^T, A, and xh2/rstd2 of Zbar = Q W + c - A G. */
-static void SUF(mb_forward)(SUF(mb) *m, const S *qb, const S *kb, const S *vb, const S *eb, const int64_t *st,
-                            int64_t t0, int64_t K, int64_t D, const S *tok, const S *g, const S *be, S eps,
-                            const S *W, const S *c) {
+/* Loads the mini-batch [t0, t0 + K): Q, K, T = V - K, eta (e) and e_last (el). */
+static void SUF(mb_load)(SUF(mb) *m, const S *qb, const S *kb, const S *vb, const S *eb, const int64_t *st,
+                         int64_t t0, int64_t K, int64_t D, const S *tok) {
     for (int64_t i = 0; i < K; i++) {
         const S *qr = qb + (t0 + i) * st[1], *kr = kb + (t0 + i) * st[4], *vr = vb + (t0 + i) * st[7];
 #pragma omp simd
@@ -70,19 +133,34 @@ static void SUF(mb_forward)(SUF(mb) *m, const S *qb, const S *kb, const S *vb, c
             m->Qc[i * D + d] = qr[d];
             m->Kc[i * D + d] = kr[d];
             m->Tc[i * D + d] = vr[d] - kr[d];
-            m->xh[i * D + d] = c[d];
-            m->xh2[i * D + d] = c[d];
         }
         m->e[i] = eb[(t0 + i) * st[10]];
         m->el[i] = tok[K - 1] * m->e[i];
     }
-    SUF(gemm)(K, D, D, 1, m->Kc, D, 1, W, D, 1, m->xh, D);
-    SUF(ln_rows)(K, D, m->xh, eps, m->xh, m->rstd);
-    SUF(ln_l2_fwd)(K, D, m->xh, m->rstd, m->Tc, g, be, m->gh, m->G);
+}
+
+/* S = Q K^T and A = tril(E * (S + 1)) of a loaded mini-batch. */
+static void SUF(mb_scores)(SUF(mb) *m, int64_t K, int64_t D, const S *tok) {
     SUF(gemm_nt)(K, K, D, 1, m->Qc, D, m->Kc, D, 0, m->Sm, K);
     for (int64_t i = 0; i < K; i++)
         for (int64_t j = 0; j < K; j++)
             m->A[i * K + j] = j <= i ? tok[i] * m->e[j] * (m->Sm[i * K + j] + 1) : 0;
+}
+
+/* The mini-batch [t0, t0 + K) at weights W, c: loads it (mb_load); forms xh/rstd of
+   Z = K W + c, gh, G, S = Q K^T, A, and xh2/rstd2 of Zbar = Q W + c - A G. */
+static void SUF(mb_forward)(SUF(mb) *m, const S *qb, const S *kb, const S *vb, const S *eb, const int64_t *st,
+                            int64_t t0, int64_t K, int64_t D, const S *tok, const S *g, const S *be, S eps,
+                            const S *W, const S *c) {
+    SUF(mb_load)(m, qb, kb, vb, eb, st, t0, K, D, tok);
+    for (int64_t i = 0; i < K; i++) {
+        memcpy(m->xh + i * D, c, D * sizeof(S));
+        memcpy(m->xh2 + i * D, c, D * sizeof(S));
+    }
+    SUF(gemm)(K, D, D, 1, m->Kc, D, 1, W, D, 1, m->xh, D);
+    SUF(ln_rows)(K, D, m->xh, eps, m->xh, m->rstd);
+    SUF(ln_l2_fwd)(K, D, m->xh, m->rstd, m->Tc, g, be, m->gh, m->G);
+    SUF(mb_scores)(m, K, D, tok);
     SUF(gemm)(K, D, D, 1, m->Qc, D, 1, W, D, 1, m->xh2, D);
     SUF(gemm)(K, D, K, -1, m->A, K, 1, m->G, D, 1, m->xh2, D);
     SUF(ln_rows)(K, D, m->xh2, eps, m->xh2, m->rstd2);
@@ -193,23 +271,7 @@ int SUF(ttt_linear_bwd)(const S *q, const S *k, const S *v, const S *eta, const 
             SUF(mb_forward)(&m, qb, kb, vb, eb, st, t0, K, D, tok, g, be, eps, W, c);
             SUF(transpose)(W, D, D, WT);
             /* z = Q + LN(Zbar): dQ = dz, dZbar through the LayerNorm */
-            for (int64_t i = 0; i < K; i++) {
-                const S *dzr = dz + ((bi * T + t0 + i) * H + h) * D, *x = m.xh2 + i * D;
-                S *o = dZb + i * D, m1 = 0, m2 = 0;
-#pragma omp simd reduction(+ : m1, m2)
-                for (int64_t d = 0; d < D; d++) {
-                    dQ[i * D + d] = dzr[d];
-                    dga[d] += dzr[d] * x[d];
-                    dbe[d] += dzr[d];
-                    o[d] = dzr[d] * g[d];
-                    m1 += o[d];
-                    m2 += o[d] * x[d];
-                }
-                m1 /= (S)D;
-                m2 /= (S)D;
-#pragma omp simd
-                for (int64_t d = 0; d < D; d++) o[d] = m.rstd2[i] * (o[d] - m1 - x[d] * m2);
-            }
+            SUF(out_ln_bwd)(K, D, dz + ((bi * T + t0) * H + h) * D, H * D, m.xh2, m.rstd2, g, dQ, dga, dbe, dZb);
             /* Zbar = Q W + c - A G */
             SUF(gemm)(K, D, D, 1, dZb, D, 1, WT, D, 1, dQ, D);
             SUF(gemm_nt)(K, K, D, -1, dZb, D, m.G, D, 0, dA, K);
@@ -252,41 +314,8 @@ int SUF(ttt_linear_bwd)(const S *q, const S *k, const S *v, const S *eta, const 
 #pragma omp simd
                 for (int64_t d = 0; d < D; d++) dc[d] += dZb[i * D + d];
             /* G = LN-L2 backward at Z (xh, rstd, gh): dG -> dZ, d target (= dV, -dK), dgamma, dbeta */
-            for (int64_t i = 0; i < K; i++) {
-                const S *x = m.xh + i * D, *h2 = m.gh + i * D, *Gi = m.G + i * D, *ti = m.Tc + i * D;
-                const S *dGi = dG + i * D, rs = m.rstd[i];
-                S *dx = dxh + i * D, *dZi = dZ + i * D;
-                S mg = 0, mgx = 0, mhx = 0, dstd = 0;
-#pragma omp simd reduction(+ : mg, mgx, mhx, dstd)
-                for (int64_t d = 0; d < D; d++) {
-                    mg += dGi[d];
-                    mgx += dGi[d] * x[d];
-                    mhx += h2[d] * x[d];
-                    dstd += dGi[d] * Gi[d];
-                }
-                mg /= (S)D;
-                mgx /= (S)D;
-                mhx /= (S)D;
-                dstd *= -rs;
-                S m1 = 0, m2 = 0;
-#pragma omp simd reduction(+ : m1, m2)
-                for (int64_t d = 0; d < D; d++) {
-                    const S P = rs * (dGi[d] - mg - x[d] * mgx);
-                    dx[d] = -rs * (dGi[d] * mhx + h2[d] * mgx) + P * g[d] * g[d];
-                    dga[d] += P * ((S)2 * g[d] * x[d] + be[d] - ti[d]);
-                    dbe[d] += P * g[d];
-                    const S dt = -P * g[d];
-                    dv[((bi * T + t0 + i) * H + h) * D + d] = dt;
-                    dK[i * D + d] -= dt;
-                    m1 += dx[d];
-                    m2 += dx[d] * x[d];
-                }
-                m1 /= (S)D;
-                m2 /= (S)D;
-#pragma omp simd
-                for (int64_t d = 0; d < D; d++)
-                    dZi[d] = rs * (dx[d] - m1 - x[d] * m2) + dstd * x[d] / (S)D;
-            }
+            SUF(ln_l2_bwd)(K, D, m.xh, m.rstd, m.gh, m.G, m.Tc, g, be, dG, dxh, dga, dbe,
+                           dv + ((bi * T + t0) * H + h) * D, H * D, dK, dZ);
             /* Z = K W + c */
             SUF(gemm)(K, D, D, 1, dZ, D, 1, WT, D, 1, dK, D);
             SUF(gemm)(D, D, K, 1, m.Kc, 1, D, dZ, D, 1, dW, D);
