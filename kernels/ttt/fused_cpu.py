@@ -1,4 +1,4 @@
-"""TTT-Linear's dual form as one fused C loop on CPU (`csrc/ttt_linear.c`, built by kernels/native.py).
+"""TTT-Linear's and TTT-MLP's dual forms as one fused C loop on CPU (`csrc/ttt.c`, built by kernels/native.py).
 
 chunk.py's `_dual_scan` runs ~25 small framework ops per mini-batch forward and ~60 backward on
 [B, H, b, D] tiles; at the sizes TTT runs on CPU (b = 16, D = 64) their dispatch costs more than
@@ -9,9 +9,10 @@ through their strides, stores each mini-batch's starting W and b in forward, and
 recomputes the mini-batch's activations from them while walking the mini-batches in reverse
 (README.md, "Backward", has the derivation). Tasks run on `torch.get_num_threads()` OpenMP threads.
 
-`chunk_ttt_linear` runs this where the library builds (backend "auto" or "native"), else chunk.py's
-PyTorch dual form; both are tested against the token loop of naive.py. The backward is
-first-order only (`once_differentiable`).
+`chunk_ttt_linear` / `chunk_ttt_mlp` run this where the library builds (backend "auto" or
+"native"), else chunk.py's PyTorch dual form; both are tested against the token loop of naive.py.
+The backward is first-order only (`once_differentiable`). TTT-MLP's loop is the same walk over
+both layers (FusedTTTMLPFunction), saving the four state tensors per mini-batch.
 """
 
 from __future__ import annotations
