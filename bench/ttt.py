@@ -4,7 +4,9 @@ A small TTT-Linear model (d_model 256, 4 heads, 2 layers, transformer backbone, 
 vocabulary 4096 so the LM head does not dominate), batch 2, forward + backward at T = 1k, 2k, 4k.
 Two variants of the same model with the same weights and tokens differ only in the TTT op:
 
-- `titanforge`: kernels/ttt/chunk.py `chunk_ttt_linear` (dual form, Python loop over mini-batches);
+- `titanforge`: `chunk_ttt_linear` as the model calls it (backend "auto": on CPU the fused C loop
+  of kernels/ttt/fused_cpu.py, one task per batch row and head; the PyTorch dual form of chunk.py
+  where no C compiler is found);
 - `fla_ref`: `fla.ops.ttt.naive.chunk_ttt_linear_ref` from fla-core 0.6.0 (also a dual-form loop
   over mini-batches in PyTorch; its learning rate is per row only and its output adds LN(Z) to Z,
   so its numbers differ slightly from ours, but it does the same work per token). It indexes
@@ -86,6 +88,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ttt.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import fla.ops.ttt.naive  # noqa: F401  (slow import, done before timing)
@@ -121,7 +124,8 @@ def main() -> None:
                         "vocab_size": cfg.vocab_size, "mini_batch_size": cfg.ttt.mini_batch_size,
                         "backbone": cfg.ttt.backbone},
               "method": f"alternating steps in one process, min of {args.repeats} repeats, "
-                        f"{args.threads} torch thread(s); 1-min load average at the end {os.getloadavg()[0]:.1f}",
+                        f"{args.threads} torch thread(s); 1-min load average {load_start:.1f} at the start, "
+                        f"{os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores, shared)",
               "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -39,6 +39,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from titanforge.kernels.native import use_native
+from titanforge.kernels.ttt import fused_cpu
+
 State = tuple[torch.Tensor, ...]
 
 
@@ -157,7 +160,7 @@ def _check(q, k, v, eta, token_eta, ln_weight, ln_bias, initial_state, state_sha
 
 def chunk_ttt_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor,
                      token_eta: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
-                     initial_state: State, eps: float = 1e-6) -> tuple[torch.Tensor, State]:
+                     initial_state: State, eps: float = 1e-6, backend: str = "auto") -> tuple[torch.Tensor, State]:
     """TTT-Linear layer, dual form: inner model f(x) = x + LN(x W + b) per head.
 
     q, k, v: [B, T, H, D] (theta_Q x, theta_K x, theta_V x).
@@ -166,26 +169,40 @@ def chunk_ttt_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
     ln_weight, ln_bias: [H, D] the inner LayerNorm.
     initial_state: (W [B, H, D, D], b [B, H, D]): the inner weights at t = 0 (W_0 expanded over
     B, or the final_state of the previous piece of the sequence).
+    backend: "auto" runs the fused C loop (fused_cpu.py) for CPU float32/float64 inputs where it
+    builds, else this file's PyTorch dual form; "native" insists on the C loop, "torch" on PyTorch.
     Returns z [B, T, H, D] (dtype of q, computed in >= float32) and final_state (like initial_state).
     """
     B, T, H, D = q.shape if q.dim() == 4 else (0, 0, 0, 0)
     _check(q, k, v, eta, token_eta, ln_weight, ln_bias, initial_state,
            [(B, H, D, D), (B, H, D)], "chunk_ttt_linear")
+    others = (k, v, eta, token_eta, ln_weight, ln_bias, *initial_state)
+    if use_native(backend, q, fused_cpu.SOURCE, "TTT-Linear chain", *others):
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        args = [t.to(dtype) for t in (q, *others)]
+        z, state = fused_cpu.fused_chunk_ttt_linear(*args[:7], tuple(args[7:]), eps)
+        return z.to(q.dtype), state
     z, state = _dual_scan(_linear_step, q, k, v, eta, token_eta, ln_weight, ln_bias, initial_state, eps)
     return z.to(q.dtype), state
 
 
 def chunk_ttt_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor,
                   token_eta: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
-                  initial_state: State, eps: float = 1e-6) -> tuple[torch.Tensor, State]:
+                  initial_state: State, eps: float = 1e-6, backend: str = "auto") -> tuple[torch.Tensor, State]:
     """TTT-MLP layer, dual form: f(x) = x + LN(GELU_tanh(x W1 + b1) W2 + b2) per head.
 
-    Arguments as `chunk_ttt_linear`, with initial_state
+    Arguments as `chunk_ttt_linear` (backend included), with initial_state
     (W1 [B, H, D, F], b1 [B, H, F], W2 [B, H, F, D], b2 [B, H, D]); F is read from W1 (4D in the paper).
     """
     B, T, H, D = q.shape if q.dim() == 4 else (0, 0, 0, 0)
     Fh = initial_state[0].shape[-1] if len(initial_state) == 4 else 0
     _check(q, k, v, eta, token_eta, ln_weight, ln_bias, initial_state,
            [(B, H, D, Fh), (B, H, Fh), (B, H, Fh, D), (B, H, D)], "chunk_ttt_mlp")
+    others = (k, v, eta, token_eta, ln_weight, ln_bias, *initial_state)
+    if use_native(backend, q, fused_cpu.SOURCE, "TTT-MLP chain", *others):
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        args = [t.to(dtype) for t in (q, *others)]
+        z, state = fused_cpu.fused_chunk_ttt_mlp(*args[:7], tuple(args[7:]), eps)
+        return z.to(q.dtype), state
     z, state = _dual_scan(_mlp_step, q, k, v, eta, token_eta, ln_weight, ln_bias, initial_state, eps)
     return z.to(q.dtype), state
