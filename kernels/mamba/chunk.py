@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from titanforge.kernels import native
+from titanforge.kernels.dispatch import BACKENDS, pick
 from titanforge.kernels.mamba import fused_cpu
 
 
@@ -313,13 +313,15 @@ def chunk_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
     z: [B, T, D] (the gate), initial_state: [B, D, N]. Returns (y + D u) * silu(z) [B, T, D] (without
     the skip or the gate where D or z is None; mamba_ssm's selective_scan_fn contract; the C loop
     applies both in place) and the final state [B, D, N] (None unless `output_final_state`).
-    Computes in the dtype of u; pass float32 or float64.
+    Computes in the dtype of u; pass float32 or float64. On CUDA ("auto") or with backend "triton" the
+    Triton kernels of triton.py run instead (any chunk_size; float32 arithmetic in any storage dtype).
     """
     if u.dim() != 3:
         raise ValueError(f"u must be [B, T, D], got shape {tuple(u.shape)}")
     if chunk_size < 0:
         raise ValueError(f"chunk_size={chunk_size} must be >= 0 (0 = the whole sequence as one chunk)")
-    native.check_backend(backend)
+    if backend not in BACKENDS:
+        raise ValueError(f"chunk_selective_scan: backend={backend!r}: expected one of {list(BACKENDS)}")
     Bsz, T, Dn = u.shape
     N = A.shape[-1]
     _check("delta", delta, (Bsz, T, Dn))
@@ -333,8 +335,14 @@ def chunk_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
     if initial_state is not None:
         _check("initial_state", initial_state, (Bsz, Dn, N))
         initial_state = initial_state.to(u.dtype)
-    if chunk_size == 0 and native.use_native(backend, u, fused_cpu.SOURCE, "scan", delta, A, B, C, D, z,
-                                                   initial_state):
+    path = pick("selective_scan", backend, u, delta, A, B, C, D, z, initial_state,
+                native_source=fused_cpu.SOURCE if chunk_size == 0 else None)
+    if path == "triton":
+        from titanforge.kernels.mamba.triton import selective_scan_triton
+
+        y, h_last = selective_scan_triton(u, delta, A, B, C, D, z, initial_state)
+        return y, (h_last.to(u.dtype) if output_final_state else None)
+    if chunk_size == 0 and path == "native":
         cast = lambda t: None if t is None else t.to(u.dtype)  # noqa: E731
         y, h_last = fused_cpu.FusedSelectiveScanFunction.apply(u, *map(cast, (delta, A, B, C, D, z)), initial_state)
         return y, (h_last if output_final_state else None)
