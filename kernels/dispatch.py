@@ -22,6 +22,7 @@ over the environment, and an explicit backend passed to an op wins over both.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 
@@ -34,6 +35,8 @@ BACKENDS = ("auto", "triton", "native", "torch")
 OPS = ("rms_norm", "linear_cross_entropy", "causal_conv", "selective_scan", "moe_permute", "ttt_linear")
 
 _config_overrides: dict[str, str] = {}
+# (op, path) -> how many calls took it in this process: lets a test see which kernels ran.
+counts: collections.Counter = collections.Counter()
 
 
 def _check(op: str, backend: str, where: str) -> None:
@@ -106,6 +109,14 @@ def resolve(op: str, backend: str = "auto") -> str:
 
 def pick(op: str, backend: str, x: torch.Tensor, *others, native_source: str | None = None,
          triton_dtypes=(torch.float16, torch.bfloat16, torch.float32)) -> str:
+    """The path op takes on x (see _pick for the rule), counted in `counts`."""
+    path = _pick(op, backend, x, *others, native_source=native_source, triton_dtypes=triton_dtypes)
+    counts[op, path] += 1
+    return path
+
+
+def _pick(op: str, backend: str, x: torch.Tensor, *others, native_source: str | None = None,
+          triton_dtypes=(torch.float16, torch.bfloat16, torch.float32)) -> str:
     """'triton', 'native' or 'torch' for op on x (and its other tensor operands, None allowed).
 
     backend "auto" follows the rule in the module docstring; "triton" and "native" are demands that
