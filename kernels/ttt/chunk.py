@@ -25,7 +25,8 @@ Hence splitting a sequence into pieces with carried state reproduces one pass ex
 piece boundaries are multiples of b; elsewhere the early boundary closes a mini-batch early.
 
 The backward is torch autograd through this code (including through G, a second-order term);
-a fused Triton kernel is a separate issue. Computation runs in at least float32.
+on CUDA `chunk_ttt_linear` runs the fused Triton forward and backward of triton.py instead.
+Computation runs in at least float32.
 
 Axis glossary: B batch, T time, H heads, D head dim, F inner hidden width, N mini-batches,
 K tokens in a mini-batch.
@@ -38,6 +39,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from titanforge.kernels.dispatch import pick
 
 State = tuple[torch.Tensor, ...]
 
@@ -157,7 +160,7 @@ def _check(q, k, v, eta, token_eta, ln_weight, ln_bias, initial_state, state_sha
 
 def chunk_ttt_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor,
                      token_eta: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
-                     initial_state: State, eps: float = 1e-6) -> tuple[torch.Tensor, State]:
+                     initial_state: State, eps: float = 1e-6, backend: str = "auto") -> tuple[torch.Tensor, State]:
     """TTT-Linear layer, dual form: inner model f(x) = x + LN(x W + b) per head.
 
     q, k, v: [B, T, H, D] (theta_Q x, theta_K x, theta_V x).
@@ -167,10 +170,20 @@ def chunk_ttt_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
     initial_state: (W [B, H, D, D], b [B, H, D]): the inner weights at t = 0 (W_0 expanded over
     B, or the final_state of the previous piece of the sequence).
     Returns z [B, T, H, D] (dtype of q, computed in >= float32) and final_state (like initial_state).
+    backend (kernels/dispatch.py): "auto" runs the Triton kernels of triton.py on CUDA where the shape
+    fits them (power-of-two mini-batch >= 16, D <= 128), this PyTorch form elsewhere.
     """
     B, T, H, D = q.shape if q.dim() == 4 else (0, 0, 0, 0)
     _check(q, k, v, eta, token_eta, ln_weight, ln_bias, initial_state,
            [(B, H, D, D), (B, H, D)], "chunk_ttt_linear")
+    if pick("ttt_linear", backend, q, k, v, eta, token_eta, ln_weight, ln_bias, *initial_state) == "triton":
+        from titanforge.kernels.ttt import triton as ttt_triton
+
+        if ttt_triton.fits(q, token_eta):
+            return ttt_triton.ttt_linear_triton(q, k, v, eta, token_eta, ln_weight, ln_bias, initial_state, eps)
+        if backend == "triton":
+            raise ValueError(f"chunk_ttt_linear: backend='triton' needs a power-of-two mini-batch (>= 16 on a GPU) "
+                             f"and head dim <= 128; got {token_eta.shape[0]} and {q.shape[-1]} (use backend='auto')")
     z, state = _dual_scan(_linear_step, q, k, v, eta, token_eta, ln_weight, ln_bias, initial_state, eps)
     return z.to(q.dtype), state
 

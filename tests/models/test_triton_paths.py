@@ -63,6 +63,8 @@ def test_family_trains_the_same_on_the_triton_path(family):
         dispatch.set_overrides({})
     ops = {op for (op, path) in dispatch.counts if path == "triton"}
     assert "rms_norm" in ops and all(path == "torch" for (_, path) in picked)
+    if family == "ttt":
+        assert "ttt_linear" in ops
     if family == "jamba":
         assert {"selective_scan", "causal_conv", "moe_permute"} <= ops
     if fused:
