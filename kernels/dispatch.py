@@ -23,7 +23,7 @@ over the environment, and an explicit backend passed to an op wins over both.
 from __future__ import annotations
 
 import collections
-import functools
+import importlib.util
 import os
 
 import torch
@@ -83,13 +83,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+# Found, not imported: a CPU run never pays triton's import (the kernels import it on first use).
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_FOUND
 
 
 def triton_runs(x: torch.Tensor) -> bool:
