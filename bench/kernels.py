@@ -28,7 +28,7 @@ from titanforge.kernels.loss import linear_cross_entropy
 from titanforge.kernels.mamba import causal_conv1d_silu, chunk_selective_scan
 from titanforge.kernels.moe import permute, unpermute
 from titanforge.kernels.norms import rms_norm
-from titanforge.kernels.ttt import chunk_ttt_linear
+from titanforge.kernels.ttt import chunk_ttt_linear, chunk_ttt_mlp
 from titanforge.trainer.perf import peak_flops
 
 from machine_info import cpu_model  # bench/machine_info.py (this folder is sys.path[0])
@@ -132,7 +132,8 @@ def cases(device: torch.device, dt: torch.dtype, small: bool):
                 {p: fwd_bwd(lambda p=p: (permute(xm, order, k, backend=p), unpermute(ys, order, wts, M, backend=p)),
                             [xm, ys, wts]) for p in paths}, 4 * 2 * M * k * C * el, 0))
 
-    # TTT-Linear dual form at 16 heads x 64 (this repository's PyTorch chunk form; fla's Triton chunk).
+    # TTT-Linear / TTT-MLP dual forms at 16 heads x 64, mini-batch 16 (fla's Triton TTT-Linear where it installs;
+    # its eta convention differs from ours: equal shapes and work, not bit-equal outputs).
     H, Dh, bs = 16, 64, 16
     Tt = 256 if small else 2048
     q, kk, v = r(Bsz, Tt, H, Dh), r(Bsz, Tt, H, Dh), r(Bsz, Tt, H, Dh)
@@ -140,7 +141,8 @@ def cases(device: torch.device, dt: torch.dtype, small: bool):
     lw, lb = torch.ones(H, Dh, device=device, requires_grad=True), torch.zeros(H, Dh, device=device, requires_grad=True)
     tok = 1.0 / torch.arange(1, bs + 1, device=device)
     state0 = (torch.zeros(Bsz, H, Dh, Dh, device=device), torch.zeros(Bsz, H, Dh, device=device))
-    ttt = {"torch": fwd_bwd(lambda: chunk_ttt_linear(q, kk, v, eta, tok, lw, lb, state0)[0], [q, kk, v, eta, lw, lb])}
+    ttt = {p: fwd_bwd(lambda p=p: chunk_ttt_linear(q, kk, v, eta, tok, lw, lb, state0, backend=p)[0],
+                      [q, kk, v, eta, lw, lb]) for p in paths}
     try:
         from fla.ops.ttt import chunk_ttt_linear as fla_ttt
 
@@ -153,6 +155,12 @@ def cases(device: torch.device, dt: torch.dtype, small: bool):
     except Exception:  # not installed, or its signature moved: the row then lacks fla
         pass
     out.append(("ttt_linear", ttt, 8 * Bsz * Tt * H * Dh * el, 3 * 4 * Bsz * Tt * H * Dh * (Dh + bs)))
+    Fh = 4 * Dh
+    state1 = (torch.zeros(Bsz, H, Dh, Fh, device=device), torch.zeros(Bsz, H, Fh, device=device),
+              torch.zeros(Bsz, H, Fh, Dh, device=device), torch.zeros(Bsz, H, Dh, device=device))
+    out.append(("ttt_mlp", {p: fwd_bwd(lambda p=p: chunk_ttt_mlp(q, kk, v, eta, tok, lw, lb, state1, backend=p)[0],
+                                       [q, kk, v, eta, lw, lb]) for p in paths},
+                8 * Bsz * Tt * H * Dh * el, 3 * 4 * Bsz * Tt * H * Fh * (2 * Dh + bs)))
     return out
 
 

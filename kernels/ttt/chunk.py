@@ -25,7 +25,8 @@ Hence splitting a sequence into pieces with carried state reproduces one pass ex
 piece boundaries are multiples of b; elsewhere the early boundary closes a mini-batch early.
 
 The backward is torch autograd through this code (including through G, a second-order term);
-on CUDA `chunk_ttt_linear` runs the fused Triton forward and backward of triton.py instead.
+on CUDA `chunk_ttt_linear` and `chunk_ttt_mlp` run the fused Triton forward and backward of
+triton.py instead.
 Computation runs in at least float32.
 
 Axis glossary: B batch, T time, H heads, D head dim, F inner hidden width, N mini-batches,
@@ -190,15 +191,25 @@ def chunk_ttt_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
 
 def chunk_ttt_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor,
                   token_eta: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
-                  initial_state: State, eps: float = 1e-6) -> tuple[torch.Tensor, State]:
+                  initial_state: State, eps: float = 1e-6, backend: str = "auto") -> tuple[torch.Tensor, State]:
     """TTT-MLP layer, dual form: f(x) = x + LN(GELU_tanh(x W1 + b1) W2 + b2) per head.
 
     Arguments as `chunk_ttt_linear`, with initial_state
     (W1 [B, H, D, F], b1 [B, H, F], W2 [B, H, F, D], b2 [B, H, D]); F is read from W1 (4D in the paper).
+    backend as in `chunk_ttt_linear` (the Triton kernels also need F <= 512).
     """
     B, T, H, D = q.shape if q.dim() == 4 else (0, 0, 0, 0)
     Fh = initial_state[0].shape[-1] if len(initial_state) == 4 else 0
     _check(q, k, v, eta, token_eta, ln_weight, ln_bias, initial_state,
            [(B, H, D, Fh), (B, H, Fh), (B, H, Fh, D), (B, H, D)], "chunk_ttt_mlp")
+    if pick("ttt_mlp", backend, q, k, v, eta, token_eta, ln_weight, ln_bias, *initial_state) == "triton":
+        from titanforge.kernels.ttt import triton as ttt_triton
+
+        if ttt_triton.fits_mlp(q, token_eta, Fh):
+            return ttt_triton.ttt_mlp_triton(q, k, v, eta, token_eta, ln_weight, ln_bias, initial_state, eps)
+        if backend == "triton":
+            raise ValueError(f"chunk_ttt_mlp: backend='triton' needs a power-of-two mini-batch (>= 16 on a GPU), "
+                             f"head dim <= 128 and hidden <= 512; got {token_eta.shape[0]}, {D}, {Fh} (use "
+                             f"backend='auto')")
     z, state = _dual_scan(_mlp_step, q, k, v, eta, token_eta, ln_weight, ln_bias, initial_state, eps)
     return z.to(q.dtype), state

@@ -20,6 +20,8 @@ CONFIGS = {
                    titans=TitansConfig(segment_len=8, chunk_size=4, n_persistent=2)),
     "ttt": dict(family="ttt", d_model=24, n_layers=1, n_heads=2, ffn_hidden=32,
                 ttt=TTTConfig(inner="linear", backbone="mamba", mini_batch_size=4)),
+    "ttt_mlp": dict(family="ttt", d_model=24, n_layers=1, n_heads=2, ffn_hidden=32,
+                    ttt=TTTConfig(inner="mlp", backbone="transformer", mini_batch_size=4)),
     "jamba": dict(family="jamba", d_model=16, n_layers=2, n_heads=2, ffn_hidden=32,
                   jamba=JambaConfig(layer_pattern="MD ME", d_state=4,
                                     moe=MoEConfig(n_experts=3, top_k=2, load_balance_coef=1e-2))),
@@ -63,8 +65,8 @@ def test_family_trains_the_same_on_the_triton_path(family):
         dispatch.set_overrides({})
     ops = {op for (op, path) in dispatch.counts if path == "triton"}
     assert "rms_norm" in ops and all(path == "torch" for (_, path) in picked)
-    if family == "ttt":
-        assert "ttt_linear" in ops
+    if family.startswith("ttt"):
+        assert ("ttt_mlp" if family == "ttt_mlp" else "ttt_linear") in ops
     if family == "jamba":
         assert {"selective_scan", "causal_conv", "moe_permute"} <= ops
     if fused:
