@@ -491,7 +491,7 @@ def ttt_mlp_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Te
     ck = [torch.empty(B, H, n_mb, *s, **f32) for s in shapes]
     fin = [torch.empty(B, H, *s, **f32) for s in shapes]
     ttt_mlp_fwd_kernel[(B, H)](q, k, v, eta, token_eta, gamma, beta, W10, b10, W20, b20, zb, *ck, *fin, T, H, D, Fh,
-                               eps, KB=KB, BD=_tile(D), BF=_tile(Fh))
+                               eps, KB=KB, BD=_tile(D), BF=_tile(Fh), num_warps=8)
     return [zb, *fin, *ck]
 
 
@@ -522,7 +522,7 @@ def ttt_mlp_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Te
     dst = dfinal if dfinal else [None] * 4
     ttt_mlp_bwd_kernel[(B, H)](q, k, v, eta, token_eta, gamma, beta, w1ck, b1ck, w2ck, b2ck, dzb, *dst, dq, dk, dv,
                                deta, dte, dgamma, dbeta, *d0, T, H, D, Fh, eps, HAS_DST=bool(dfinal), KB=KB,
-                               BD=_tile(D), BF=_tile(Fh))
+                               BD=_tile(D), BF=_tile(Fh), num_warps=8)
     return [dq, dk, dv, deta, dte.sum((0, 1)), dgamma.sum(0), dbeta.sum(0), *d0]
 
 
