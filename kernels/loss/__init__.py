@@ -93,8 +93,12 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if chunk_size < 0:
         raise ValueError(f"linear_cross_entropy: chunk_size={chunk_size} must be >= 0 (0 picks one)")
     x2, t2 = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
-    if weight.dtype != x2.dtype:  # autocast leaves the matmul's operands to us: one dtype, x's
-        weight = weight.to(x2.dtype)
+    # Under autocast the matmuls run in its dtype, as the unfused head's would; the op itself runs
+    # with autocast off (its out= matmuls and float32 dweight sum need fixed dtypes).
+    dev = x2.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x2.dtype
+    x2, weight = x2.to(dtype), weight.to(dtype)
     path = pick("linear_cross_entropy", backend, x2, weight)
     chunk = chunk_size or default_chunk(*x2.shape, weight.shape[0])
-    return LinearCrossEntropyFunction.apply(x2, weight, t2, ignore_index, chunk, path == "triton")
+    with torch.autocast(dev, enabled=False):
+        return LinearCrossEntropyFunction.apply(x2, weight, t2, ignore_index, chunk, path == "triton")

@@ -195,14 +195,13 @@ def ttt_linear_bwd_kernel(Q, Kp, V, ETA, TE, GAMMA, BETA, WCK, BCK, DZB, DWT, DB
 @triton.jit
 def _gelu_parts(x):
     """(gelu(x), gelu'(x), gelu''(x)) of the tanh approximation (exact constants, as chunk.py)."""
-    c: tl.constexpr = 0.7978845608028654
-    a: tl.constexpr = 0.044715
-    u = c * (x + a * x * x * x)
+    # c = sqrt(2 / pi), a = 0.044715; tanh(u) = 2 sigmoid(2u) - 1.
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
     t = 2 * tl.sigmoid(2 * u) - 1
-    du = c * (1 + 3 * a * x * x)
+    du = 0.7978845608028654 * (1 + 3 * 0.044715 * x * x)
     g = 0.5 * x * (1 + t)
     g1 = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du
-    g2 = (1 - t * t) * (du + 0.5 * x * (6 * a * c * x - 2 * t * du * du))
+    g2 = (1 - t * t) * (du + 0.5 * x * (6 * 0.044715 * 0.7978845608028654 * x - 2 * t * du * du))
     return g, g1, g2
 
 
