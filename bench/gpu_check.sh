@@ -4,6 +4,7 @@
 # mamba-ssm where installed, CUDA events, GB/s and TFLOP/s vs roofline), (3) bench/gpu_step.py (one
 # training step per family at ~350M, tokens/s and MFU). Writes bench/results/gpu_check.json naming
 # the GPU, with each part's results or its error, so a partial run still reports.
+# Time limits per part (120 + 150 + 180 s) keep the whole under 8 minutes.
 #
 #     bash bench/gpu_check.sh            (from the repository root; PYTHON=... to pick the interpreter)
 set -uo pipefail
@@ -16,11 +17,11 @@ unset TRITON_INTERPRET
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 
 start=$(date +%s)
-timeout 150 env TRITON_INTERPRET=0 "$PY" -P -m pytest -q -m gpu tests/kernels tests/models \
+timeout 120 env TRITON_INTERPRET=0 "$PY" -P -m pytest -q -m gpu tests/kernels tests/models \
     -p no:cacheprovider --junitxml="$TMP/tests.xml" > "$TMP/tests.log" 2>&1
 tests_rc=$?
 tail -5 "$TMP/tests.log"
-timeout 180 "$PY" bench/kernels.py --repeats 10 --out "$TMP/kernels.json" 2>&1 | tee "$TMP/kernels.log"
+timeout 150 "$PY" bench/kernels.py --repeats 10 --out "$TMP/kernels.json" 2>&1 | tee "$TMP/kernels.log"
 timeout 180 "$PY" bench/gpu_step.py --steps 3 --out "$TMP/gpu_step.json" 2>&1 | tee "$TMP/gpu_step.log"
 end=$(date +%s)
 

@@ -75,6 +75,12 @@ def main() -> None:
     device = torch.device("cuda")
     peak = peak_flops(device, dtype="bfloat16")
     rows = {}
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "command": "python bench/gpu_step.py " + " ".join(f"--{k}={v}" for k, v in vars(args).items()),
+              "device": torch.cuda.get_device_name(), "peak_bf16_TFLOP/s": peak / 1e12,
+              "batch": args.batch, "seq": args.seq, "families": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    model = opt = None
     for name in args.families:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -94,12 +100,7 @@ def main() -> None:
             rows[name] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
         print(name, rows[name], flush=True)
         model = opt = None
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "command": "python bench/gpu_step.py " + " ".join(f"--{k}={v}" for k, v in vars(args).items()),
-              "device": torch.cuda.get_device_name(), "peak_bf16_TFLOP/s": peak / 1e12,
-              "batch": args.batch, "seq": args.seq, "families": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+        args.out.write_text(json.dumps(result, indent=2) + "\n")  # partial runs still report
     print(f"wrote {args.out}")
 
 

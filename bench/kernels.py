@@ -178,6 +178,15 @@ def main() -> None:
     bw = copy_bandwidth(device)
     peak = peak_flops(device, dtype="bfloat16") if device.type == "cuda" else 0.0
     rows = []
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python bench/kernels.py " + " ".join(f"--{k}={v}" for k, v in vars(args).items()),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_model(),
+        "torch": torch.__version__, "python": platform.python_version(), "dtype": str(dt),
+        "copy_bandwidth_GB/s": round(bw / 1e9, 1), "peak_bf16_TFLOP/s": round(peak / 1e12, 1),
+        "kernels": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name, paths, nbytes, flops in cases(device, dt, small):
         row = {"kernel": name, "bytes": nbytes, "flops": flops, "paths": {}}
         for path, fn in paths.items():
@@ -196,16 +205,8 @@ def main() -> None:
             print(f"{name:24s} {path:13s} {t * 1e3:9.3f} ms  {nbytes / t / 1e9:8.1f} GB/s"
                   + (f"  {flops / t / 1e12:7.2f} TFLOP/s" if flops else ""), flush=True)
         rows.append(row)
-    result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python bench/kernels.py " + " ".join(f"--{k}={v}" for k, v in vars(args).items()),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_model(),
-        "torch": torch.__version__, "python": platform.python_version(), "dtype": str(dt),
-        "copy_bandwidth_GB/s": round(bw / 1e9, 1), "peak_bf16_TFLOP/s": round(peak / 1e12, 1),
-        "kernels": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+        # Written after every kernel: a run cut short by the GPU check's time limit still reports.
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
