@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from titanforge.kernels.loss import linear_cross_entropy
-from titanforge.kernels.mamba import causal_conv1d_silu, chunk_selective_scan
+from titanforge.kernels.mamba import causal_conv1d_silu, chunk_selective_scan, chunk_ssd
 from titanforge.kernels.moe import permute, unpermute
 from titanforge.kernels.norms import rms_norm
 from titanforge.kernels.ttt import chunk_ttt_linear, chunk_ttt_mlp
@@ -120,6 +120,25 @@ def cases(device: torch.device, dt: torch.dtype, small: bool):
         pass
     # u, delta, z, y, and their gradients (4 of [B, T, D] each way) plus B, C: the state stays on chip.
     out.append(("selective_scan", scan, (8 * Bsz * T * D + 4 * Bsz * T * N) * el, 9 * Bsz * T * D * N * 2))
+
+    # Mamba-2 SSD: 32 heads x 64 (inner 2048), state 128, one B/C group, chunks of 64.
+    Hs, Ps, Ns = (4, 32, 32) if small else (32, 64, 128)
+    xs2, dts = r(Bsz, T, Hs, Ps), F.softplus(r(Bsz, T, Hs, grad=False) - 2).requires_grad_()
+    As = (-torch.rand(Hs, device=device) * 4 - 0.1).requires_grad_()
+    Bs2, Cs2, Ds = r(Bsz, T, 1, Ns), r(Bsz, T, 1, Ns), r(Hs, dtype=torch.float32)
+    ssd_leaves = [xs2, dts, As, Bs2, Cs2, Ds]
+    ssd = {p: fwd_bwd(lambda p=p: chunk_ssd(xs2, dts, As, Bs2, Cs2, Ds, chunk_size=64, backend=p)[0], ssd_leaves)
+           for p in paths}
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+        if device.type == "cuda":
+            ssd["mamba_ssm"] = fwd_bwd(lambda: mamba_chunk_scan_combined(xs2, dts, As, Bs2, Cs2, 64, D=Ds), ssd_leaves)
+    except ImportError:
+        pass
+    # x, dt, y and their gradients, B and C each way; the [P, N] states stay on chip.
+    out.append(("ssd", ssd, (4 * Bsz * T * Hs * Ps + 4 * Bsz * T * Ns) * el,
+                2 * 3 * Bsz * T * Hs * (64 * (Ns + Ps) + 2 * Ns * Ps)))
 
     k, E = 4, 16
     xm = r(M, C)

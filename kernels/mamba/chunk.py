@@ -373,12 +373,14 @@ def segsum(x: torch.Tensor) -> torch.Tensor:
 
 def chunk_ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
               D: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
-              output_final_state: bool = False, chunk_size: int = 64):
+              output_final_state: bool = False, chunk_size: int = 64, backend: str = "auto"):
     """Mamba-2 SSD, chunked (ssd_minimal_discrete with padding, groups, initial state).
 
     x: [B, T, H, P], dt: [B, T, H] (after softplus), A: [H] (negative), B, C: [B, T, G, N] with
     H % G == 0, D: [H], initial_state: [B, H, P, N]. Returns y [B, T, H, P] and the final state
-    [B, H, P, N] (None unless `output_final_state`).
+    [B, H, P, N] (None unless `output_final_state`). backend (kernels/dispatch.py): on CUDA ("auto")
+    or with "triton" the Triton kernels of triton.py (power-of-two chunk_size >= 16, P <= 128);
+    elsewhere this PyTorch form.
     """
     if x.dim() != 4:
         raise ValueError(f"x must be [B, T, H, P], got shape {tuple(x.shape)}")
@@ -392,6 +394,15 @@ def chunk_ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tenso
     _check("C", C, (Bsz, T, G, N))
     if initial_state is not None:
         _check("initial_state", initial_state, (Bsz, H, P, N))
+    if pick("ssd", backend, x, dt, A, B, C, D, initial_state) == "triton":
+        from titanforge.kernels.mamba import triton as mamba_triton
+
+        if mamba_triton.ssd_fits(x, chunk_size):
+            y, h_last = mamba_triton.ssd_triton(x, dt, A, B, C, D, initial_state, chunk_size)
+            return y, (h_last.to(x.dtype) if output_final_state else None)
+        if backend == "triton":
+            raise ValueError(f"chunk_ssd: backend='triton' needs a power-of-two chunk_size (>= 16 on a GPU) and "
+                             f"head dim <= 128; got {chunk_size} and {P} (use backend='auto')")
     L = max(1, min(chunk_size, T))
     pad = (-T) % L
     X = x * dt[..., None]

@@ -412,3 +412,228 @@ def causal_conv_silu_triton(x: torch.Tensor, pre: torch.Tensor, wT: torch.Tensor
     """silu(causal depthwise conv) [B, T, D] of x [B, T, D] after the inputs pre [B, K-1, D]; wT [K, D]."""
     return causal_conv_silu_fwd(x.contiguous(), pre.contiguous(), wT.contiguous(),
                                 None if bias is None else bias.contiguous())
+
+
+@triton.jit
+def ssd_fwd_kernel(X, DT, A, Bm, Cm, Dv, H0, Y, SCK, ST, T, H, G, P, N,
+                   HAS_D: tl.constexpr, HAS_H0: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+    """Mamba-2 SSD, one program per (batch row, head) carrying the state S [N, P] across chunks of BL."""
+    i_b, i_h = tl.program_id(0), tl.program_id(1)
+    i_g = i_h // (H // G)
+    o_l, o_p, o_n = tl.arange(0, BL), tl.arange(0, BP), tl.arange(0, BN)
+    m_p, m_n = o_p < P, o_n < N
+    m_np = m_n[:, None] & m_p[None, :]
+    o_s = (i_b * H + i_h).to(tl.int64)
+    # The state's [P, N] layout in memory, held as S [N, P] on chip.
+    o_np = o_p[None, :] * N + o_n[:, None]
+    if HAS_H0:
+        b_S = tl.load(H0 + o_s * P * N + o_np, mask=m_np, other=0.).to(tl.float32)
+    else:
+        b_S = tl.zeros([BN, BP], dtype=tl.float32)
+    b_A = tl.load(A + i_h).to(tl.float32)
+    if HAS_D:
+        b_D = tl.load(Dv + i_h).to(tl.float32)
+    m_tril = o_l[:, None] >= o_l[None, :]
+    n_c = tl.cdiv(T, BL)
+    for i_c in range(0, n_c):
+        tl.store(SCK + (o_s * n_c + i_c) * P * N + o_np, b_S, mask=m_np)
+        o_t = i_c * BL + o_l
+        m_t = o_t < T
+        o_x = ((i_b * T + o_t[:, None]).to(tl.int64) * H + i_h) * P + o_p[None, :]
+        m_x = m_t[:, None] & m_p[None, :]
+        o_bc = ((i_b * T + o_t[:, None]).to(tl.int64) * G + i_g) * N + o_n[None, :]
+        m_bc = m_t[:, None] & m_n[None, :]
+        b_x = tl.load(X + o_x, mask=m_x, other=0.).to(tl.float32)
+        b_dt = tl.load(DT + (i_b * T + o_t).to(tl.int64) * H + i_h, mask=m_t, other=0.).to(tl.float32)
+        b_B = tl.load(Bm + o_bc, mask=m_bc, other=0.).to(tl.float32)
+        b_C = tl.load(Cm + o_bc, mask=m_bc, other=0.).to(tl.float32)
+        b_cum = tl.cumsum(b_dt * b_A, axis=0)
+        b_Xd = b_x * b_dt[:, None]
+        b_L = tl.exp(tl.where(m_tril, b_cum[:, None] - b_cum[None, :], float("-inf")))
+        b_M = tl.dot(b_C, tl.trans(b_B), input_precision="ieee") * b_L
+        b_y = tl.dot(b_M, b_Xd, input_precision="ieee") + tl.dot(b_C * tl.exp(b_cum)[:, None], b_S,
+                                                                 input_precision="ieee")
+        if HAS_D:
+            b_y += b_D * b_x
+        tl.store(Y + o_x, b_y.to(Y.dtype.element_ty), mask=m_x)
+        b_last = tl.sum(tl.where(o_l == BL - 1, b_cum, 0.), axis=0)
+        b_w = tl.exp(b_last - b_cum)
+        b_S = tl.exp(b_last) * b_S + tl.dot(tl.trans(b_B * b_w[:, None]), b_Xd, input_precision="ieee")
+    tl.store(ST + o_s * P * N + o_np, b_S, mask=m_np)
+
+
+@triton.jit
+def ssd_bwd_kernel(X, DT, A, Bm, Cm, Dv, SCK, DY, DST, DX, DDT, DA, DB, DC, DDv, DH0, T, H, G, P, N,
+                   HAS_D: tl.constexpr, HAS_DST: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr,
+                   BN: tl.constexpr):
+    """Reverse walk over the chunks with dS [N, P] on chip; dB, dC per head (summed over a group's
+    heads on the host), dA, dD per (batch row, head)."""
+    i_b, i_h = tl.program_id(0), tl.program_id(1)
+    i_g = i_h // (H // G)
+    o_l, o_p, o_n = tl.arange(0, BL), tl.arange(0, BP), tl.arange(0, BN)
+    m_p, m_n = o_p < P, o_n < N
+    m_np = m_n[:, None] & m_p[None, :]
+    o_s = (i_b * H + i_h).to(tl.int64)
+    o_np = o_p[None, :] * N + o_n[:, None]
+    if HAS_DST:
+        b_dS = tl.load(DST + o_s * P * N + o_np, mask=m_np, other=0.).to(tl.float32)
+    else:
+        b_dS = tl.zeros([BN, BP], dtype=tl.float32)
+    b_A = tl.load(A + i_h).to(tl.float32)
+    if HAS_D:
+        b_D = tl.load(Dv + i_h).to(tl.float32)
+    b_dA = tl.zeros([BL], dtype=tl.float32)
+    b_dD = tl.zeros([BP], dtype=tl.float32)
+    m_tril = o_l[:, None] >= o_l[None, :]
+    n_c = tl.cdiv(T, BL)
+    for j in range(0, n_c):
+        i_c = n_c - 1 - j
+        b_S = tl.load(SCK + (o_s * n_c + i_c) * P * N + o_np, mask=m_np, other=0.)
+        o_t = i_c * BL + o_l
+        m_t = o_t < T
+        o_x = ((i_b * T + o_t[:, None]).to(tl.int64) * H + i_h) * P + o_p[None, :]
+        m_x = m_t[:, None] & m_p[None, :]
+        o_bc = ((i_b * T + o_t[:, None]).to(tl.int64) * G + i_g) * N + o_n[None, :]
+        m_bc = m_t[:, None] & m_n[None, :]
+        b_x = tl.load(X + o_x, mask=m_x, other=0.).to(tl.float32)
+        b_dt = tl.load(DT + (i_b * T + o_t).to(tl.int64) * H + i_h, mask=m_t, other=0.).to(tl.float32)
+        b_B = tl.load(Bm + o_bc, mask=m_bc, other=0.).to(tl.float32)
+        b_C = tl.load(Cm + o_bc, mask=m_bc, other=0.).to(tl.float32)
+        b_dy = tl.load(DY + o_x, mask=m_x, other=0.).to(tl.float32)
+        b_cum = tl.cumsum(b_dt * b_A, axis=0)
+        b_Xd = b_x * b_dt[:, None]
+        b_L = tl.exp(tl.where(m_tril, b_cum[:, None] - b_cum[None, :], float("-inf")))
+        b_CB = tl.dot(b_C, tl.trans(b_B), input_precision="ieee")
+        b_M = b_CB * b_L
+        b_ecum = tl.exp(b_cum)
+        b_last = tl.sum(tl.where(o_l == BL - 1, b_cum, 0.), axis=0)
+        b_w = tl.exp(b_last - b_cum)
+        # y = (CBᵀ ⊙ L) Xd + (C ⊙ e^cum) S + D x
+        b_dXd = tl.dot(tl.trans(b_M), b_dy, input_precision="ieee")
+        b_dM = tl.where(m_tril, tl.dot(b_dy, tl.trans(b_Xd), input_precision="ieee"), 0.)
+        b_dCB = b_dM * b_L
+        b_dLL = b_dM * b_CB * b_L  # dL ⊙ L: the gradient of cum_i - cum_j
+        b_dC = tl.dot(b_dCB, b_B, input_precision="ieee")
+        b_dB = tl.dot(tl.trans(b_dCB), b_C, input_precision="ieee")
+        b_dCe = tl.dot(b_dy, tl.trans(b_S), input_precision="ieee")
+        b_dS_prev = tl.dot(tl.trans(b_C * b_ecum[:, None]), b_dy, input_precision="ieee")
+        b_dC += b_dCe * b_ecum[:, None]
+        b_dcum = tl.sum(b_dCe * b_C, axis=1) * b_ecum + tl.sum(b_dLL, axis=1) - tl.sum(b_dLL, axis=0)
+        b_dx = tl.zeros([BL, BP], dtype=tl.float32)
+        if HAS_D:
+            b_dx += b_dy * b_D
+            b_dD += tl.sum(b_dy * b_x, axis=0)
+        # S' = e^last S + (B ⊙ w)ᵀ Xd
+        b_dBw = tl.dot(b_Xd, tl.trans(b_dS), input_precision="ieee")
+        b_dXd += tl.dot(b_B * b_w[:, None], b_dS, input_precision="ieee")
+        b_dB += b_dBw * b_w[:, None]
+        b_dww = tl.sum(b_dBw * b_B, axis=1) * b_w
+        b_dlast = tl.sum(b_dww, axis=0) + tl.sum(tl.sum(b_dS * b_S, axis=1), axis=0) * tl.exp(b_last)
+        b_dcum += tl.where(o_l == BL - 1, b_dlast, 0.) - b_dww
+        b_dS = b_dS_prev + tl.exp(b_last) * b_dS
+        # cum = cumsum(dt A): da_i = Σ_{k >= i} dcum_k
+        b_da = tl.sum(tl.where(o_l[None, :] >= o_l[:, None], b_dcum[None, :], 0.), axis=1)
+        b_ddt = b_da * b_A + tl.sum(b_dXd * b_x, axis=1)
+        b_dA += b_da * b_dt
+        b_dx += b_dXd * b_dt[:, None]
+        tl.store(DX + o_x, b_dx.to(DX.dtype.element_ty), mask=m_x)
+        tl.store(DDT + (i_b * T + o_t).to(tl.int64) * H + i_h, b_ddt.to(DDT.dtype.element_ty), mask=m_t)
+        o_bh = ((i_b * T + o_t[:, None]).to(tl.int64) * H + i_h) * N + o_n[None, :]
+        tl.store(DB + o_bh, b_dB, mask=m_bc)
+        tl.store(DC + o_bh, b_dC, mask=m_bc)
+    tl.store(DH0 + o_s * P * N + o_np, b_dS, mask=m_np)
+    tl.store(DA + o_s, tl.sum(b_dA, axis=0))
+    if HAS_D:
+        tl.store(DDv + o_s, tl.sum(b_dD, axis=0))
+
+
+def _ssd_tiles(P: int, N: int) -> tuple[int, int]:
+    return max(16, triton.next_power_of_2(P)), max(16, triton.next_power_of_2(N))
+
+
+@torch.library.custom_op("titanforge::ssd_fwd", mutates_args=())
+def ssd_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+            D: torch.Tensor | None, h0: torch.Tensor | None, chunk: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [B, T, H, P], dt [B, T, H], A [H], B, C [B, T, G, N], D [H], h0 [B, H, P, N] (contiguous) ->
+    (y, final state [B, H, P, N] float32, chunk-start states [B, H, T/chunk, P, N] float32)."""
+    Bsz, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    BP, BN = _ssd_tiles(P, N)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    y = torch.empty_like(x)
+    sck = torch.empty(Bsz, H, triton.cdiv(T, chunk), P, N, **f32)
+    st = torch.empty(Bsz, H, P, N, **f32)
+    ssd_fwd_kernel[(Bsz, H)](x, dt, A, B, C, D, h0, y, sck, st, T, H, G, P, N, HAS_D=D is not None,
+                             HAS_H0=h0 is not None, BL=chunk, BP=BP, BN=BN)
+    return y, st, sck
+
+
+@ssd_fwd.register_fake
+def _(x, dt, A, B, C, D, h0, chunk):
+    Bsz, T, H, P = x.shape
+    N = B.shape[3]
+    f32 = dict(device=x.device, dtype=torch.float32)
+    return (torch.empty_like(x), torch.empty(Bsz, H, P, N, **f32),
+            torch.empty(Bsz, H, -(-T // chunk), P, N, **f32))
+
+
+@torch.library.custom_op("titanforge::ssd_bwd", mutates_args=())
+def ssd_bwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+            D: torch.Tensor | None, sck: torch.Tensor, dy: torch.Tensor, dst: torch.Tensor | None,
+            chunk: int) -> list[torch.Tensor]:
+    """-> [dx, ddt, dA [H], dB, dC [B, T, G, N], dD [H] (empty without D), dh0 [B, H, P, N]] (float32 params)."""
+    Bsz, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    BP, BN = _ssd_tiles(P, N)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dx, ddt = torch.empty_like(x), torch.empty_like(dt)
+    dA, dD = torch.empty(Bsz, H, **f32), torch.empty(Bsz, H, **f32)
+    dB, dC = torch.empty(Bsz, T, H, N, **f32), torch.empty(Bsz, T, H, N, **f32)
+    dh0 = torch.empty(Bsz, H, P, N, **f32)
+    ssd_bwd_kernel[(Bsz, H)](x, dt, A, B, C, D, sck, dy, dst, dx, ddt, dA, dB, dC, dD, dh0, T, H, G, P, N,
+                             HAS_D=D is not None, HAS_DST=dst is not None, BL=chunk, BP=BP, BN=BN)
+    per_group = lambda t: t.view(Bsz, T, G, H // G, N).sum(3)  # noqa: E731
+    return [dx, ddt, dA.sum(0), per_group(dB), per_group(dC), dD.sum(0) if D is not None else x.new_empty(0), dh0]
+
+
+@ssd_bwd.register_fake
+def _(x, dt, A, B, C, D, sck, dy, dst, chunk):
+    Bsz, T, H, P = x.shape
+    f32 = dict(device=x.device, dtype=torch.float32)
+    return [torch.empty_like(x), torch.empty_like(dt), torch.empty(H, **f32), torch.empty(B.shape, **f32),
+            torch.empty(C.shape, **f32), torch.empty(H, **f32) if D is not None else x.new_empty(0),
+            torch.empty(Bsz, H, P, B.shape[3], **f32)]
+
+
+def _ssd_setup(ctx, inputs, output):
+    x, dt, A, B, C, D, h0, chunk = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, output[2])
+    ctx.chunk, ctx.has = chunk, (D is not None, h0 is not None)
+    ctx.dtypes = [t.dtype if t is not None else None for t in (A, B, C, D, h0)]
+
+
+def _ssd_backward(ctx, dy, dst, dsck):
+    x, dt, A, B, C, D, sck = ctx.saved_tensors
+    dx, ddt, dA, dB, dC, dD, dh0 = ssd_bwd(x, dt, A, B, C, D, sck, dy.contiguous(),
+                                           None if dst is None else dst.contiguous(), ctx.chunk)
+    tA, tB, tC, tD, th0 = ctx.dtypes
+    has_D, has_h0 = ctx.has
+    return (dx, ddt, dA.to(tA), dB.to(tB), dC.to(tC), dD.to(tD) if has_D else None,
+            dh0.to(th0) if has_h0 else None, None)
+
+
+ssd_fwd.register_autograd(_ssd_backward, setup_context=_ssd_setup)
+
+
+def ssd_fits(x: torch.Tensor, chunk: int) -> bool:
+    """A power-of-two chunk (>= 16 on a GPU: tl.dot's minimum) and head dim and state size <= 128."""
+    min_chunk = 1 if x.device.type == "cpu" else 16
+    return chunk >= min_chunk and chunk & (chunk - 1) == 0 and x.shape[-1] <= 128
+
+
+def ssd_triton(x, dt, A, B, C, D=None, initial_state=None, chunk: int = 64):
+    """y [B, T, H, P] in x's dtype and the final state [B, H, P, N] (float32); chunk_ssd's contract."""
+    c = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    y, st, _ = ssd_fwd(c(x), c(dt), c(A), c(B), c(C), c(D), c(initial_state), int(chunk))
+    return y, st

@@ -23,7 +23,7 @@ CONFIGS = {
     "ttt_mlp": dict(family="ttt", d_model=24, n_layers=1, n_heads=2, ffn_hidden=32,
                     ttt=TTTConfig(inner="mlp", backbone="transformer", mini_batch_size=4)),
     "jamba": dict(family="jamba", d_model=16, n_layers=2, n_heads=2, ffn_hidden=32,
-                  jamba=JambaConfig(layer_pattern="MD ME", d_state=4,
+                  jamba=JambaConfig(layer_pattern="MD SE", d_state=4, mamba2_headdim=16,
                                     moe=MoEConfig(n_experts=3, top_k=2, load_balance_coef=1e-2))),
 }
 
@@ -68,7 +68,7 @@ def test_family_trains_the_same_on_the_triton_path(family):
     if family.startswith("ttt"):
         assert ("ttt_mlp" if family == "ttt_mlp" else "ttt_linear") in ops
     if family == "jamba":
-        assert {"selective_scan", "causal_conv", "moe_permute"} <= ops
+        assert {"selective_scan", "ssd", "causal_conv", "moe_permute"} <= ops
     if fused:
         assert "linear_cross_entropy" in ops
     assert losses == pytest.approx(ref_losses, rel=1e-5)
