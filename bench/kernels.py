@@ -89,8 +89,8 @@ def cases(device: torch.device, dt: torch.dtype, small: bool):
     out = []
 
     x, w, g = r(M, C), r(C, dtype=torch.float32), r(M, C)
-    out.append(("rms_norm_gated", {p: fwd_bwd(lambda p=p: rms_norm(x, w, 1e-5, g, backend=p), [x, w, g]) for p in paths},
-                8 * M * C * el, 0))
+    norm = {p: fwd_bwd(lambda p=p: rms_norm(x, w, 1e-5, g, backend=p), [x, w, g]) for p in paths}
+    out.append(("rms_norm_gated", norm, 8 * M * C * el, 0))
 
     h, W = r(M, C), (0.02 * torch.randn(V, C, device=device, dtype=dt)).requires_grad_()
     tgt = torch.randint(0, V, (M,), device=device)

@@ -352,7 +352,8 @@ def _conv_blocks(T: int, D: int) -> tuple[int, int]:
 
 
 @torch.library.custom_op("titanforge::causal_conv_silu_fwd", mutates_args=())
-def causal_conv_silu_fwd(x: torch.Tensor, pre: torch.Tensor, wT: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def causal_conv_silu_fwd(x: torch.Tensor, pre: torch.Tensor, wT: torch.Tensor,
+                         bias: torch.Tensor | None) -> torch.Tensor:
     """x [B, T, D], pre [B, K-1, D], wT [K, D], bias [D] (contiguous) -> silu(conv) [B, T, D]."""
     Bsz, T, D = x.shape
     K = wT.shape[0]

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import titanforge.kernels.mamba.triton as mamba_triton
 from testutil.kernel_util import rel_rms
-from titanforge.kernels.mamba import causal_conv1d_silu, chunk_selective_scan, chunk_ssd, naive_selective_scan, naive_ssd
+from titanforge.kernels.mamba import (causal_conv1d_silu, chunk_selective_scan, chunk_ssd, naive_selective_scan,
+                                     naive_ssd)
 
 
 def scan_inputs(Bsz, T, D, N, dtype=torch.float32, device="cpu", gate=True, skip=True, h0=True):

@@ -16,7 +16,8 @@ def f64(*ts):
     return [None if t is None else t.detach().double().requires_grad_() for t in ts]
 
 
-@pytest.mark.parametrize("shape,gate_shape", [((3, 7, 37), None), ((2, 5, 3, 19), (5, 3, 19)), ((1, 1, 130), (1, 1, 130))])
+@pytest.mark.parametrize("shape,gate_shape", [((3, 7, 37), None), ((2, 5, 3, 19), (5, 3, 19)),
+                                              ((1, 1, 130), (1, 1, 130))])
 @pytest.mark.parametrize("residual", [False, True])
 def test_rms_norm_triton_matches_reference(shape, gate_shape, residual, poisoned):
     x = torch.randn(shape, requires_grad=True)
@@ -35,7 +36,8 @@ def test_rms_norm_triton_matches_reference(shape, gate_shape, residual, poisoned
     leaves = [t for t in (x, w, g, r) if t is not None]
     loss = (y * dy).sum() + ((h * dh).sum() if residual else 0)
     lossd = (yd * dy.double()).sum() + ((hd * dh.double()).sum() if residual else 0)
-    for a, b in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(lossd, [t for t in (xd, wd, gd, rd) if t is not None])):
+    leaves_d = [t for t in (xd, wd, gd, rd) if t is not None]
+    for a, b in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(lossd, leaves_d)):
         assert rel_rms(a, b) < 1e-5
 
 

@@ -15,7 +15,10 @@ from titanforge.kernels.ttt.triton import ttt_linear_triton, ttt_mlp_triton
 def make_inputs(B, T, H, D, b, dtype=torch.float64, seed=0, mlp=False):
     """Inputs of tests/kernels/test_ttt.py's kind: LN near identity, token_eta 1/(i+1) perturbed."""
     g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s, scale=1.0, shift=0.0: (shift + scale * torch.randn(*s, generator=g, dtype=torch.float64)).to(dtype)  # noqa: E731
+
+    def rnd(*s, scale=1.0, shift=0.0):
+        return (shift + scale * torch.randn(*s, generator=g, dtype=torch.float64)).to(dtype)
+
     inputs = dict(q=rnd(B, T, H, D), k=rnd(B, T, H, D), v=rnd(B, T, H, D),
                   eta=(torch.rand(B, T, H, generator=g, dtype=torch.float64) * 0.3).to(dtype),
                   token_eta=(1.0 / torch.arange(1, b + 1) + 0.05 * torch.rand(b, generator=g)).to(dtype),
