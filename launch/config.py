@@ -139,6 +139,9 @@ def validate(job: JobConfig, world_size: int | None = None) -> None:
     if par.tp > 1 and not job.model.validate():
         # Heads, kv heads, memory heads, Mamba channels and the vocabulary must split evenly.
         errs += check_tp(job.model, par.tp)
+    if t.fused_cross_entropy and (par.tp > 1 or par.pp > 1 or par.dp_backend == "deepspeed"):
+        errs.append("train.fused_cross_entropy=true runs the plain layout only (tp = pp = 1, ddp or fsdp): the "
+                    "vocabulary-parallel and pipeline losses form logits; set it false for this layout")
     if job.optim.schedule not in ("cosine", "wsd", "constant"):
         errs.append(f"optim.schedule={job.optim.schedule!r} must be cosine | wsd | constant")
     if t.dtype not in ("float32", "bfloat16"):

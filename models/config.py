@@ -8,8 +8,9 @@ composes them so that one typed schema covers every model. `family` picks the bu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, Optional
 
+from titanforge.kernels.dispatch import check_overrides
 from titanforge.models.jamba.config import JambaConfig
 from titanforge.models.titans.config import TitansConfig
 from titanforge.models.ttt.config import TTTConfig
@@ -40,6 +41,9 @@ class ModelConfig:
     titans: TitansConfig = field(default_factory=TitansConfig)
     ttt: TTTConfig = field(default_factory=TTTConfig)
     jamba: JambaConfig = field(default_factory=JambaConfig)
+    # Debugging: force an op's kernel, {op: auto|triton|native|torch} ('*' for every op), e.g.
+    # model.kernels.rms_norm=torch; the default rule is CUDA -> Triton, CPU -> C loop (kernels/dispatch.py).
+    kernels: Dict[str, str] = field(default_factory=dict)
 
     @property
     def kv_heads(self) -> int:
@@ -66,6 +70,10 @@ class ModelConfig:
                         f"pick n_heads among {[h for h in range(1, 65) if self.d_model % h == 0][-6:]}")
         if self.n_heads % self.kv_heads:
             errs.append(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.kv_heads}")
+        try:  # the names only; build_model applies them
+            check_overrides(self.kernels)
+        except ValueError as e:
+            errs.append(str(e))
         # Each family checks its own section; only the chosen family's problems stop a run.
         section = getattr(self, self.family, None)
         if section is not None and hasattr(section, "validate"):

@@ -19,6 +19,7 @@ import importlib
 import torch
 from torch import nn
 
+from titanforge.kernels.dispatch import set_overrides
 from titanforge.models.config import ModelConfig
 
 # family -> "module:function"; imported lazily so one family's heavy imports never slow another.
@@ -34,6 +35,8 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> nn.Modu
     """Build the model of `cfg.family` on `device`; on "meta", no memory is allocated."""
     if cfg.family not in BUILDERS:
         raise ValueError(f"model.family={cfg.family!r} is unknown; choose one of {sorted(BUILDERS)}")
+    # The config's per-op kernel overrides (model.kernels) hold for the process from here on.
+    set_overrides(getattr(cfg, "kernels", None))
     module, fn = BUILDERS[cfg.family].split(":")
     build = getattr(importlib.import_module(module), fn)
     with torch.device(device):

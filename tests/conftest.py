@@ -33,3 +33,13 @@ def shakespeare64(tmp_path_factory):
     out = tmp_path_factory.mktemp("shakespeare64")
     prepare_corpus(out, corpus="shakespeare", tokenizer="gpt2", seq_len=64, val_fraction=0.02, seed=0)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skipped where there is none (CI), run by bench/gpu_check.sh."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (bench/gpu_check.sh runs these)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

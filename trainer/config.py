@@ -79,3 +79,6 @@ class TrainConfig:
     # runs ~30x slower: Titans MAC at T=2k took 10.0 s per step with them, 5.5 s flushed.
     # Values that small are zero for any training purpose (bfloat16 has the same exponent range).
     flush_denormal: bool = True
+    # The LM head and its loss as one chunked op that never forms the [tokens, vocab] logits
+    # (kernels/loss; Triton on CUDA). Plain layout only (tp = pp = 1).
+    fused_cross_entropy: bool = False

@@ -47,13 +47,23 @@ def build_plain_model(job, device: torch.device) -> torch.nn.Module:
     return model
 
 
-def lm_loss(model, raw_model, tokens: torch.Tensor, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cross-entropy, cross-entropy + auxiliary losses) of next-token prediction on `tokens`."""
+def lm_loss(model, raw_model, tokens: torch.Tensor, autocast, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, cross-entropy + auxiliary losses) of next-token prediction on `tokens`. `fused`
+    (train.fused_cross_entropy): the model's head returns the loss of the targets it is handed,
+    computed in chunks without the [tokens, vocab] logits (kernels/loss)."""
     inp, tgt = tokens[:, :-1], tokens[:, 1:]
-    with autocast:
-        logits = model(inp)
-    # Plain logits -> F.cross_entropy in float32; vocab-sharded logits (TP) never gathered.
-    loss = tp_cross_entropy(logits, tgt)
+    if fused:
+        raw_model.loss_targets = tgt
+        try:
+            with autocast:
+                loss = model(inp)
+        finally:
+            raw_model.loss_targets = None
+    else:
+        with autocast:
+            logits = model(inp)
+        # Plain logits -> F.cross_entropy in float32; vocab-sharded logits (TP) never gathered.
+        loss = tp_cross_entropy(logits, tgt)
     aux = collect_aux_losses(raw_model)
     total = loss + sum(aux.values()) if aux else loss
     return loss, total
@@ -75,7 +85,8 @@ class TrainStep:
         for i, tokens in enumerate(batches):
             sync = i == n - 1
             with contextlib.nullcontext() if sync else no_grad_sync(self.model, self.job.parallel.dp_backend):
-                loss, total = lm_loss(self.model, self.raw_model, tokens, self.autocast)
+                loss, total = lm_loss(self.model, self.raw_model, tokens, self.autocast,
+                                      self.job.train.fused_cross_entropy)
                 (total / n).backward()
             loss_sum += loss.detach()
         finish_grad_reduction(self.model)
@@ -95,7 +106,7 @@ class TrainStep:
     def val_loss(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(loss, 1) on every rank; tensor-parallel replicas hold equal losses, so the caller's
         mean over all ranks is the data-parallel mean."""
-        loss, _ = lm_loss(self.model, self.raw_model, tokens, self.autocast)
+        loss, _ = lm_loss(self.model, self.raw_model, tokens, self.autocast, self.job.train.fused_cross_entropy)
         return loss.double(), 1
 
     def train(self, mode: bool = True) -> None:

@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from titanforge.kernels import native
+from titanforge.kernels.dispatch import BACKENDS, pick
 from titanforge.kernels.mamba import fused_cpu
 
 
@@ -313,13 +313,15 @@ def chunk_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
     z: [B, T, D] (the gate), initial_state: [B, D, N]. Returns (y + D u) * silu(z) [B, T, D] (without
     the skip or the gate where D or z is None; mamba_ssm's selective_scan_fn contract; the C loop
     applies both in place) and the final state [B, D, N] (None unless `output_final_state`).
-    Computes in the dtype of u; pass float32 or float64.
+    Computes in the dtype of u; pass float32 or float64. On CUDA ("auto") or with backend "triton" the
+    Triton kernels of triton.py run instead (any chunk_size; float32 arithmetic in any storage dtype).
     """
     if u.dim() != 3:
         raise ValueError(f"u must be [B, T, D], got shape {tuple(u.shape)}")
     if chunk_size < 0:
         raise ValueError(f"chunk_size={chunk_size} must be >= 0 (0 = the whole sequence as one chunk)")
-    native.check_backend(backend)
+    if backend not in BACKENDS:
+        raise ValueError(f"chunk_selective_scan: backend={backend!r}: expected one of {list(BACKENDS)}")
     Bsz, T, Dn = u.shape
     N = A.shape[-1]
     _check("delta", delta, (Bsz, T, Dn))
@@ -333,8 +335,14 @@ def chunk_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
     if initial_state is not None:
         _check("initial_state", initial_state, (Bsz, Dn, N))
         initial_state = initial_state.to(u.dtype)
-    if chunk_size == 0 and native.use_native(backend, u, fused_cpu.SOURCE, "scan", delta, A, B, C, D, z,
-                                                   initial_state):
+    path = pick("selective_scan", backend, u, delta, A, B, C, D, z, initial_state,
+                native_source=fused_cpu.SOURCE if chunk_size == 0 else None)
+    if path == "triton":
+        from titanforge.kernels.mamba.triton import selective_scan_triton
+
+        y, h_last = selective_scan_triton(u, delta, A, B, C, D, z, initial_state)
+        return y, (h_last.to(u.dtype) if output_final_state else None)
+    if chunk_size == 0 and path == "native":
         cast = lambda t: None if t is None else t.to(u.dtype)  # noqa: E731
         y, h_last = fused_cpu.FusedSelectiveScanFunction.apply(u, *map(cast, (delta, A, B, C, D, z)), initial_state)
         return y, (h_last if output_final_state else None)
@@ -365,12 +373,14 @@ def segsum(x: torch.Tensor) -> torch.Tensor:
 
 def chunk_ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
               D: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
-              output_final_state: bool = False, chunk_size: int = 64):
+              output_final_state: bool = False, chunk_size: int = 64, backend: str = "auto"):
     """Mamba-2 SSD, chunked (ssd_minimal_discrete with padding, groups, initial state).
 
     x: [B, T, H, P], dt: [B, T, H] (after softplus), A: [H] (negative), B, C: [B, T, G, N] with
     H % G == 0, D: [H], initial_state: [B, H, P, N]. Returns y [B, T, H, P] and the final state
-    [B, H, P, N] (None unless `output_final_state`).
+    [B, H, P, N] (None unless `output_final_state`). backend (kernels/dispatch.py): on CUDA ("auto")
+    or with "triton" the Triton kernels of triton.py (power-of-two chunk_size >= 16, P <= 128);
+    elsewhere this PyTorch form.
     """
     if x.dim() != 4:
         raise ValueError(f"x must be [B, T, H, P], got shape {tuple(x.shape)}")
@@ -384,6 +394,15 @@ def chunk_ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tenso
     _check("C", C, (Bsz, T, G, N))
     if initial_state is not None:
         _check("initial_state", initial_state, (Bsz, H, P, N))
+    if pick("ssd", backend, x, dt, A, B, C, D, initial_state) == "triton":
+        from titanforge.kernels.mamba import triton as mamba_triton
+
+        if mamba_triton.ssd_fits(x, chunk_size):
+            y, h_last = mamba_triton.ssd_triton(x, dt, A, B, C, D, initial_state, chunk_size)
+            return y, (h_last.to(x.dtype) if output_final_state else None)
+        if backend == "triton":
+            raise ValueError(f"chunk_ssd: backend='triton' needs a power-of-two chunk_size (>= 16 on a GPU) and "
+                             f"head dim <= 128; got {chunk_size} and {P} (use backend='auto')")
     L = max(1, min(chunk_size, T))
     pad = (-T) % L
     X = x * dt[..., None]

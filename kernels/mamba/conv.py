@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from titanforge.kernels.native import check_inputs, kernel, load, native_status, ptr, use_native
+from titanforge.kernels.dispatch import pick
+from titanforge.kernels.native import check_inputs, kernel, load, native_status, ptr
 
 SOURCE = str(Path(__file__).with_name("csrc") / "causal_conv.c")
 _i64, _int = ctypes.c_int64, ctypes.c_int
@@ -92,9 +93,10 @@ class CausalConvSiluFunction(torch.autograd.Function):
 def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        conv_state: torch.Tensor | None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """silu(causal depthwise conv(x)) and the new conv state; shapes as in `causal_conv1d`.
-    backend "auto" runs the C loop for CPU float32/float64 where it builds, "native" requires it,
-    "torch" never uses it."""
-    if not use_native(backend, x, SOURCE, "conv", weight, bias, conv_state):
+    backend (kernels/dispatch.py): "auto" runs Triton for CUDA tensors, the C loop for CPU float32/float64
+    where it builds, else the formulas; "triton" / "native" require theirs; "torch" the formulas."""
+    path = pick("causal_conv", backend, x, weight, bias, conv_state, native_source=SOURCE)
+    if path == "torch":
         y, state = causal_conv1d(x, weight, bias, conv_state)
         return F.silu(y), state
     K = weight.shape[-1]
@@ -103,7 +105,12 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     else:
         pre = conv_state.transpose(1, 2).to(x.dtype)
     wT = weight[:, 0].t().to(x.dtype)
-    y = CausalConvSiluFunction.apply(x, pre, wT, None if bias is None else bias.to(x.dtype))
+    if path == "triton":
+        from titanforge.kernels.mamba.triton import causal_conv_silu_triton
+
+        y = causal_conv_silu_triton(x, pre, wT, bias)
+    else:
+        y = CausalConvSiluFunction.apply(x, pre, wT, None if bias is None else bias.to(x.dtype))
     # The last K-1 inputs (fewer than K-1 steps: the tail of the old state first).
     state = torch.cat([pre, x[:, -(K - 1):]], 1)[:, -(K - 1):].transpose(1, 2) if K > 1 else pre.transpose(1, 2)
     return y, state

@@ -25,7 +25,9 @@ Hence splitting a sequence into pieces with carried state reproduces one pass ex
 piece boundaries are multiples of b; elsewhere the early boundary closes a mini-batch early.
 
 The backward is torch autograd through this code (including through G, a second-order term);
-a fused Triton kernel is a separate issue. Computation runs in at least float32.
+on CUDA `chunk_ttt_linear` and `chunk_ttt_mlp` run the fused Triton forward and backward of
+triton.py instead.
+Computation runs in at least float32.
 
 Axis glossary: B batch, T time, H heads, D head dim, F inner hidden width, N mini-batches,
 K tokens in a mini-batch.
@@ -39,7 +41,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from titanforge.kernels.native import use_native
+from titanforge.kernels.dispatch import pick
 from titanforge.kernels.ttt import fused_cpu
 
 State = tuple[torch.Tensor, ...]
@@ -172,12 +174,23 @@ def chunk_ttt_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
     backend: "auto" runs the fused C loop (fused_cpu.py) for CPU float32/float64 inputs where it
     builds, else this file's PyTorch dual form; "native" insists on the C loop, "torch" on PyTorch.
     Returns z [B, T, H, D] (dtype of q, computed in >= float32) and final_state (like initial_state).
+    backend (kernels/dispatch.py): "auto" runs the Triton kernels of triton.py on CUDA where the shape
+    fits them (power-of-two mini-batch >= 16, D <= 128), this PyTorch form elsewhere.
     """
     B, T, H, D = q.shape if q.dim() == 4 else (0, 0, 0, 0)
     _check(q, k, v, eta, token_eta, ln_weight, ln_bias, initial_state,
            [(B, H, D, D), (B, H, D)], "chunk_ttt_linear")
     others = (k, v, eta, token_eta, ln_weight, ln_bias, *initial_state)
-    if use_native(backend, q, fused_cpu.SOURCE, "TTT-Linear chain", *others):
+    path = pick("ttt_linear", backend, q, *others, native_source=fused_cpu.SOURCE)
+    if path == "triton":
+        from titanforge.kernels.ttt import triton as ttt_triton
+
+        if ttt_triton.fits(q, token_eta):
+            return ttt_triton.ttt_linear_triton(q, k, v, eta, token_eta, ln_weight, ln_bias, initial_state, eps)
+        if backend == "triton":
+            raise ValueError(f"chunk_ttt_linear: backend='triton' needs a power-of-two mini-batch (>= 16 on a GPU) "
+                             f"and head dim <= 128; got {token_eta.shape[0]} and {q.shape[-1]} (use backend='auto')")
+    if path == "native":
         dtype = torch.promote_types(q.dtype, torch.float32)
         args = [t.to(dtype) for t in (q, *others)]
         z, state = fused_cpu.fused_chunk_ttt_linear(*args[:7], tuple(args[7:]), eps)
@@ -193,13 +206,24 @@ def chunk_ttt_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.
 
     Arguments as `chunk_ttt_linear` (backend included), with initial_state
     (W1 [B, H, D, F], b1 [B, H, F], W2 [B, H, F, D], b2 [B, H, D]); F is read from W1 (4D in the paper).
+    backend as in `chunk_ttt_linear` (the Triton kernels also need F <= 512).
     """
     B, T, H, D = q.shape if q.dim() == 4 else (0, 0, 0, 0)
     Fh = initial_state[0].shape[-1] if len(initial_state) == 4 else 0
     _check(q, k, v, eta, token_eta, ln_weight, ln_bias, initial_state,
            [(B, H, D, Fh), (B, H, Fh), (B, H, Fh, D), (B, H, D)], "chunk_ttt_mlp")
     others = (k, v, eta, token_eta, ln_weight, ln_bias, *initial_state)
-    if use_native(backend, q, fused_cpu.SOURCE, "TTT-MLP chain", *others):
+    path = pick("ttt_mlp", backend, q, *others, native_source=fused_cpu.SOURCE)
+    if path == "triton":
+        from titanforge.kernels.ttt import triton as ttt_triton
+
+        if ttt_triton.fits_mlp(q, token_eta, Fh):
+            return ttt_triton.ttt_mlp_triton(q, k, v, eta, token_eta, ln_weight, ln_bias, initial_state, eps)
+        if backend == "triton":
+            raise ValueError(f"chunk_ttt_mlp: backend='triton' needs a power-of-two mini-batch (>= 16 on a GPU), "
+                             f"head dim <= 128 and hidden <= 512; got {token_eta.shape[0]}, {D}, {Fh} (use "
+                             f"backend='auto')")
+    if path == "native":
         dtype = torch.promote_types(q.dtype, torch.float32)
         args = [t.to(dtype) for t in (q, *others)]
         z, state = fused_cpu.fused_chunk_ttt_mlp(*args[:7], tuple(args[7:]), eps)

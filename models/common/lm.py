@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from titanforge.kernels.loss import linear_cross_entropy
 from titanforge.models.common.layers import RMSNorm, rope_frequencies
 from titanforge.models.config import ModelConfig
 
@@ -29,6 +30,9 @@ class CausalLM(nn.Module):
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # Rotary table for families with positional attention. Not in the state dict: it is
         # derived from the config, and checkpoints stay small.
+        # Set by the trainer around a forward (train.fused_cross_entropy): `head` then returns the
+        # mean cross-entropy of these targets [B, T] instead of logits.
+        self.loss_targets: torch.Tensor | None = None
         if rope:
             self.register_buffer("freqs", rope_frequencies(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta),
                                  persistent=False)
@@ -42,11 +46,14 @@ class CausalLM(nn.Module):
         return self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """hidden [B, T, C] -> logits [B, T, V]; a stage without the final norm returns h."""
+        """hidden [B, T, C] -> logits [B, T, V]; a stage without the final norm returns h; with
+        `loss_targets` set, the mean cross-entropy against them (no logits formed, kernels/loss)."""
         if self.norm is None:
             return h
         h = self.norm(h)
         weight = self.output.weight if self.output is not None else self.tok_embeddings.weight
+        if self.loss_targets is not None:
+            return linear_cross_entropy(h, weight, self.loss_targets)
         return h @ weight.t()
 
     def init_weights(self) -> None:

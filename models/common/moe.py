@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from titanforge.kernels.moe import permute
 from titanforge.models.common.moe_dispatch import (
     apply_capacity,
     combine,
@@ -194,7 +195,7 @@ class MoE(nn.Module):
         if self.cfg.capacity_factor > 0:
             capacity = expert_capacity(N, k, E, self.cfg.capacity_factor)
             order, counts, dropped = apply_capacity(order, counts, capacity)
-        x_sorted = x2[order // k]  # [M, C]
+        x_sorted = permute(x2, order, k)  # [M, C]: x2[order // k], a Triton gather on CUDA
         y_sorted = self.experts(x_sorted, counts)
         y = combine(y_sorted, order, r.weights, N)
 

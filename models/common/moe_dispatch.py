@@ -5,7 +5,7 @@ compute (expert parallelism) without touching the model:
 
     order, counts = sort_tokens_by_expert(expert_ids, n_experts)      # [N*k], [E]
     order, counts, dropped = apply_capacity(order, counts, capacity)   # optional
-    x_sorted = x[order // k]                                           # [M, C], segments per expert
+    x_sorted = permute(x, order, k)                                    # [M, C], segments per expert
     (all-to-all of the segments to the ranks that own the experts goes here)
     y_sorted = expert_forward(x_sorted, counts, w1, w3, w2)            # [M, C]
     (reverse all-to-all)
@@ -27,6 +27,7 @@ import math
 
 import torch
 
+from titanforge.kernels.moe import permute, unpermute
 from titanforge.kernels.pointwise import swiglu
 
 # torch._grouped_mm runs on CPU in torch 2.13 for float32/bfloat16/float16 when every row stride is
@@ -151,7 +152,5 @@ def combine(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, 
     [N*k] assignments (dropped assignments simply absent); weights: [N, k] router weights.
     Returns [N, C]: out[n] = sum over kept slots j of weights[n, j] * y(n, j).
     """
-    k = weights.shape[-1]
-    w = weights.reshape(-1)[order].to(y_sorted.dtype)  # [M]
-    out = y_sorted.new_zeros(n_tokens, y_sorted.shape[-1])
-    return out.index_add(0, order // k, y_sorted * w[:, None])
+    # One Triton gather on CUDA (weights applied in the same pass), index_add elsewhere (kernels/moe).
+    return unpermute(y_sorted, order, weights, n_tokens)
