@@ -172,7 +172,7 @@ class _GatherSequence(torch.autograd.Function):
 
 
 def gather_sequence(cg: ContextGroup, x: torch.Tensor) -> torch.Tensor:
-    return _GatherSequence.apply(cg, x)
+    return _GatherSequence.apply(cg, x) if cg.size > 1 else x
 
 
 def shard_sequence(tokens: torch.Tensor, rank: int, size: int) -> torch.Tensor:

@@ -29,6 +29,10 @@ def parallelize(model: nn.Module, family: str, dims: ParallelDims, mesh: DeviceM
     if dims.cp > 1:
         from titanforge.parallel.context import apply_context_parallel
 
+        if activation_checkpointing:
+            raise ValueError("train.activation_checkpointing with parallel.cp > 1 is not available (the recompute "
+                             "would repeat the cross-rank exchanges); set one of them off")
+
         apply_context_parallel(model, family, mesh["cp"])
     if dims.ep > 1:
         from titanforge.parallel.expert_parallel import apply_expert_parallel

@@ -56,7 +56,7 @@ CASES = {
     "ttt_linear": lambda: tiny("ttt", **{"ttt.inner": "linear", "ttt.backbone": "mamba", "ttt.mini_batch_size": 8}),
     "ttt_mlp": lambda: tiny("ttt", **{"ttt.inner": "mlp", "ttt.backbone": "transformer", "ttt.mini_batch_size": 8,
                                       "ttt.mlp_expansion": 2}),
-    "jamba": lambda: tiny("jamba", n_kv_heads=2, **{"jamba.layer_pattern": "MD AE SD", "jamba.d_state": 8,
+    "jamba": lambda: tiny("jamba", 3, n_kv_heads=2, **{"jamba.layer_pattern": "MD AE SD", "jamba.d_state": 8,
                                                     "jamba.moe.n_experts": 4, "jamba.moe.top_k": 2,
                                                     "jamba.moe.expert_hidden": 32, "jamba.moe.load_balance_coef": 0.0,
                                                     "jamba.mamba2_headdim": 16}),
@@ -89,14 +89,15 @@ class Recorder(ContextGroup):
         return carrier
 
 
-def crossing_errors(ref, family, tokens, received, cp_rank, n) -> dict:
+def crossing_errors(ref, cfg, tokens, received, cp_rank, n) -> dict:
     """Max relative difference between the received states and the single-process states at
     position cp_rank * n (the prefix model's hand-off states), per exchange site."""
     if cp_rank == 0:
         return {"sites": 0, "max_rel": 0.0}
-    prefix = copy.deepcopy(ref)
+    prefix = build_model(cfg).double()
+    prefix.load_state_dict(ref.state_dict())
     rec = Recorder()
-    apply_context_parallel(prefix, family, rec)
+    apply_context_parallel(prefix, cfg.family, rec)
     with torch.no_grad():
         prefix(tokens[:, :cp_rank * n])
     assert len(rec.sent) == len(received), (len(rec.sent), len(received))
@@ -129,7 +130,7 @@ def run_case(name: str, layout: dict) -> dict:
         cg.record = []
     loss = loss_of(model, local[0], tp_mesh)
     if layout["record"]:
-        res["crossing"] = crossing_errors(ref, cfg.family, batches[0].chunk(dp)[dp_rank], cg.record, cp_rank,
+        res["crossing"] = crossing_errors(ref, cfg, batches[0].chunk(dp)[dp_rank], cg.record, cp_rank,
                                           T // dims.cp)
         cg.record = None
     ref_loss.backward()
