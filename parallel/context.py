@@ -58,7 +58,8 @@ class ContextGroup:
         self._site = 0
         # When a list: every state this rank receives in forward, as detached pytrees (tests).
         self.record: list | None = None
-        # Payload bytes this rank sent (forward and backward), for the benchmark.
+        # Payload bytes this rank sent (forward and backward; not the small shape headers; a ring
+        # all-reduce of N bytes counted as 2 (cp-1)/cp N), for the benchmark.
         self.bytes_sent = 0
 
     def new_site(self) -> int:
@@ -66,9 +67,10 @@ class ContextGroup:
         self._site += 1
         return (self._site * _TAGS_PER_SITE) % _TAG_WRAP
 
-    def _isend(self, t: torch.Tensor, dst: int, tag: int):
+    def _isend(self, t: torch.Tensor, dst: int, tag: int, count: bool = True):
         t = t.contiguous()
-        self.bytes_sent += t.numel() * t.element_size()
+        if count:
+            self.bytes_sent += t.numel() * t.element_size()
         return dist.isend(t, dst, group=self.group, tag=tag)
 
     def send(self, tag: int, carrier: torch.Tensor, state) -> torch.Tensor:
@@ -81,7 +83,7 @@ class ContextGroup:
         meta = pickle.dumps((spec, [(tuple(t.shape), t.dtype) for t in leaves]))
         header = torch.frombuffer(bytearray(meta), dtype=torch.uint8).to(carrier.device)
         length = torch.tensor([header.numel()], dtype=torch.int64, device=carrier.device)
-        works = [self._isend(length, self.next, tag), self._isend(header, self.next, tag + 1)]
+        works = [self._isend(length, self.next, tag, False), self._isend(header, self.next, tag + 1, False)]
         out = _SendState.apply(self, tag, carrier, *leaves)
         for w in works:
             w.wait()
@@ -167,7 +169,7 @@ class _GatherSequence(torch.autograd.Function):
             dist.reduce_scatter(out, [p.contiguous() for p in parts], group=cg.group)
             return None, out
         dist.all_reduce(grad, group=cg.group)
-        cg.bytes_sent += grad.numel() * grad.element_size() * (cg.size - 1) // cg.size
+        cg.bytes_sent += 2 * grad.numel() * grad.element_size() * (cg.size - 1) // cg.size
         return None, grad.chunk(cg.size, 1)[cg.rank].contiguous()
 
 
