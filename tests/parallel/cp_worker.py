@@ -81,7 +81,8 @@ class Recorder(ContextGroup):
     """A stand-in neighbour for one process: keeps every state the model would send on."""
 
     def __init__(self):
-        self.rank, self.size, self.prev, self.next, self._site, self.record, self.bytes_sent = 0, 1, None, None, 0, None, 0
+        self.rank, self.size, self.prev, self.next = 0, 1, None, None
+        self._site, self.record, self.bytes_sent = 0, None, 0
         self.nccl, self.sent = False, []
 
     def send(self, tag, carrier, state):
