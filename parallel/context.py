@@ -359,10 +359,12 @@ def check_context(model, cp: int, seq_len: int | None, tp: int = 1) -> list[str]
     if seq_len is not None:
         unit = grid * cp
         if seq_len % unit:
-            fits = [c for c in range(1, seq_len + 1) if seq_len % (c * grid) == 0 and c > 1][:6]
+            fits = [c for c in range(2, seq_len + 1) if seq_len % (c * grid) == 0][:6]
             per = f" (each rank's piece must be a multiple of {what}={grid})" if grid > 1 else ""
+            fix = f"use parallel.cp in {fits} or" if fits else "no cp > 1 fits: use"
             errs.append(f"sequence length {seq_len} is not divisible by parallel.cp={cp} x {grid}{per}; "
-                        f"use cp in {fits} or a sequence length that is a multiple of {unit}")
+                        f"{fix} a sequence length that is a multiple of {unit}"
+                        + (f" or a smaller {what}" if grid > 1 else ""))
         elif fam == "titans" and model.titans.variant in ("mag", "mal") and model.titans.window - 1 > seq_len // cp:
             errs.append(f"model.titans.window={model.titans.window} exceeds the {seq_len // cp} tokens per cp rank "
                         f"+ 1 (sliding-window keys come from the previous rank only); use parallel.cp <= "

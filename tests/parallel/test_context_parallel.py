@@ -87,7 +87,7 @@ def _cfg(family, **kw):
 
 def test_impossible_splits_are_rejected_with_what_fits():
     errs = check_context(_cfg("titans", variant="mac", segment_len=64, chunk_size=16), 4, 128)
-    assert len(errs) == 1 and "segment_len=64" in errs[0] and "cp in [2]" in errs[0]
+    assert len(errs) == 1 and "segment_len=64" in errs[0] and "parallel.cp in [2]" in errs[0]
     assert check_context(_cfg("titans", variant="mac", segment_len=32, chunk_size=16), 4, 128) == []
     errs = check_context(_cfg("ttt", mini_batch_size=16), 2, 48)
     assert len(errs) == 1 and "mini_batch_size=16" in errs[0]
