@@ -28,6 +28,7 @@ MAC segments; activation checkpointing would re-run the exchanges in backward an
 from __future__ import annotations
 
 import pickle
+import warnings
 import weakref
 from functools import partial
 
@@ -80,6 +81,9 @@ class ContextGroup:
         if self.next is None:
             return carrier
         leaves, spec = pytree.tree_flatten(state)
+        if len(leaves) + 2 > _TAGS_PER_SITE // 2:
+            raise ValueError(f"a context-parallel state of {len(leaves)} tensors exceeds the "
+                             f"{_TAGS_PER_SITE // 2 - 2} one exchange site carries")
         meta = pickle.dumps((spec, [(tuple(t.shape), t.dtype) for t in leaves]))
         header = torch.frombuffer(bytearray(meta), dtype=torch.uint8).to(carrier.device)
         length = torch.tensor([header.numel()], dtype=torch.int64, device=carrier.device)
@@ -97,7 +101,9 @@ class ContextGroup:
         dist.recv(length, self.prev, group=self.group, tag=tag)
         header = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
         dist.recv(header, self.prev, group=self.group, tag=tag + 1)
-        spec, meta = pickle.loads(header.cpu().numpy().tobytes())
+        with warnings.catch_warnings():  # torch's TreeSpec unpickling warns about its own LeafSpec
+            warnings.simplefilter("ignore", FutureWarning)
+            spec, meta = pickle.loads(header.cpu().numpy().tobytes())
         anchor = torch.empty(0, device=device, requires_grad=torch.is_grad_enabled())
         leaves = _RecvState.apply(self, tag, meta, anchor)
         if self.record is not None:

@@ -79,8 +79,9 @@ class ParallelDims:
             raise LayoutError(f"parallel.dp_backend={cfg.dp_backend!r} must be ddp | fsdp | deepspeed")
         if dims.tp > 1 and dims.dp * dims.cp > 1 and cfg.dp_backend != "fsdp":
             # Context-parallel ranks are model replicas for the gradient reduction, like dp ranks.
-            raise LayoutError(f"tp={dims.tp} with dp={dims.dp} x cp={dims.cp} needs parallel.dp_backend=fsdp (DDP "
-                              f"does not compose with tensor-parallel DTensor parameters)")
+            ranks = f"dp={dims.dp}" + (f" x cp={dims.cp}" if dims.cp > 1 else "")
+            raise LayoutError(f"tp={dims.tp} with {ranks} needs parallel.dp_backend=fsdp (DDP does not compose "
+                              f"with tensor-parallel DTensor parameters)")
         return dims
 
 
