@@ -17,7 +17,8 @@ from testutil import launch_util as lu
 pytestmark = pytest.mark.slow
 
 CONFIG = "configs/titans-mac-tiny.yaml"
-BASE = {**lu.TINY_LLAMA, "model.n_heads": 4, "model.titans.segment_len": 32, "model.titans.chunk_size": 16,
+BASE = {**lu.TINY_LLAMA, "model.n_heads": 4, "train.global_batch_size": 4, "train.micro_batch_size": 2,
+        "model.titans.segment_len": 32, "model.titans.chunk_size": 16,
         "train.steps": 4, "train.val_every": 0, "checkpoint.every": 2}
 
 
