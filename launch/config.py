@@ -136,6 +136,8 @@ def validate(job: JobConfig, world_size: int | None = None) -> None:
     elif par.pp > 1 and world_size is not None:
         # The pipeline's micro-batches are the step's accumulation micro-batches.
         errs += check_pipeline_microbatches(par, t.global_batch_size // (t.micro_batch_size * dp))
+    if par.cp > 1 and not job.model.validate():
+        errs += _check_context(job)
     if par.tp > 1 and not job.model.validate():
         # Heads, kv heads, memory heads, Mamba channels and the vocabulary must split evenly.
         errs += check_tp(job.model, par.tp)
@@ -158,6 +160,25 @@ def validate(job: JobConfig, world_size: int | None = None) -> None:
         errs.append(f"checkpoint.keep_last={job.checkpoint.keep_last} must be >= 1")
     if errs:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+
+
+def _check_context(job: JobConfig) -> list[str]:
+    """Context-parallel problems: switches it does not compose with, and the data's sequence length
+    (when the prepared data is there to read) against the cp split and the model's grids."""
+    from titanforge.parallel.context import check_context
+
+    errs = []
+    if job.train.activation_checkpointing:
+        errs.append(f"train.activation_checkpointing=true with parallel.cp={job.parallel.cp} is not available (the "
+                    f"recompute would repeat the cross-rank exchanges); set train.activation_checkpointing=false")
+    seq_len = None
+    try:
+        from titanforge.data import read_manifest
+
+        seq_len = read_manifest(job.data.path)["seq_len"]
+    except Exception:  # no prepared data yet: the trainer checks again once it has read it
+        pass
+    return errs + check_context(job.model, job.parallel.cp, seq_len)
 
 
 def to_yaml(job: JobConfig) -> str:

@@ -72,16 +72,16 @@ class ParallelDims:
             errs = check_pipeline_config(cfg)
             if errs:
                 raise LayoutError(errs[0])
-        unsupported = [f"{k}={v}" for k, v in (("cp", dims.cp),) if v != 1]
-        if unsupported:
-            # Context parallelism is not wired into the trainer yet (issue 6).
-            raise LayoutError(f"parallel {', '.join(unsupported)} is not available in this release; "
-                              f"use data and tensor parallelism (parallel.dp, parallel.tp)")
+        if dims.cp > 1 and dims.pp > 1:
+            raise LayoutError(f"parallel.cp={dims.cp} with parallel.pp={dims.pp} is not available (context "
+                              f"parallelism runs with data and tensor parallelism); set parallel.pp=1 or parallel.cp=1")
         if cfg.dp_backend not in ("ddp", "fsdp"):
             raise LayoutError(f"parallel.dp_backend={cfg.dp_backend!r} must be ddp | fsdp | deepspeed")
-        if dims.tp > 1 and dims.dp > 1 and cfg.dp_backend != "fsdp":
-            raise LayoutError(f"tp={dims.tp} with dp={dims.dp} needs parallel.dp_backend=fsdp (DDP does not "
-                              f"compose with tensor-parallel DTensor parameters)")
+        if dims.tp > 1 and dims.dp * dims.cp > 1 and cfg.dp_backend != "fsdp":
+            # Context-parallel ranks are model replicas for the gradient reduction, like dp ranks.
+            ranks = f"dp={dims.dp}" + (f" x cp={dims.cp}" if dims.cp > 1 else "")
+            raise LayoutError(f"tp={dims.tp} with {ranks} needs parallel.dp_backend=fsdp (DDP does not compose "
+                              f"with tensor-parallel DTensor parameters)")
         return dims
 
 
@@ -119,9 +119,9 @@ def _has_moe_layer(model) -> bool:
 
 
 class ParallelMesh:
-    """The device meshes of one layout, by name: "pp", "dp_rep", "ep", "tp" and "dp".
+    """The device meshes of one layout, by name: "pp", "dp_rep", "ep", "cp", "tp", "dp" and "dp_cp".
 
-    `root` has dimensions, outermost first, ("pp", "dp_rep", "ep", "tp"): tp innermost, so a TP
+    `root` has dimensions, outermost first, ("pp", "dp_rep", "ep", "cp", "tp"): tp innermost, so a TP
     group shares a node; pp outermost, so stages exchange only activations. The data-parallel
     mesh "dp" is "dp_rep" x "ep" flattened: expert parallelism borrows its ranks from data
     parallelism, so experts are sharded over "ep" and replicated over "dp_rep", while every other
@@ -134,6 +134,9 @@ class ParallelMesh:
         self.root = root
         self._meshes = {name: root[name] for name in root.mesh_dim_names}
         self._meshes["dp"] = root["dp_rep", "ep"]._flatten("dp")
+        # The ranks holding replicas of the same weights: data- and context-parallel ranks
+        # together (a context-parallel rank's gradient covers only its part of the sequence).
+        self._meshes["dp_cp"] = root["dp_rep", "ep", "cp"]._flatten("dp_cp")
 
     def __getitem__(self, name: str) -> DeviceMesh:
         if name not in self._meshes:
@@ -145,6 +148,6 @@ def build_mesh(dims: ParallelDims, device_type: str) -> ParallelMesh | None:
     """The layout's meshes over all ranks, or None in a single process without a process group."""
     if not torch.distributed.is_initialized():
         return None
-    root = init_device_mesh(device_type, (dims.pp, dims.dp // dims.ep, dims.ep, dims.tp),
-                            mesh_dim_names=("pp", "dp_rep", "ep", "tp"))
+    root = init_device_mesh(device_type, (dims.pp, dims.dp // dims.ep, dims.ep, dims.cp, dims.tp),
+                            mesh_dim_names=("pp", "dp_rep", "ep", "cp", "tp"))
     return ParallelMesh(root)

@@ -26,6 +26,14 @@ def parallelize(model: nn.Module, family: str, dims: ParallelDims, mesh: DeviceM
         from titanforge.parallel.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model, mesh["tp"], family, sequence_parallel=True, loss_parallel=True)
+    if dims.cp > 1:
+        from titanforge.parallel.context import apply_context_parallel
+
+        if activation_checkpointing:
+            raise ValueError("train.activation_checkpointing with parallel.cp > 1 is not available (the recompute "
+                             "would repeat the cross-rank exchanges); set one of them off")
+
+        apply_context_parallel(model, family, mesh["cp"])
     if dims.ep > 1:
         from titanforge.parallel.expert_parallel import apply_expert_parallel
 
@@ -34,7 +42,9 @@ def parallelize(model: nn.Module, family: str, dims: ParallelDims, mesh: DeviceM
         apply_activation_checkpointing(model)
     if compile:
         apply_compile(model)
-    if dims.dp > 1:
+    if dims.dp * dims.cp > 1:
+        # Context-parallel ranks reduce gradients with the data-parallel ones (mesh "dp_cp"; the
+        # same ranks as "dp" when cp = 1): each holds the gradient of its part of the sequence.
         if cfg.dp_backend == "fsdp":
             from titanforge.parallel.fsdp import apply_fsdp, mixed_precision_policy
 
@@ -43,7 +53,7 @@ def parallelize(model: nn.Module, family: str, dims: ParallelDims, mesh: DeviceM
 
                 # The same policy as apply_fsdp's for the rest of the model.
                 shard_experts_fsdp(model, mesh["dp_rep"], mp_policy=mixed_precision_policy(model))
-            model = apply_fsdp(model, mesh["dp"])
+            model = apply_fsdp(model, mesh["dp_cp"])
         else:
             if dims.ep > 1:
                 from titanforge.parallel.expert_parallel import ignore_experts_in_ddp

@@ -22,7 +22,7 @@ import torch
 
 from titanforge.data import build_train_loader, build_val_loader, read_manifest
 from titanforge.models.registry import build_model
-from titanforge.parallel import ParallelDims, build_mesh
+from titanforge.parallel import LayoutError, ParallelDims, build_mesh
 from titanforge.trainer.checkpoint import Checkpointer
 from titanforge.trainer.dist import DistInfo, all_reduce, broadcast_object, init_distributed
 from titanforge.trainer.optim import build_scheduler
@@ -111,11 +111,18 @@ def train(job, *, config_yaml: str = "", info: DistInfo | None = None) -> TrainR
 def _train(job, t, out: Path, info: DistInfo, config_yaml: str) -> TrainResult:
     dims = ParallelDims.from_config(job.parallel, info.world_size)
     mesh = build_mesh(dims, info.device.type)
-    # Every tensor-parallel (and pipeline) rank of a data-parallel group reads the same batches.
+    # Every tensor-parallel, context-parallel (and pipeline) rank of a data-parallel group reads the
+    # same batches.
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     manifest = read_manifest(job.data.path)
     _check_data(job, manifest)
     seq_len = manifest["seq_len"]
+    if dims.cp > 1:
+        from titanforge.parallel.context import check_context
+
+        errs = check_context(job.model, dims.cp, seq_len)
+        if errs:
+            raise LayoutError(errs[0])
 
     step_fn = build_train_step(job, dims, mesh, info)
     model, optimizer = step_fn.model, step_fn.optimizer

@@ -25,6 +25,7 @@ import torch
 
 from titanforge.models.registry import build_model, collect_aux_losses, collect_metrics
 from titanforge.parallel import clip_grad_norm, finish_grad_reduction, no_grad_sync, parallelize
+from titanforge.parallel.context import shard_sequence
 from titanforge.parallel.tp_loss import tp_cross_entropy
 from titanforge.trainer.dist import all_reduce
 from titanforge.trainer.optim import build_optimizer
@@ -78,6 +79,12 @@ class TrainStep:
                                  activation_checkpointing=job.train.activation_checkpointing,
                                  compile=job.train.compile)
         self.optimizer = build_optimizer(self.model, job.optim)
+        # Context parallelism: every rank of a cp group reads the same batches and keeps its piece
+        # of each sequence; its loss is the mean over its piece (pieces hold equal token counts).
+        self.cp, self.cp_rank = dims.cp, (mesh["cp"].get_local_rank() if dims.cp > 1 else 0)
+
+    def _piece(self, tokens: torch.Tensor) -> torch.Tensor:
+        return shard_sequence(tokens, self.cp_rank, self.cp) if self.cp > 1 else tokens
 
     def forward_backward(self, batches: list[torch.Tensor]) -> torch.Tensor:
         loss_sum = torch.zeros((), device=self.info.device)
@@ -85,12 +92,13 @@ class TrainStep:
         for i, tokens in enumerate(batches):
             sync = i == n - 1
             with contextlib.nullcontext() if sync else no_grad_sync(self.model, self.job.parallel.dp_backend):
-                loss, total = lm_loss(self.model, self.raw_model, tokens, self.autocast,
+                loss, total = lm_loss(self.model, self.raw_model, self._piece(tokens), self.autocast,
                                       self.job.train.fused_cross_entropy)
                 (total / n).backward()
             loss_sum += loss.detach()
         finish_grad_reduction(self.model)
-        # Tensor-parallel ranks hold the same loss: averaging over all ranks is the dp mean.
+        # Tensor-parallel ranks hold the same loss and context-parallel ranks the means of equal
+        # pieces: averaging over all ranks is the dp mean.
         return all_reduce(loss_sum / n) / self.info.world_size
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
@@ -106,7 +114,7 @@ class TrainStep:
     def val_loss(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(loss, 1) on every rank; tensor-parallel replicas hold equal losses, so the caller's
         mean over all ranks is the data-parallel mean."""
-        loss, _ = lm_loss(self.model, self.raw_model, tokens, self.autocast, self.job.train.fused_cross_entropy)
+        loss, _ = lm_loss(self.model, self.raw_model, self._piece(tokens), self.autocast, self.job.train.fused_cross_entropy)
         return loss.double(), 1
 
     def train(self, mode: bool = True) -> None:

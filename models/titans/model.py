@@ -65,7 +65,7 @@ class TitansBlock(nn.Module):
         T = x.shape[1]
         h = self.memory_norm(x)
         if self.variant == "mac":
-            x = x + self._mac(h, freqs)
+            x = x + self._mac(h, freqs)[0]
         elif self.variant == "mag":
             y_attn = self.attention(h, sliding_window_mask_mod(self.tcfg.n_persistent, self.tcfg.window), freqs[:T])
             y_mem, _ = self.memory(h)
@@ -77,34 +77,36 @@ class TitansBlock(nn.Module):
                 x = x + self.attention(self.attention_norm(x), mask, freqs[:T])
         return x + self.feed_forward(self.ffn_norm(x))
 
-    def _mac(self, h: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    def _mac(self, h: torch.Tensor, freqs: torch.Tensor, initial_state=None):
+        """MAC's segment loop over h [B, T, C] -> (out [B, T, C], final state). The state that
+        continues a sequence (context parallelism) is ((weights, momentum), the conv cache of y, the
+        conv cache of the queries of h); a piece must start on a segment boundary."""
         mem, att, P, seg_len = self.memory, self.attention, self.tcfg.n_persistent, self.tcfg.segment_len
         B, T, _ = h.shape
         # Whatever reads only the layer input is computed for all segments at once, before the
         # segment loop: the memory's queries and read gate, the attention's projections of S
         # (segment-local RoPE positions t mod seg_len) and the persistent keys/values.
         seg_freqs = freqs[torch.arange(T, device=h.device) % seg_len]
+        state, cache, q_cache = initial_state if initial_state is not None else (mem.initial_state(), None, None)
         fuse = mem.fuse_projections and att.fuse_projections
         if fuse:  # the five projections of h as one matmul (one gradient for h, not five summed)
             lins = (mem.wq, mem.w_gate, att.wq, att.wk, att.wv)
             parts = F.linear(h, torch.cat([lin.weight for lin in lins])).split([lin.out_features for lin in lins], -1)
-            q_x, _ = mem.query(h, projected=parts[0])
+            q_x, q_cache = mem.query(h, q_cache, projected=parts[0])
             gate_x = mem.out_gate(h, projected=parts[1])
             q_s, k_s = (apply_rope(att._heads(t), seg_freqs) for t in parts[2:4])
             v_s = att._heads(parts[4])
         else:
-            q_x, _ = mem.query(h)
+            q_x, q_cache = mem.query(h, q_cache)
             gate_x = mem.out_gate(h)
             q_s, (k_s, v_s) = att.project_q(h, seg_freqs), att.project_kv(h, seg_freqs)
         persistent = att.persistent_kv(B) or ()
-        state = mem.initial_state()
         masks = {}
         # Weights the loop projects every segment with, concatenated once: one matmul per segment
         # for the memory's q, k, v and gates of y, one for the attention's keys and values of h.
         # With fused projections, the retrieved tokens' output projection (the memory's wo) and the
         # attention's keys/values of them are one product: k_h, v_h = (norm(read) * gate) (W_kv W_o)^T.
         fused, kv_weight = mem.update_projection(), att.kv_weight(mem.wo.weight if fuse else None)
-        cache = None
         ys, os = [], []
         # split, not per-segment slicing: each slice's backward writes a full-length zero gradient,
         # which made the backward quadratic in T (64 segments x 5 tensors of [B, T, C] at T = 4k).
@@ -136,7 +138,7 @@ class TitansBlock(nn.Module):
             os.append(o)
         # Eq. 25: gate y with the updated memory's (causal) read; per token, so once for all segments.
         y, o = torch.cat(ys, 1), torch.cat(os, 1)
-        return y * torch.sigmoid(mem.read_out(o, y))
+        return y * torch.sigmoid(mem.read_out(o, y)), (state, cache, q_cache)
 
     def attention_context(self) -> int:
         t = self.tcfg

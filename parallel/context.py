@@ -1,0 +1,378 @@
+"""Context parallelism: each sample's sequence split over the cp ranks of a group, exactly.
+
+Rank r of a cp group holds tokens [r T/cp, (r+1) T/cp) of every sample of its data-parallel
+batch; outside the sequence mixers every layer works on those T/cp tokens alone. Applied after
+the model is built, like tensor parallelism: `apply_context_parallel` swaps the forward of each
+sequence mixer for one that exchanges what crosses a rank boundary. The models never see a
+process group; their recurrent mixers expose an initial and a final state and this file moves it.
+
+Per mixer (docs/design.md, "Context parallelism", says why):
+- full causal attention (Llama, Jamba's attention layers): keys and values all-gathered over the
+  group, each rank's queries attend to the keys up to its own end (backward: the key/value
+  gradients summed back to their owners);
+- sliding-window attention (Titans MAG, MAL): the last window-1 keys/values go to the next rank;
+- recurrent mixers (Mamba-1/2 scan and conv, the TTT inner model and its convs, the Titans memory
+  with its momentum and conv caches, MAC's whole segment loop): a state hand-off. Rank r waits for
+  rank r-1's final state of a layer, runs its piece from it, and sends its own final state on;
+  in backward the gradient of the received state goes back to r-1, which folds it into its own
+  backward. Exact (the same recurrence, cut where a piece boundary already is); the ranks run
+  as a pipeline over the layers, so rank r starts layer l as soon as rank r-1 finished it.
+
+Every exchange is point-to-point with a tag from a per-call counter that advances identically on
+every rank, so forward and backward messages of different layers never pair up wrongly.
+
+Limits: splits must fall on the memory chunk grid (Titans chunk_size, TTT mini_batch_size) and on
+MAC segments; activation checkpointing would re-run the exchanges in backward and is refused.
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+import weakref
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from titanforge.models.common import Attention, apply_rope, attention
+from titanforge.models.common.mamba import Mamba2Mixer, MambaMixer
+
+# Tags per exchange site: forward messages use the first half, backward the second.
+_TAGS_PER_SITE = 64
+_TAG_WRAP = 1 << 24
+# model -> its ContextGroup, for callers that want the byte counter or the state record.
+_GROUPS: "weakref.WeakKeyDictionary[nn.Module, ContextGroup]" = weakref.WeakKeyDictionary()
+
+
+class ContextGroup:
+    """A cp process group and this rank's neighbours in it; counts the bytes it sends."""
+
+    def __init__(self, group):
+        self.group = group
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        self.prev = dist.get_global_rank(group, self.rank - 1) if self.rank > 0 else None
+        self.next = dist.get_global_rank(group, self.rank + 1) if self.rank + 1 < self.size else None
+        self.nccl = dist.get_backend(group) == "nccl"
+        self._site = 0
+        # When a list: every state this rank receives in forward, as detached pytrees (tests).
+        self.record: list | None = None
+        # Payload bytes this rank sent (forward and backward; not the small shape headers; a ring
+        # all-reduce of N bytes counted as 2 (cp-1)/cp N), for the benchmark.
+        self.bytes_sent = 0
+
+    def new_site(self) -> int:
+        """The base tag of the next exchange; every rank calls this once per exchange site."""
+        self._site += 1
+        return (self._site * _TAGS_PER_SITE) % _TAG_WRAP
+
+    def _isend(self, t: torch.Tensor, dst: int, tag: int, count: bool = True):
+        t = t.contiguous()
+        if count:
+            self.bytes_sent += t.numel() * t.element_size()
+        return dist.isend(t, dst, group=self.group, tag=tag)
+
+    def send(self, tag: int, carrier: torch.Tensor, state) -> torch.Tensor:
+        """Send `state` (a pytree of tensors) to the next rank; returns `carrier` unchanged. Its
+        backward receives the state's gradient from the next rank, so `carrier` must be a tensor
+        the loss depends on and whose gradient arrives after the state's consumers on this rank."""
+        if self.next is None:
+            return carrier
+        leaves, spec = pytree.tree_flatten(state)
+        if len(leaves) + 2 > _TAGS_PER_SITE // 2:
+            raise ValueError(f"a context-parallel state of {len(leaves)} tensors exceeds the "
+                             f"{_TAGS_PER_SITE // 2 - 2} one exchange site carries")
+        meta = pickle.dumps((spec, [(tuple(t.shape), t.dtype) for t in leaves]))
+        header = torch.frombuffer(bytearray(meta), dtype=torch.uint8).to(carrier.device)
+        length = torch.tensor([header.numel()], dtype=torch.int64, device=carrier.device)
+        works = [self._isend(length, self.next, tag, False), self._isend(header, self.next, tag + 1, False)]
+        out = _SendState.apply(self, tag, carrier, *leaves)
+        for w in works:
+            w.wait()
+        return out
+
+    def receive(self, tag: int, device: torch.device):
+        """The state the previous rank sent from the same site (None on the first rank)."""
+        if self.prev is None:
+            return None
+        length = torch.empty(1, dtype=torch.int64, device=device)
+        dist.recv(length, self.prev, group=self.group, tag=tag)
+        header = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
+        dist.recv(header, self.prev, group=self.group, tag=tag + 1)
+        with warnings.catch_warnings():  # torch's TreeSpec unpickling warns about its own LeafSpec
+            warnings.simplefilter("ignore", FutureWarning)
+            spec, meta = pickle.loads(header.cpu().numpy().tobytes())
+        anchor = torch.empty(0, device=device, requires_grad=torch.is_grad_enabled())
+        leaves = _RecvState.apply(self, tag, meta, anchor)
+        if self.record is not None:
+            self.record.append(pytree.tree_unflatten([t.detach().clone() for t in leaves], spec))
+        return pytree.tree_unflatten(list(leaves), spec)
+
+
+class _SendState(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cg, tag, carrier, *leaves):
+        works = [cg._isend(t.detach(), cg.next, tag + 2 + i) for i, t in enumerate(leaves)]
+        for w in works:
+            w.wait()
+        ctx.cg, ctx.tag = cg, tag
+        ctx.meta = [(t.shape, t.dtype, t.device) for t in leaves]
+        return carrier.view_as(carrier)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cg, base = ctx.cg, ctx.tag + _TAGS_PER_SITE // 2
+        grads = []
+        for i, (shape, dtype, device) in enumerate(ctx.meta):
+            g = torch.empty(shape, dtype=dtype, device=device)
+            dist.recv(g, cg.next, group=cg.group, tag=base + i)
+            grads.append(g)
+        return (None, None, grad, *grads)
+
+
+class _RecvState(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cg, tag, meta, anchor):
+        leaves = []
+        for i, (shape, dtype) in enumerate(meta):
+            t = torch.empty(shape, dtype=dtype, device=anchor.device)
+            dist.recv(t, cg.prev, group=cg.group, tag=tag + 2 + i)
+            leaves.append(t)
+        ctx.cg, ctx.tag = cg, tag
+        return tuple(leaves)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        cg, base = ctx.cg, ctx.tag + _TAGS_PER_SITE // 2
+        works = [cg._isend(g, cg.prev, base + i) for i, g in enumerate(grads)]
+        for w in works:
+            w.wait()
+        return None, None, None, None
+
+
+class _GatherSequence(torch.autograd.Function):
+    """[B, T/cp, ...] on each rank -> [B, T, ...] in rank order; backward sums the gradient over
+    the group and keeps this rank's slice (a reduce-scatter; gloo has none, so all-reduce)."""
+
+    @staticmethod
+    def forward(ctx, cg, x):
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(cg.size)]
+        dist.all_gather(parts, x, group=cg.group)
+        cg.bytes_sent += x.numel() * x.element_size() * (cg.size - 1)
+        ctx.cg = cg
+        return torch.cat(parts, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cg = ctx.cg
+        grad = grad.contiguous()
+        if cg.nccl:
+            parts = list(grad.chunk(cg.size, 1))
+            out = torch.empty_like(parts[cg.rank])
+            dist.reduce_scatter(out, [p.contiguous() for p in parts], group=cg.group)
+            return None, out
+        dist.all_reduce(grad, group=cg.group)
+        cg.bytes_sent += 2 * grad.numel() * grad.element_size() * (cg.size - 1) // cg.size
+        return None, grad.chunk(cg.size, 1)[cg.rank].contiguous()
+
+
+def gather_sequence(cg: ContextGroup, x: torch.Tensor) -> torch.Tensor:
+    return _GatherSequence.apply(cg, x) if cg.size > 1 else x
+
+
+def shard_sequence(tokens: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """This cp rank's piece of a [B, T + 1] token batch: its T/cp inputs and their next tokens
+    ([B, T/cp + 1], overlapping the next rank's piece by one token)."""
+    T = tokens.shape[1] - 1
+    if T % size:
+        raise ValueError(f"sequence length {T} is not divisible by parallel.cp={size}")
+    n = T // size
+    return tokens[:, rank * n:(rank + 1) * n + 1]
+
+
+# The forwards swapped in, one per kind of mixer. Each is bound to its module with functools.partial.
+
+def _full_attention_forward(cg: ContextGroup, self: Attention, x, freqs=None, *, attn_mask=None):
+    if attn_mask is not None:
+        raise ValueError("context-parallel attention builds its own causal mask; got attn_mask")
+    B, T, _ = x.shape
+    q = self.wq(x).view(B, T, -1, self.head_dim)
+    k = self.wk(x).view(B, T, -1, self.head_dim)
+    v = self.wv(x).view(B, T, -1, self.head_dim)
+    if freqs is not None:
+        q, k = apply_rope(q, freqs), apply_rope(k, freqs)
+    # Keys and values in one gather: [B, T, 2G, D] -> [B, cp T, 2G, D], kept up to this rank's end.
+    G = k.shape[2]
+    kv = gather_sequence(cg, torch.cat([k, v], 2))[:, :(cg.rank + 1) * T]
+    k, v = kv.split(G, 2)
+    q_pos = torch.arange(T, device=x.device)[:, None] + cg.rank * T
+    mask = torch.arange(kv.shape[1], device=x.device)[None, :] <= q_pos  # [T, (r+1) T]
+    out = attention(q, k, v, attn_mask=mask)
+    return self.wo(out.reshape(B, T, -1))
+
+
+def _sliding_window_forward(cg: ContextGroup, window: int, self, x, mask_mod, freqs_q, context=None,
+                            freqs_kv=None):
+    """PersistentAttention over [persistent | x] with a sliding-window mask_mod: the previous
+    rank's last window-1 keys/values are prepended, and the mask shifted by as many tokens."""
+    if context is not None:
+        raise ValueError("context-parallel sliding-window attention attends to its own input only")
+    B, T, _ = x.shape
+    q = self.project_q(x, freqs_q)
+    k, v = self.project_kv(x, freqs_q)
+    tag = cg.new_site()
+    halo = min(window - 1, T)
+    if halo:
+        q = cg.send(tag, q, (k[:, T - halo:], v[:, T - halo:]))
+        got = cg.receive(tag, x.device)
+    else:
+        got = None
+    shift = 0
+    if got is not None:
+        shift = got[0].shape[1]
+        k, v = torch.cat([got[0], k], 1), torch.cat([got[1], v], 1)
+
+    def shifted(b, h, q_idx, kv_idx):
+        return mask_mod(b, h, q_idx + shift, kv_idx)
+
+    return self.attend(q, k, v, shifted, self.persistent_kv(B))
+
+
+def _mamba_forward(cg: ContextGroup, orig, x, initial_state=None, output_final_state=False):
+    tag = cg.new_site()
+    got = cg.receive(tag, x.device)
+    y, state = orig(x, got if got is not None else initial_state, True)
+    y = cg.send(tag, y, state)
+    return (y, state) if output_final_state else y
+
+
+def _memory_forward(cg: ContextGroup, self, x, state=None):
+    """NeuralMemory.forward with its conv caches and (weights, momentum) handed over."""
+    tag = cg.new_site()
+    got = cg.receive(tag, x.device)
+    cache, mem_state = got if got is not None else (None, state or self.initial_state())
+    q, k, v, gates, cache = self.project(x, cache, fused=self.update_projection())
+    o, mem_state = self.update(q, k, v, gates, mem_state)
+    out = cg.send(tag, _tie(self.read_out(o, x), got, self.memory.parameters()), (cache, mem_state))
+    return out, mem_state
+
+
+def _tie(out: torch.Tensor, got, params) -> torch.Tensor:
+    """On a rank that received its initial state, the initial-state parameters (read only on the
+    first rank) still join this rank's graph, with a zero gradient: DDP and FSDP2 reduce the same
+    set of gradients on every rank."""
+    if got is None or not torch.is_grad_enabled():
+        return out
+    return out + sum(p.sum() for p in params) * 0.0
+
+
+def _stateful_forward(cg: ContextGroup, orig, x, state=None):
+    """A block with forward(x, state) -> (out, state): the TTT blocks (conv and inner model)."""
+    tag = cg.new_site()
+    got = cg.receive(tag, x.device)
+    out, state = orig(x, got if got is not None else state)
+    inner = orig.__self__.ttt
+    out = cg.send(tag, _tie(out, got, [p for p in (inner.W1, inner.b1, inner.W2, inner.b2) if p is not None]), state)
+    return out, state
+
+
+def _mac_forward(cg: ContextGroup, orig, h, freqs, initial_state=None):
+    tag = cg.new_site()
+    got = cg.receive(tag, h.device)
+    out, state = orig(h, freqs, got if got is not None else initial_state)
+    out = cg.send(tag, _tie(out, got, orig.__self__.memory.memory.parameters()), state)
+    return out, state
+
+
+def _rope_offset_hooks(model: nn.Module, cg: ContextGroup) -> None:
+    """Give this rank's tokens their global positions: the rotary table seen during a forward
+    starts at rank * T/cp (restored after, so init and checkpoints see the whole table)."""
+    full = model.freqs
+
+    def pre(module, args):
+        T = args[0].shape[1]
+        module.freqs = full[cg.rank * T:(cg.rank + 1) * T]
+
+    def post(module, args, output):
+        module.freqs = full
+
+    model.register_forward_pre_hook(pre)
+    model.register_forward_hook(post)
+
+
+def context_group(model: nn.Module) -> ContextGroup | None:
+    """The ContextGroup `apply_context_parallel` gave `model` (None if it has none)."""
+    return _GROUPS.get(model)
+
+
+def apply_context_parallel(model: nn.Module, family: str, group) -> ContextGroup:
+    """Swap every sequence mixer of `model` for its context-parallel form over `group` (a process
+    group, a 1-D DeviceMesh, or a ready ContextGroup). Returns the ContextGroup (its byte counter
+    and state record)."""
+    if isinstance(group, ContextGroup):
+        cg = group
+    else:
+        cg = ContextGroup(group.get_group() if hasattr(group, "get_group") else group)
+        if cg.size == 1:
+            return cg
+    _GROUPS[model] = cg
+    bind = lambda fn, module, *a: setattr(module, "forward", partial(fn, cg, *a, module))  # noqa: E731
+    wrap = lambda fn, module: setattr(module, "forward", partial(fn, cg, module.forward))  # noqa: E731
+    positional = family == "llama" or (family == "titans" and model.cfg.titans.variant in ("mag", "mal"))
+    for block in model.layers.values():
+        if family == "llama":
+            bind(_full_attention_forward, block.attention)
+        elif family == "jamba":
+            if isinstance(block.mixer, Attention):
+                bind(_full_attention_forward, block.mixer)
+            elif isinstance(block.mixer, (MambaMixer, Mamba2Mixer)):
+                wrap(_mamba_forward, block.mixer)
+            else:
+                raise ValueError(f"no context-parallel form for mixer {type(block.mixer).__name__}")
+        elif family == "ttt":
+            wrap(_stateful_forward, block)
+        elif family == "titans":
+            variant = block.variant
+            if variant == "mac":
+                block._mac = partial(_mac_forward, cg, block._mac)
+                continue
+            bind(_memory_forward, block.memory)
+            if variant in ("mag", "mal"):
+                bind(_sliding_window_forward, block.attention, block.tcfg.window)
+        else:
+            raise ValueError(f"context parallelism has no plan for model.family={family!r}")
+    if positional:
+        _rope_offset_hooks(model, cg)
+    return cg
+
+
+def check_context(model, cp: int, seq_len: int | None, tp: int = 1) -> list[str]:
+    """Problems of splitting `seq_len` tokens of a `ModelConfig` over cp ranks; empty when it fits."""
+    if cp == 1:
+        return []
+    errs = []
+    grid, what = 1, ""
+    fam = model.family
+    if fam == "titans":
+        t = model.titans
+        grid, what = (t.segment_len, "model.titans.segment_len") if t.variant == "mac" else \
+            (t.chunk_size, "model.titans.chunk_size")
+    elif fam == "ttt":
+        grid, what = model.ttt.mini_batch_size, "model.ttt.mini_batch_size"
+    if seq_len is not None:
+        unit = grid * cp
+        if seq_len % unit:
+            fits = [c for c in range(2, seq_len + 1) if seq_len % (c * grid) == 0][:6]
+            per = f" (each rank's piece must be a multiple of {what}={grid})" if grid > 1 else ""
+            fix = f"use parallel.cp in {fits} or" if fits else "no cp > 1 fits: use"
+            errs.append(f"sequence length {seq_len} is not divisible by parallel.cp={cp} x {grid}{per}; "
+                        f"{fix} a sequence length that is a multiple of {unit}"
+                        + (f" or a smaller {what}" if grid > 1 else ""))
+        elif fam == "titans" and model.titans.variant in ("mag", "mal") and model.titans.window - 1 > seq_len // cp:
+            errs.append(f"model.titans.window={model.titans.window} exceeds the {seq_len // cp} tokens per cp rank "
+                        f"+ 1 (sliding-window keys come from the previous rank only); use parallel.cp <= "
+                        f"{max(1, seq_len // max(1, model.titans.window - 1))} or a smaller window")
+    return errs
