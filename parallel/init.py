@@ -62,7 +62,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _fill_from_full(target: torch.Tensor, full: torch.Tensor) -> None:
+def fill_from_full(target: torch.Tensor, full: torch.Tensor) -> None:
     """Copy this rank's part of the full tensor `full` (CPU, identical on every rank) into `target`."""
     if tuple(full.shape) != tuple(target.shape):
         raise ValueError(f"initial value of shape {tuple(full.shape)} for a parameter of shape {tuple(target.shape)}")
@@ -107,7 +107,7 @@ def _fill_rows(target: torch.Tensor, name: str, seed: int, dist: str, std: float
     rows = _row_range(target)
     n, c = target.shape
     if rows is None:
-        _fill_from_full(target, _draw_rows(name, seed, 0, n, c, dist, std, target.dtype))
+        fill_from_full(target, _draw_rows(name, seed, 0, n, c, dist, std, target.dtype))
         return
     _local(target).copy_(_draw_rows(name, seed, rows[0], rows[1], c, dist, std, target.dtype))
 
@@ -134,7 +134,7 @@ def init_model_weights(model: nn.Module, model_cfg, seed: int) -> None:
         _fill_rows(targets["output.weight"], "output.weight", seed, "trunc_normal", std)
         done.add("output.weight")
     if "freqs" in targets:
-        _fill_from_full(targets["freqs"], rope_frequencies(model_cfg.head_dim, model_cfg.max_seq_len,
+        fill_from_full(targets["freqs"], rope_frequencies(model_cfg.head_dim, model_cfg.max_seq_len,
                                                            model_cfg.rope_theta))
         done.add("freqs")
     template = build_model(model_cfg, device="meta")
@@ -150,7 +150,7 @@ def init_model_weights(model: nn.Module, model_cfg, seed: int) -> None:
         for local_name, full in list(module.named_parameters()) + list(module.named_buffers()):
             name = prefix + local_name
             if name in targets:
-                _fill_from_full(targets[name], full)
+                fill_from_full(targets[name], full)
                 done.add(name)
         module.to_empty(device="meta")  # drop the unit's memory before the next one
     missing = sorted(set(targets) - done)

@@ -48,8 +48,14 @@ def build_plain_model(job, device: torch.device) -> torch.nn.Module:
 
 
 def sharded_init_fn(job, device: torch.device):
-    """`parallelize(..., init_fn=...)` for a meta-built model: allocate and initialise this rank's shards."""
+    """`parallelize(..., init_fn=...)` for a meta-built model: allocate and initialise this rank's
+    shards, from `init.from`'s weights when given (trainer/init_from.py)."""
     torch.manual_seed(job.train.seed)
+    source = (getattr(job, "init", None) or {}).get("from")
+    if source:
+        from titanforge.trainer.init_from import init_from_fn
+
+        return init_from_fn(source, job.model, job.train.seed, device)
     return functools.partial(materialize, model_cfg=job.model, seed=job.train.seed, device=device)
 
 
