@@ -1,6 +1,11 @@
-"""`titanforge plan`: what a config's model needs, counted on the meta device (no memory)."""
+"""`titanforge plan`: what a config's model needs per layout, counted on the meta device (no memory).
+
+`param_counts` (total, active per token) is also what the trainer prints at start.
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 from torch import nn
 
@@ -49,9 +54,6 @@ def param_counts(model_cfg, model: nn.Module | None = None) -> tuple[int, int]:
 #   grads; DDP/ZeRO: all-reduce grads; TP: 4 activation collectives per block forward+backward),
 #   times the pipeline bubble 1 + (pp - 1) / micro-batches.
 # ---------------------------------------------------------------------------------------------
-
-import dataclasses
-import math
 
 F32 = 4
 

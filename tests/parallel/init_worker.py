@@ -1,7 +1,8 @@
 """torchrun worker (4 gloo ranks): the trainer's sharded start equals the single-process start.
 
 For every family and variant and each layout below, the trainer's step object is built (meta
-model -> layout -> each rank allocates and initialises its shards, parallel/init.py), and every
+model -> layout -> each rank allocates and initialises its shards, parallel/init.py; under pp the
+stages are still cut from a full model per rank, see trainer/pipeline_step.py), and every
 parameter and buffer it holds, made full, must equal `build_plain_model`'s (one process, the same
 seed) exactly. Under pp a rank holds only its stages; the names held are gathered to check that
 the stages together cover the whole model.

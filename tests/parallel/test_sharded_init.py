@@ -2,7 +2,8 @@
 model larger than a rank's memory budget starts and trains under FSDP2.
 
 Launches: one 4-rank run of tests/parallel/init_worker.py (every family and variant under fsdp,
-tp (dp x tp), pp (pp x tp, and pp with DDP), ep (with FSDP2 and with DDP): exact equality with
+tp (dp x tp), pp (pp x tp, and pp with DDP; the pipeline still cuts its stages from a full model
+per rank, trainer/pipeline_step.py), ep (with FSDP2 and with DDP): exact equality with
 `build_plain_model`), and tests/parallel/memory_worker.py on 4 ranks and on 1 rank under the same
 enforced budget (RLIMIT_DATA).
 
