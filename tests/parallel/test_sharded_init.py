@@ -29,6 +29,7 @@ from titanforge.parallel.init import ROW_BLOCK, init_model_weights, unit_seed
 from titanforge.models.registry import build_model
 
 HERE = Path(__file__).parent
+pytestmark = pytest.mark.slow
 # The memory worker's budget per rank, MB over what the process holds before the model is built.
 BUDGET_MB = 265
 

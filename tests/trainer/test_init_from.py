@@ -24,6 +24,7 @@ from titanforge.models.config import ModelConfig
 from titanforge.models.jamba.config import JambaConfig
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow
 
 LLAMA = dict(family="llama", vocab_size=50304, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, ffn_hidden=64,
              max_seq_len=64, tie_embeddings=False)
