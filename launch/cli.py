@@ -4,6 +4,8 @@
     titanforge train CONFIG [key=value ...] [--nproc N] [multi-node flags]
     titanforge slurm CONFIG --nodes N --gpus-per-node G [--partition P --time HH:MM:SS ...] [key=value ...]
                                                                   write an sbatch script (launch/slurm.py)
+    titanforge export CHECKPOINT --out DIR                        checkpoint -> safetensors (HF for Llama/Jamba)
+    titanforge plan CONFIG --gpus N --gpu-mem GB [--nodes M]      memory per rank and step time per layout
 
 `train` with --nproc 1 on one node runs in this process; otherwise it validates the config for
 the whole world first (so a bad layout fails before anything starts) and then hands over to
@@ -74,7 +76,19 @@ def _slurm(argv: list[str]) -> int:
     return slurm_main(argv)
 
 
-COMMANDS = {"train": _train, "prepare": _prepare, "slurm": _slurm}
+def _export(argv: list[str]) -> int:
+    from titanforge.launch.export import main as export_main
+
+    return export_main(argv)
+
+
+def _plan(argv: list[str]) -> int:
+    from titanforge.launch.plan import main as plan_main
+
+    return plan_main(argv)
+
+
+COMMANDS = {"train": _train, "prepare": _prepare, "slurm": _slurm, "export": _export, "plan": _plan}
 
 
 def _reexec_with_huge_pages() -> None:

@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Dict, Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
@@ -40,6 +40,10 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # init.from=PATH: start from pretrained weights (a Hugging Face Llama / Jamba directory, a
+    # `titanforge export` directory or one of our checkpoints/step_N); "" = random initialisation.
+    # A dict because `from` is a Python keyword (trainer/init_from.py).
+    init: Dict[str, str] = field(default_factory=lambda: {"from": ""})
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -156,6 +160,14 @@ def validate(job: JobConfig, world_size: int | None = None) -> None:
         errs.append(f"wandb.mode={job.wandb.mode!r} must be offline | online | disabled")
     if job.checkpoint.resume not in ("auto", "never"):
         errs.append(f"checkpoint.resume={job.checkpoint.resume!r} must be auto | never")
+    unknown = sorted(set(job.init) - {"from"})
+    if unknown:
+        errs.append(f"init.{unknown[0]} is not a key of init; the only one is init.from=PATH")
+    elif job.init.get("from") and par.dp_backend == "deepspeed":
+        errs.append("init.from is not supported with parallel.dp_backend=deepspeed; use parallel.dp_backend=fsdp")
+    elif job.init.get("from") and not Path(job.init["from"]).is_dir():
+        errs.append(f"init.from={job.init['from']} is not a directory; give a Hugging Face checkpoint directory, "
+                    f"a `titanforge export` directory or a checkpoints/step_N directory")
     if job.checkpoint.keep_last < 1:
         errs.append(f"checkpoint.keep_last={job.checkpoint.keep_last} must be >= 1")
     if errs:

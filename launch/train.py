@@ -27,6 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     from titanforge.trainer import train
     from titanforge.trainer.dist import shutdown
 
+    if int(os.environ.get("RANK", "0")) == 0:
+        from titanforge.launch.plan import param_counts
+
+        total, active = param_counts(job.model)
+        more = f" ({active / 1e6:,.1f}M active per token)" if active != total else ""
+        print(f"[model] {job.model.family}: {total / 1e6:,.1f}M parameters{more}", flush=True)
+
     try:
         result = train(job, config_yaml=to_yaml(job))
     finally:

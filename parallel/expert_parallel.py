@@ -124,8 +124,9 @@ def expert_modules(model: nn.Module) -> list[tuple[str, ExpertParallelGroupedExp
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> nn.Module:
     """Shard every `GroupedExperts` of `model` over the 1-D mesh `ep_mesh` (in place; returns `model`).
 
-    The weights must be the full, identical initial experts on every rank (same seed); each rank
-    keeps experts [rank * E/ep, (rank + 1) * E/ep).
+    The weights must be the full, identical initial experts on every rank (same seed), or on meta
+    (the trainer's sharded start fills the shards after, parallel/init.py); each rank keeps
+    experts [rank * E/ep, (rank + 1) * E/ep).
     """
     if not isinstance(ep_mesh, DeviceMesh) or ep_mesh.ndim != 1:
         raise ValueError(f"apply_expert_parallel: ep_mesh must be a 1-D DeviceMesh (mesh['ep']), got "

@@ -3,13 +3,16 @@ tensor/sequence parallel -> expert parallel -> activation checkpointing -> compi
 (DDP or FSDP2; with expert parallelism the experts are reduced over "dp_rep" only, see
 parallel/expert_parallel.py).
 
-The model must already hold its initial weights, identical on every rank (same seed): tensor
-parallelism scatters them from tp rank 0's copy and DDP broadcasts rank 0's.
+The model either holds its initial weights, identical on every rank (same seed): tensor
+parallelism scatters them from tp rank 0's copy and DDP broadcasts rank 0's; or it is on the meta
+device and `init_fn(model)` allocates and fills this rank's shards after the sharding layouts (TP,
+EP, FSDP2) and before DDP (sharded start, parallel/init.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -19,9 +22,12 @@ from titanforge.parallel.config import ParallelConfig
 from titanforge.parallel.data_parallel import apply_activation_checkpointing, apply_compile, apply_ddp
 from titanforge.parallel.mesh import ParallelDims
 
+InitFn = Callable[[nn.Module], None]
+
 
 def parallelize(model: nn.Module, family: str, dims: ParallelDims, mesh: DeviceMesh | None, cfg: ParallelConfig,
-                device: torch.device, *, activation_checkpointing: bool = False, compile: bool = False) -> nn.Module:
+                device: torch.device, *, activation_checkpointing: bool = False, compile: bool = False,
+                init_fn: InitFn | None = None) -> nn.Module:
     if dims.tp > 1:
         from titanforge.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -54,12 +60,18 @@ def parallelize(model: nn.Module, family: str, dims: ParallelDims, mesh: DeviceM
                 # The same policy as apply_fsdp's for the rest of the model.
                 shard_experts_fsdp(model, mesh["dp_rep"], mp_policy=mixed_precision_policy(model))
             model = apply_fsdp(model, mesh["dp_cp"])
+            if init_fn is not None:
+                init_fn(model)
         else:
+            if init_fn is not None:
+                init_fn(model)
             if dims.ep > 1:
                 from titanforge.parallel.expert_parallel import ignore_experts_in_ddp
 
                 ignore_experts_in_ddp(model, mesh["dp_rep"])
             model = apply_ddp(model, device)
+    elif init_fn is not None:
+        init_fn(model)
     return model
 
 

@@ -1,8 +1,9 @@
 """The pipeline-parallel step (parallel.pp > 1): the trainer seam of trainer/step.py over stages.
 
-Each pipeline rank builds the full model with the run's seed (every rank gets the same initial
-weights), keeps a pruned copy per stage it holds (`parallel.pipeline.build_stage_module`), applies
-tensor parallelism / FSDP2 to each stage as the plain step does to the whole model, and runs the
+Each pipeline rank builds the full model with the run's seed (every rank gets the single-process
+initial weights, parallel/init.py), keeps a pruned copy per stage it holds
+(`parallel.pipeline.build_stage_module`), applies tensor parallelism / FSDP2 to each stage as the
+plain step does to the whole model, and runs the
 step's accumulation micro-batches through a `torch.distributed.pipelining` schedule:
 
 - loss: our cross-entropy on the last stage divided by the number of micro-batches, so the
@@ -71,6 +72,12 @@ class PipelineTrainStep(TrainStep):
         self.has_first, self.has_last = 0 in self.stage_ids, self.n_stages - 1 in self.stage_ids
         self.aux_scale = AuxLossScale(1.0 / self.n_micro)
 
+        # Every rank builds the full model (per-unit seeds: the single-process values) and cuts its
+        # stages from it. The sharded start (meta build, stages, layout, then only this rank's
+        # shards: parallel/init.py) gave stages equal to one process (checked with
+        # tests/parallel/init_worker.py while it was wired here), but tests/parallel/test_pipeline.py's 4-rank
+        # launch then aborted in the first steps with a gloo size mismatch ("6144 vs 3072", gone
+        # under TORCH_DISTRIBUTED_DEBUG=DETAIL); until that is traced the pipeline keeps this path.
         full = build_plain_model(job, info.device)
         # DDP wraps the module (and reduces over all ranks); across stage replicas the gradients are
         # averaged over mesh["dp"] after the schedule instead (`average_grads`).

@@ -20,12 +20,14 @@ across data-parallel ranks, micro-batches accumulated with the gradient reductio
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
 from titanforge.models.registry import build_model, collect_aux_losses, collect_metrics
 from titanforge.parallel import clip_grad_norm, finish_grad_reduction, no_grad_sync, parallelize
 from titanforge.parallel.context import shard_sequence
+from titanforge.parallel.init import materialize
 from titanforge.parallel.tp_loss import tp_cross_entropy
 from titanforge.trainer.dist import all_reduce
 from titanforge.trainer.optim import build_optimizer
@@ -40,12 +42,22 @@ def autocast_for(device: torch.device, dtype: str):
 
 
 def build_plain_model(job, device: torch.device) -> torch.nn.Module:
-    """The full model with its initial weights; the same seed on every rank gives the same weights."""
+    """The full model with its initial weights; the same seed gives the same weights on every rank
+    and in every layout (per-unit seeds, parallel/init.py)."""
     torch.manual_seed(job.train.seed)
-    model = build_model(job.model, device="meta")
-    model.to_empty(device=device)
-    model.init_weights()
-    return model
+    return materialize(build_model(job.model, device="meta"), job.model, job.train.seed, device)
+
+
+def sharded_init_fn(job, device: torch.device):
+    """`parallelize(..., init_fn=...)` for a meta-built model: allocate and initialise this rank's
+    shards, from `init.from`'s weights when given (trainer/init_from.py)."""
+    torch.manual_seed(job.train.seed)
+    source = (getattr(job, "init", None) or {}).get("from")
+    if source:
+        from titanforge.trainer.init_from import init_from_fn
+
+        return init_from_fn(source, job.model, job.train.seed, device)
+    return functools.partial(materialize, model_cfg=job.model, seed=job.train.seed, device=device)
 
 
 def lm_loss(model, raw_model, tokens: torch.Tensor, autocast, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,10 +86,11 @@ class TrainStep:
     def __init__(self, job, dims, mesh, info):
         self.job, self.dims, self.info = job, dims, info
         self.autocast = autocast_for(info.device, job.train.dtype)
-        self.raw_model = build_plain_model(job, info.device)
+        # Sharded start: built on meta, each rank allocates and initialises only its shards.
+        self.raw_model = build_model(job.model, device="meta")
         self.model = parallelize(self.raw_model, job.model.family, dims, mesh, job.parallel, info.device,
                                  activation_checkpointing=job.train.activation_checkpointing,
-                                 compile=job.train.compile)
+                                 compile=job.train.compile, init_fn=sharded_init_fn(job, info.device))
         self.optimizer = build_optimizer(self.model, job.optim)
         # Context parallelism: every rank of a cp group reads the same batches and keeps its piece
         # of each sequence; its loss is the mean over its piece (pieces hold equal token counts).

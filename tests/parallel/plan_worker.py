@@ -1,0 +1,112 @@
+"""torchrun worker (4 gloo ranks): measured peak memory per rank of real training steps, per layout,
+for the planner's check (tests/launch/test_plan.py).
+
+For each family and layout: the trainer's step object is built (sharded start) and trains 2
+AdamW steps; the peak is VmHWM (reset with /proc/self/clear_refs before the build) minus the RSS
+at that moment, so it counts what this layout allocated: weights, gradients, optimizer state,
+buffers, activations. A tiny warm-up run of each family comes first, so code paged in by the
+first forward/backward is not charged to the first layout. The run's MALLOC_MMAP_THRESHOLD_ keeps
+freed blocks from staying in the heap (see tests/parallel/test_sharded_init.py).
+
+argv: OUT_JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from fsdp_cases import worker_main
+from titanforge.launch.config import JobConfig
+from titanforge.models.common.moe import MoEConfig
+from titanforge.models.config import ModelConfig
+from titanforge.models.jamba.config import JambaConfig
+from titanforge.parallel import ParallelDims, build_mesh
+from titanforge.parallel.config import ParallelConfig
+from titanforge.trainer.config import TrainConfig
+from titanforge.trainer.dist import DistInfo
+from titanforge.trainer.step import build_train_step
+
+SEQ, MICRO, GLOBAL = 64, 2, 8
+# (name, parallel config) per family on 4 ranks; the planner's Layout for each is in test_plan.py.
+PLAN_CHECK_LAYOUTS = {
+    "llama": [("fsdp", dict(dp_backend="fsdp")), ("tp2_fsdp", dict(tp=2, dp_backend="fsdp")),
+              ("pp2_fsdp", dict(pp=2, dp_backend="fsdp"))],
+    "jamba": [("fsdp", dict(dp_backend="fsdp")), ("ddp", dict(dp_backend="ddp")),
+              ("ep2_fsdp", dict(ep=2, dp_backend="fsdp"))],
+}
+
+
+def plan_check_model(family: str) -> ModelConfig:
+    """~17M (Llama) / ~20M (Jamba) parameters: weights, gradients and AdamW state dominate."""
+    common = dict(vocab_size=8192, d_model=256, n_heads=4, n_kv_heads=2, max_seq_len=SEQ, tie_embeddings=False)
+    if family == "llama":
+        return ModelConfig(family="llama", n_layers=12, ffn_hidden=1024, **common)
+    moe = MoEConfig(n_experts=4, top_k=2)
+    return ModelConfig(family="jamba", n_layers=8, ffn_hidden=512, **common,
+                       jamba=JambaConfig(layer_pattern="MD ME MD ME AD ME MD ME", d_state=16, chunk_size=16, moe=moe))
+
+
+def _kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def run(cfg, pcfg: dict, info, world: int) -> float:
+    job = JobConfig(model=cfg, parallel=ParallelConfig(**pcfg),
+                    train=TrainConfig(seed=1, global_batch_size=GLOBAL, micro_batch_size=MICRO))
+    dims = ParallelDims.from_config(job.parallel, world)
+    mesh = build_mesh(dims, "cpu")
+    g = torch.Generator().manual_seed(info.rank)
+    n_micro = GLOBAL // (MICRO * dims.dp)
+    batches = [torch.randint(0, cfg.vocab_size, (MICRO, SEQ + 1), generator=g) for _ in range(n_micro)]
+    gc.collect()
+    dist.barrier()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    rss0 = _kb("VmRSS")
+    step = build_train_step(job, dims, mesh, info)
+    # Two steps: the second forward/backward runs with AdamW's state allocated (the steady state;
+    # one step's peak is 20-35% lower under FSDP2).
+    for _ in range(2):
+        step.forward_backward(batches)
+        step.clip_grad_norm(1.0)
+        step.optimizer_step()
+        step.zero_grad()
+    peak = (_kb("VmHWM") - rss0) * 1024
+    del step
+    gc.collect()
+    dist.barrier()
+    return peak
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    info = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+    results = []
+    for family, layouts in PLAN_CHECK_LAYOUTS.items():
+        cfg = plan_check_model(family)
+        tiny = dataclasses.replace(cfg, n_layers=2, d_model=32, n_heads=2, n_kv_heads=2, ffn_hidden=64, vocab_size=128)
+        run(tiny, {"dp_backend": "fsdp"}, info, world)
+        for name, pcfg in layouts:
+            results.append({"family": family, "layout": name, "rank": rank, "peak": run(cfg, pcfg, info, world)})
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        with open(sys.argv[1], "w") as f:
+            json.dump([r for part in gathered for r in part], f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    worker_main(main)

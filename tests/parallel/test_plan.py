@@ -1,0 +1,56 @@
+"""`titanforge plan`'s memory estimates (launch/plan.py) against measured peaks of real runs.
+
+One 4-rank launch (tests/parallel/plan_worker.py) trains 2 AdamW steps per layout: Llama under
+FSDP2 dp=4, tp=2 x dp=2 and pp=2 x dp=2 (FSDP2), Jamba under FSDP2 dp=4, DDP dp=4 and ep=2 (FSDP2),
+and reports each rank's peak memory. The planner's estimate for the same model, batch and layout
+(overhead 0: the measurement excludes the runtime, see the worker) is compared with the largest
+rank's peak: the aim of 20% is met for WITHIN_AIM cases, every case is within BOUND. The step-time estimate is not checked here (a CPU says nothing about a GPU's).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from titanforge.launch.plan import Layout, estimate, model_stats
+
+sys.path.insert(0, str(Path(__file__).parent))
+import plan_worker as pw  # noqa: E402
+from test_sharded_init import _torchrun  # noqa: E402
+
+pytestmark = pytest.mark.slow
+# The aim is 20%; it is not met everywhere (docs/design.md has the measured errors): Llama's
+# layouts and Jamba's DDP are within it, Jamba under FSDP2 is overestimated by 25-50% (its Mamba
+# blocks keep less than the Linear-in/out count assumes).
+AIM, BOUND, WITHIN_AIM = 0.20, 0.60, 3
+LAYOUTS = {"fsdp": Layout(4, 1, 1, 1, "fsdp", False), "ddp": Layout(4, 1, 1, 1, "ddp", False),
+           "tp2_fsdp": Layout(2, 2, 1, 1, "fsdp", False), "pp2_fsdp": Layout(2, 1, 2, 1, "fsdp", False),
+           "ep2_fsdp": Layout(4, 1, 1, 2, "fsdp", False)}
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("plan") / "plan.json"
+    _torchrun(4, "plan_worker.py", str(out))
+    return json.loads(out.read_text())
+
+
+def test_plan_memory_matches_measured_peaks(measured):
+    rows = []
+    for family in pw.PLAN_CHECK_LAYOUTS:
+        cfg = pw.plan_check_model(family)
+        stats = model_stats(cfg, pw.SEQ)
+        for name, _ in pw.PLAN_CHECK_LAYOUTS[family]:
+            peak = max(r["peak"] for r in measured if r["family"] == family and r["layout"] == name)
+            est = estimate(stats, cfg, LAYOUTS[name], micro=pw.MICRO, seq_len=pw.SEQ, global_batch=pw.GLOBAL,
+                           overhead_gb=0.0, peak_tflops=1.0, mfu=1.0, bw_gbs=1.0).total
+            rows.append((family, name, est / 2**20, peak / 2**20, est / peak - 1))
+    report = "\n".join(f"{f:6} {n:9} estimate {e:7.1f} MiB  measured {m:7.1f} MiB  error {err:+.0%}"
+                       for f, n, e, m, err in rows)
+    print(report)
+    assert len(rows) >= 6 and len({r[0] for r in rows}) == 2
+    assert all(abs(r[4]) <= BOUND for r in rows), report
+    assert sum(abs(r[4]) <= AIM for r in rows) >= WITHIN_AIM, report
