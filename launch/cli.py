@@ -4,6 +4,7 @@
     titanforge train CONFIG [key=value ...] [--nproc N] [multi-node flags]
     titanforge slurm CONFIG --nodes N --gpus-per-node G [--partition P --time HH:MM:SS ...] [key=value ...]
                                                                   write an sbatch script (launch/slurm.py)
+    titanforge compare RUN_DIR [RUN_DIR ...]                      validation losses of runs side by side
 
 `train` with --nproc 1 on one node runs in this process; otherwise it validates the config for
 the whole world first (so a bad layout fails before anything starts) and then hands over to
@@ -74,7 +75,13 @@ def _slurm(argv: list[str]) -> int:
     return slurm_main(argv)
 
 
-COMMANDS = {"train": _train, "prepare": _prepare, "slurm": _slurm}
+def _compare(argv: list[str]) -> int:
+    from titanforge.launch.compare import main as compare_main
+
+    return compare_main(argv)
+
+
+COMMANDS = {"train": _train, "prepare": _prepare, "slurm": _slurm, "compare": _compare}
 
 
 def _reexec_with_huge_pages() -> None:
