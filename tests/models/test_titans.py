@@ -223,7 +223,8 @@ def reference_mag_mal_block(block, x, freqs, eps):
     def memory(u):  # M(u): the layer's projections and read-out, the naive op
         q, k, v, gates, _ = mem.project(u)
         o, _ = naive_titans_memory(q, k, v, *gates, weights=list(mem.memory), momentum=None,
-                                   chunk_size=mem.cfg.chunk_size, activation=mem.cfg.memory_activation)
+                                   chunk_size=mem.cfg.chunk_size, activation=mem.cfg.memory_activation,
+                                   inner_grad_clip=mem.cfg.inner_grad_clip)
         return mem.read_out(o, u)
 
     def sw_attention(u):  # queries u's positions; keys/values [p | u], each query sees p and a window
