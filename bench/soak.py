@@ -122,10 +122,18 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=ROOT / "runs" / "data" / "shakespeare-gpt2-64")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "soak")
     ap.add_argument("--out", type=Path, default=RESULTS / "soak.json")
+    ap.add_argument("--collect", action="store_true",
+                    help="train nothing: summarise the runs already in --work (e.g. presets soaked in two batches)")
     args = ap.parse_args()
-    prepare_data(args.data, args.seq_len)
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONSAFEPATH="1")
-    pending, running, results = list(args.presets), {}, {}
+    pending, running, results = ([] if args.collect else list(args.presets)), {}, {}
+    if args.collect:
+        for preset in args.presets:
+            log = args.work / preset / "train.log"
+            done = log.exists() and "[done]" in log.read_text()
+            results[preset] = summarise(preset, args.work / preset, float("nan"), 0 if done else 1)
+    else:
+        prepare_data(args.data, args.seq_len)
     t_start = time.time()
     while pending or running:
         while pending and len(running) < args.jobs:
@@ -160,6 +168,7 @@ def main() -> int:
                         "threads_per_run": 1, "concurrent_runs": args.jobs,
                         "note": "each preset's model, optimizer and schedule; batch and sequence length overridden"},
            "wall_s": round(time.time() - t_start, 1),
+           "train_command": " ".join(train_command("PRESET", args, args.work / "PRESET")[2:]),
            "all_passed": all(r["passed"] for r in ordered),
            "presets": ordered}
     args.out.parent.mkdir(parents=True, exist_ok=True)
