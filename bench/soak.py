@@ -47,7 +47,7 @@ def train_command(preset: str, args, out: Path) -> list[str]:
             "wandb.mode=disabled"]
 
 
-def summarise(preset: str, out: Path, wall: float, rc: int) -> dict:
+def summarise(preset: str, out: Path, wall: float | None, rc: int) -> dict:
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()] \
         if (out / "metrics.jsonl").exists() else []
     steps = [r for r in rows if "loss" in r]
@@ -61,7 +61,9 @@ def summarise(preset: str, out: Path, wall: float, rc: int) -> dict:
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     return {"preset": preset, "rc": rc, "steps_run": len(steps), "nonfinite_or_skipped_steps": len(bad),
             "first_bad_step": bad[0] if bad else None, "mean_first_50": round(first, 4),
-            "mean_last_50": round(last, 4), "val_loss": val[-1] if val else None, "wall_s": round(wall, 1),
+            "mean_last_50": round(last, 4), "val_loss": val[-1] if val else None,
+            "wall_s": None if wall is None else round(wall, 1),
+            "finished": rc == 0,
             "passed": rc == 0 and not bad and len(steps) > 0 and last < first - 1.0,
             "loss": [round(x, 4) for x in losses], "grad_norm": [round(r["grad_norm"], 4) for r in steps]}
 
@@ -131,7 +133,8 @@ def main() -> int:
         for preset in args.presets:
             log = args.work / preset / "train.log"
             done = log.exists() and "[done]" in log.read_text()
-            results[preset] = summarise(preset, args.work / preset, float("nan"), 0 if done else 1)
+            # rc -1: the run has no [done] line (still running, or stopped): summarised as far as it got
+            results[preset] = summarise(preset, args.work / preset, None, 0 if done else -1)
     else:
         prepare_data(args.data, args.seq_len)
     t_start = time.time()
@@ -167,7 +170,7 @@ def main() -> int:
            "settings": {"steps": args.steps, "sequences_per_step": args.batch, "seq_len": args.seq_len,
                         "threads_per_run": 1, "concurrent_runs": args.jobs,
                         "note": "each preset's model, optimizer and schedule; batch and sequence length overridden"},
-           "wall_s": round(time.time() - t_start, 1),
+           "wall_s": None if args.collect else round(time.time() - t_start, 1),
            "train_command": " ".join(train_command("PRESET", args, args.work / "PRESET")[2:]),
            "all_passed": all(r["passed"] for r in ordered),
            "presets": ordered}

@@ -3,8 +3,8 @@ a non-finite step, and its loss falls (issue #15: Titans MAC/MAG diverged to NaN
 their own presets, and the 20-step test before this one did not catch it).
 
 The default corpus (Shakespeare, GPT-2 BPE) at 64 tokens per sequence; 100 steps of one sequence
-(fewer tokens than the old 20 steps of 8: the 50k-vocabulary head dominates these tiny models). Every step must be finite and applied (no SKIPPED
-step, finite gradient norm); the mean loss of the last 10 steps must be at least 1 nat below the
+(fewer tokens than the old 20 steps of 8: the 50k-vocabulary head dominates these tiny models).
+Every step must be finite and applied (no SKIPPED step, finite gradient norm); the mean loss of the last 10 steps must be at least 1 nat below the
 first 10 (from ~ln(50257) = 10.8 a model that learns unigram statistics is near 7); validation
 runs and is finite. `bench/soak.py` runs the same presets for 1,000 steps.
 """
