@@ -124,6 +124,7 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=ROOT / "runs" / "data" / "shakespeare-gpt2-64")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "soak")
     ap.add_argument("--out", type=Path, default=RESULTS / "soak.json")
+    ap.add_argument("--note", default="", help="how the runs were made, recorded in the results")
     ap.add_argument("--collect", action="store_true",
                     help="train nothing: summarise the runs already in --work (e.g. presets soaked in two batches)")
     args = ap.parse_args()
@@ -171,6 +172,7 @@ def main() -> int:
                         "threads_per_run": 1, "concurrent_runs": args.jobs,
                         "note": "each preset's model, optimizer and schedule; batch and sequence length overridden"},
            "wall_s": None if args.collect else round(time.time() - t_start, 1),
+           "note": args.note,
            "train_command": " ".join(train_command("PRESET", args, args.work / "PRESET")[2:]),
            "all_passed": all(r["passed"] for r in ordered),
            "presets": ordered}
