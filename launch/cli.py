@@ -6,6 +6,7 @@
                                                                   write an sbatch script (launch/slurm.py)
     titanforge export CHECKPOINT --out DIR                        checkpoint -> safetensors (HF for Llama/Jamba)
     titanforge plan CONFIG --gpus N --gpu-mem GB [--nodes M]      memory per rank and step time per layout
+    titanforge compare RUN_DIR [RUN_DIR ...]                      validation losses of runs side by side
 
 `train` with --nproc 1 on one node runs in this process; otherwise it validates the config for
 the whole world first (so a bad layout fails before anything starts) and then hands over to
@@ -88,7 +89,14 @@ def _plan(argv: list[str]) -> int:
     return plan_main(argv)
 
 
-COMMANDS = {"train": _train, "prepare": _prepare, "slurm": _slurm, "export": _export, "plan": _plan}
+def _compare(argv: list[str]) -> int:
+    from titanforge.launch.compare import main as compare_main
+
+    return compare_main(argv)
+
+
+COMMANDS = {"train": _train, "prepare": _prepare, "slurm": _slurm, "export": _export, "plan": _plan,
+            "compare": _compare}
 
 
 def _reexec_with_huge_pages() -> None:

@@ -8,7 +8,8 @@ Every family's `build(cfg: ModelConfig) -> nn.Module` returns a model that honou
   followed by `to_empty(device=...)` and `init_weights()` nothing is allocated twice.
 - `flops_per_token(seq_len) -> float`: training FLOPs (forward + backward) per token, for MFU.
 - Modules that produce auxiliary losses (MoE) store them, already weighted, in the attribute
-  `aux_losses: dict[str, Tensor]` during forward; `collect_aux_losses` sums them for the trainer.
+  `aux_losses: dict[str, Tensor]` during forward; `collect_aux_losses` gathers them for the trainer,
+  with the MoE load-balancing loss pooled over all MoE layers as Hugging Face does (one term).
   Modules may also expose `metrics: dict[str, float]` (e.g. expert load), gathered the same way.
 """
 
@@ -47,11 +48,17 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> nn.Modu
 
 
 def collect_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Auxiliary losses stored by submodules during the last forward, keyed by module name."""
+    """Auxiliary losses of the last forward: those stored by submodules, keyed by module name, and
+    the MoE load-balancing loss pooled over every MoE layer in `model` ("load_balance")."""
+    from titanforge.models.common.moe import MoE, pooled_load_balance
+
     out = {}
     for name, mod in model.named_modules():
         for key, val in (getattr(mod, "aux_losses", None) or {}).items():
             out[f"{name}.{key}" if name else key] = val
+    balance = pooled_load_balance(m for m in model.modules() if isinstance(m, MoE))
+    if balance is not None:
+        out["load_balance"] = balance
     return out
 
 

@@ -249,14 +249,26 @@ def _mamba_forward(cg: ContextGroup, orig, x, initial_state=None, output_final_s
     return (y, state) if output_final_state else y
 
 
-def _memory_forward(cg: ContextGroup, self, x, state=None):
-    """NeuralMemory.forward with its conv caches and (weights, momentum) handed over."""
+def _memory_forward(cg: ContextGroup, n_prefix: int, self, x, state=None):
+    """NeuralMemory.forward with its conv caches and (weights, momentum) handed over.
+
+    n_prefix: MAG/MAL's persistent tokens, which the block prepends to every rank's piece (x~ =
+    [p || h]); they belong at the start of the whole sequence only, so a rank that continues the
+    sequence drops them and returns zeros in their place (the block keeps only h's positions).
+    With n_prefix a multiple of the chunk size the first rank's piece still ends on a chunk
+    boundary (check_context), so the hand-off stays exact."""
     tag = cg.new_site()
     got = cg.receive(tag, x.device)
+    prefix = None
+    if got is not None and n_prefix:
+        prefix, x = x[:, :n_prefix], x[:, n_prefix:]
     cache, mem_state = got if got is not None else (None, state or self.initial_state())
     q, k, v, gates, cache = self.project(x, cache, fused=self.update_projection())
     o, mem_state = self.update(q, k, v, gates, mem_state)
     out = cg.send(tag, _tie(self.read_out(o, x), got, self.memory.parameters()), (cache, mem_state))
+    if prefix is not None:
+        # Zero outputs at the dropped positions, tied to p so it has a (zero) gradient on every rank.
+        out = torch.cat([prefix * 0.0, out], 1)
     return out, mem_state
 
 
@@ -339,7 +351,7 @@ def apply_context_parallel(model: nn.Module, family: str, group) -> ContextGroup
             if variant == "mac":
                 block._mac = partial(_mac_forward, cg, block._mac)
                 continue
-            bind(_memory_forward, block.memory)
+            bind(_memory_forward, block.memory, block.tcfg.n_persistent if variant in ("mag", "mal") else 0)
             if variant in ("mag", "mal"):
                 bind(_sliding_window_forward, block.attention, block.tcfg.window)
         else:
@@ -371,6 +383,12 @@ def check_context(model, cp: int, seq_len: int | None, tp: int = 1) -> list[str]
             errs.append(f"sequence length {seq_len} is not divisible by parallel.cp={cp} x {grid}{per}; "
                         f"{fix} a sequence length that is a multiple of {unit}"
                         + (f" or a smaller {what}" if grid > 1 else ""))
+        elif fam == "titans" and model.titans.variant in ("mag", "mal") and model.titans.n_persistent % grid:
+            t = model.titans
+            ok = [t.chunk_size * i for i in range(0, 4)]
+            errs.append(f"model.titans.n_persistent={t.n_persistent} must be a multiple of model.titans.chunk_size="
+                        f"{t.chunk_size} under parallel.cp (MAG/MAL prepend the persistent tokens to the memory's "
+                        f"input, which would shift the memory's chunk grid off the cp split); use n_persistent in {ok}")
         elif fam == "titans" and model.titans.variant in ("mag", "mal") and model.titans.window - 1 > seq_len // cp:
             errs.append(f"model.titans.window={model.titans.window} exceeds the {seq_len // cp} tokens per cp rank "
                         f"+ 1 (sliding-window keys come from the previous rank only); use parallel.cp <= "

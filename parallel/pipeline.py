@@ -21,8 +21,10 @@ tokens [B, T] -> hidden [B, T, C] (first), hidden -> hidden (middle), hidden -> 
   Both copies start equal; after backward their gradients are summed over the first and last
   stage (`sum_tied_grads`) so both hold the full gradient and stay equal after every step.
 - MoE auxiliary losses: the schedule backpropagates only the loss of the last stage, so
-  `apply_aux_loss_grads` adds the aux losses' gradient in the MoE output's backward (Megatron's
-  `MoEAuxLossAutoScaler`), through forward hooks on modules that set `aux_losses`.
+  `apply_aux_loss_grads` adds the aux losses' gradient in the stage output's backward (Megatron's
+  `MoEAuxLossAutoScaler`), through a forward hook on the stage. The balance loss pools the stage's
+  MoE layers (HF pools the whole model's; stages cannot see each other's routing mid-schedule),
+  weighted by the stage's share of the MoE layers.
 - Tensor parallel inside a stage: the residual stream between stages is sent as the local
   sequence shard and re-wrapped as a DTensor (`Shard(1)`) on arrival (`apply_stage_boundaries`).
 """
@@ -36,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
+from titanforge.models.registry import collect_aux_losses
 from titanforge.parallel.config import ParallelConfig
 from titanforge.parallel.mesh import LayoutError
 
@@ -182,23 +185,22 @@ class AuxLossScale:
 
 
 def apply_aux_loss_grads(model: nn.Module, scale: AuxLossScale) -> int:
-    """Forward hooks on every module with `aux_losses` (MoE): the sum of its aux losses gets the gradient
-    `scale.value` in backward. The model code is unchanged; returns the number of hooked modules."""
-
+    """A forward hook on the stage `model`: the sum of the aux losses its modules left in that forward
+    (`collect_aux_losses`: per-layer z-losses and the MoE balance loss pooled over the stage's MoE
+    layers) gets the gradient `scale.value` in backward. The model code is unchanged; returns the
+    number of modules with aux losses (0: no hook)."""
     def hook(mod, args, out):
-        aux = getattr(mod, "aux_losses", None)
-        if not aux or not torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
             return out
-        total = sum(aux.values())
-        if not total.requires_grad:
+        aux = collect_aux_losses(mod)
+        total = sum(aux.values()) if aux else None
+        if total is None or not total.requires_grad:
             return out
         return _AddAuxLossGrad.apply(out, total, scale.value)
 
-    n = 0
-    for mod in model.modules():
-        if hasattr(mod, "aux_losses"):
-            mod.register_forward_hook(hook)
-            n += 1
+    n = sum(hasattr(mod, "aux_losses") for mod in model.modules())
+    if n:
+        model.register_forward_hook(hook)
     return n
 
 

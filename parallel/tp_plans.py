@@ -109,6 +109,10 @@ def titans_plan(model: nn.Module, sp: bool) -> tuple[Plan, list[str]]:
             plan[a] = PlaceParams({"persistent": Replicate()})
             plan.update({f"{a}.{w}": ColwiseParallel() for w in ("wq", "wk", "wv")})
             plan[f"{a}.wo"] = RowwiseParallel(output_layouts=Replicate(), use_local_output=False)
+        if block.variant == "mag":
+            # MAG's gate norms and projection read the replicated branch outputs: replicated compute.
+            gate = ("gate_norm_attention", "gate_norm_memory", "gate_proj")
+            plan.update({f"{p}.{n}": ReplicateParams() for n in gate})
         if block.attention_norm is not None:
             plan[f"{p}.attention_norm"] = _norm(sp)
             gathered.append(f"{p}.attention_norm")

@@ -5,14 +5,20 @@ softmax over ALL experts, top-k; the chosen probabilities are used raw (Jamba, `
 or renormalised over the k chosen (Mixtral, `"renormalize"`; DBRX's `"l1"` is the same thing for
 nonnegative weights and kept as an alias). Auxiliary losses:
 
-- load balance (Switch Transformer eq. 4, Mixtral/Megatron form): E * sum_e f_e * P_e with
-  f_e = (assignments routed to e) / (N * k) and P_e = mean over tokens of the FULL softmax
-  probability of e. f_e carries no gradient; P_e does. Equals 1 at perfect balance.
-- router z-loss (ST-MoE eq. 5): mean over tokens of logsumexp(logits)^2.
+- load balance, Hugging Face's `load_balancing_loss_func` (Jamba, Mixtral; Switch Transformer
+  eq. 4 without the 1/k): E * sum_e f_e * P_e with f_e = (top-k assignments routed to e) / rows
+  and P_e = mean over rows of the FULL softmax probability of e; the rows are the tokens of ALL
+  MoE layers pooled (HF concatenates the layers' router logits). f_e sums to k, so the loss is k
+  at perfect balance; f_e carries no gradient, P_e does. `load_balance_coef` is HF's
+  `router_aux_loss_coef`. Megatron's `switch_load_balancing_loss_func` divides f by k and is
+  summed per layer: at one layer ours is k times it. Each MoE keeps its (counts, probability
+  sums, rows) in `balance_stats`; `pooled_load_balance` pools the modules of a model, and
+  `models.registry.collect_aux_losses` adds it, weighted, as one "load_balance" term.
+- router z-loss (ST-MoE eq. 5): mean over tokens of logsumexp(logits)^2, per layer, multiplied by
+  its coefficient and stored in `self.aux_losses` after each forward.
 
-Both are multiplied by their coefficients and stored in `self.aux_losses` after each forward (the
-trainer sums `models.registry.collect_aux_losses`); unweighted values, dropped assignments and the
-expert-load histogram are in `self.metrics`.
+Unweighted per-layer values, dropped assignments and the expert-load histogram are in
+`self.metrics`.
 
 Deliberate differences: dispatch is dropless by default (Megablocks) rather than Switch's fixed
 capacity; with `capacity_factor > 0`, assignments over capacity are dropped in token order (see
@@ -44,7 +50,8 @@ from titanforge.models.common.moe_dispatch import (
 TOPK_NORMS = ("none", "renormalize", "l1")
 
 __all__ = [
-    "MoEConfig", "MoE", "TopKRouter", "GroupedExperts", "RouterOutput", "load_balancing_loss",
+    "MoEConfig", "MoE", "TopKRouter", "GroupedExperts", "RouterOutput", "BalanceStats", "load_balancing_loss",
+    "balance_stats", "pooled_load_balance",
     "router_z_loss", "sort_tokens_by_expert", "apply_capacity", "expert_capacity", "expert_forward",
     "combine", "TOPK_NORMS",
 ]
@@ -90,16 +97,38 @@ class RouterOutput(NamedTuple):
     probs: torch.Tensor  # [N, E] full softmax
 
 
-def load_balancing_loss(probs: torch.Tensor, expert_ids: torch.Tensor,
-                        n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """E * sum_e f_e * P_e over the full softmax `probs` [N, E]; returns (loss, f [E]).
+class BalanceStats(NamedTuple):
+    """What the load-balancing loss needs of one or more MoE layers' routing."""
+    counts: torch.Tensor  # [E] top-k assignments per expert (no gradient)
+    prob_sum: torch.Tensor  # [E] sum over rows of the full softmax (carries the gradient)
+    rows: int  # tokens routed (summed over pooled layers)
 
-    f_e = count of e in `expert_ids` [N, k] / (N * k) (no gradient); P_e = probs[:, e].mean().
-    """
-    counts = torch.bincount(expert_ids.reshape(-1), minlength=n_experts)
-    f = counts.to(probs.dtype) / expert_ids.numel()
-    P = probs.mean(0)
-    return n_experts * (f * P).sum(), f
+
+def balance_stats(probs: torch.Tensor, expert_ids: torch.Tensor, n_experts: int) -> BalanceStats:
+    """Stats of one layer: full softmax `probs` [N, E], chosen `expert_ids` [N, k]."""
+    counts = torch.bincount(expert_ids.reshape(-1), minlength=n_experts).to(probs.dtype)
+    return BalanceStats(counts, probs.sum(0), probs.shape[0])
+
+
+def load_balancing_loss(stats: BalanceStats) -> torch.Tensor:
+    """E * sum_e f_e * P_e with f_e = counts_e / rows, P_e = prob_sum_e / rows (HF's
+    `load_balancing_loss_func` on the same rows; k at perfect balance)."""
+    return stats.counts.numel() * (stats.counts * stats.prob_sum).sum() / (stats.rows * stats.rows)
+
+
+def pooled_load_balance(modules) -> torch.Tensor | None:
+    """coef * load_balancing_loss over the rows of all `modules` (MoE layers that ran a forward):
+    HF pools every MoE layer of the model into one f and one P. A model part holding only some of
+    the model's MoE layers (a pipeline stage) pools its own and weighs the term by its share
+    (held / `pooled_layers`), so that the stages' terms add up to the whole when the layers route alike."""
+    mods = [m for m in modules if m.balance_stats is not None]
+    if not mods:
+        return None
+    counts = sum(m.balance_stats.counts for m in mods)
+    prob_sum = sum(m.balance_stats.prob_sum for m in mods)
+    rows = sum(m.balance_stats.rows for m in mods)
+    share = len(mods) / max(mods[0].pooled_layers, len(mods))
+    return mods[0].cfg.load_balance_coef * share * load_balancing_loss(BalanceStats(counts, prob_sum, rows))
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -176,6 +205,11 @@ class MoE(nn.Module):
         self.router = TopKRouter(dim, cfg.n_experts, cfg.top_k, cfg.topk_norm, init_std=init_std)
         self.experts = GroupedExperts(cfg.n_experts, dim, self.hidden, init_std=init_std)
         self.aux_losses: dict[str, torch.Tensor] = {}
+        # Routing stats of the last forward, pooled over the model's MoE layers by
+        # `pooled_load_balance`; `pooled_layers` is how many MoE layers the whole model has (the
+        # model sets it; a pipeline stage holds only some of them).
+        self.balance_stats: BalanceStats | None = None
+        self.pooled_layers = 1
         # Detached tensors from the last forward; `metrics` turns them into floats only when read,
         # so training steps that do not log never synchronise with the device.
         self._stats: dict[str, torch.Tensor] | None = None
@@ -187,7 +221,8 @@ class MoE(nn.Module):
         N, E, k = B * T, self.cfg.n_experts, self.cfg.top_k
         x2 = x.reshape(N, C)
         r = self.router(x2)
-        lb, load = load_balancing_loss(r.probs, r.expert_ids, E)
+        stats = balance_stats(r.probs, r.expert_ids, E)
+        lb = load_balancing_loss(stats)
         z = router_z_loss(r.logits)
 
         order, counts = sort_tokens_by_expert(r.expert_ids, E)
@@ -199,15 +234,16 @@ class MoE(nn.Module):
         y_sorted = self.experts(x_sorted, counts)
         y = combine(y_sorted, order, r.weights, N)
 
-        self.aux_losses = {"load_balance": self.cfg.load_balance_coef * lb,
-                           "z_loss": self.cfg.z_loss_coef * z}
+        self.balance_stats = stats
+        self.aux_losses = {"z_loss": self.cfg.z_loss_coef * z}
         self._stats = {"load_balance": lb.detach(), "z_loss": z.detach(), "dropped_tokens": dropped,
-                       "expert_load": load}
+                       "expert_load": stats.counts / (N * k)}
         return y.view(B, T, C)
 
     @property
     def metrics(self) -> dict[str, float | int | list[float]]:
-        """Last forward, for logging: unweighted losses, dropped assignments, load fraction per expert."""
+        """Last forward, for logging: unweighted losses of this layer alone, dropped assignments, load
+        fraction per expert."""
         if self._stats is None:
             return {}
         s = self._stats

@@ -11,12 +11,10 @@ w1/w3/w2 <-> gate_proj/up_proj/down_proj; experts w1, w3 [E, C, H] <-> gate_up_p
 What HF Jamba cannot express (export raises ValueError): Mamba-2 layers, layers without a
 feed-forward, patterns that are not "attention at i % p == o, MoE at i % q == r", expert widths
 different from the dense width, and renormalised top-k (HF uses raw softmax weights, our
-`topk_norm="none"`). Loss conventions: HF's load-balancing term counts top-k assignments per
-token (sum over experts of the fractions = k) and pools all MoE layers into one set of fractions
-before the product; ours (models/common/moe.py) normalises the fractions to 1 and is summed per
-layer. With one MoE layer HF's term is k times ours, so export sets router_aux_loss_coef =
-load_balance_coef / k; with several MoE layers the two losses differ slightly (pooled vs per
-layer). HF has no router z-loss. Logits are identical.
+`topk_norm="none"`). Loss conventions: our load-balancing loss is HF's `load_balancing_loss_func`
+(pooled over all MoE layers, fractions summing to k; models/common/moe.py), so
+`router_aux_loss_coef` and `moe.load_balance_coef` are the same number both ways. HF has no
+router z-loss. Logits are identical.
 """
 
 from __future__ import annotations
@@ -76,7 +74,7 @@ def hf_config(cfg: ModelConfig, specs: list[LayerSpec]):
         num_hidden_layers=n, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
         rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
         num_experts=j.moe.n_experts if moe_layers else 1, num_experts_per_tok=j.moe.top_k,
-        router_aux_loss_coef=j.moe.load_balance_coef / j.moe.top_k,
+        router_aux_loss_coef=j.moe.load_balance_coef,
         attn_layer_period=attn_p, attn_layer_offset=attn_o, expert_layer_period=moe_p, expert_layer_offset=moe_o,
         mamba_d_state=j.d_state, mamba_d_conv=j.d_conv, mamba_expand=j.expand,
         mamba_dt_rank=j.dt_rank or -(-cfg.d_model // 16), mamba_conv_bias=True, mamba_proj_bias=False,
@@ -121,7 +119,7 @@ def from_hf(config, state_dict: dict[str, torch.Tensor]) -> tuple[ModelConfig, d
     jcfg = JambaConfig(layer_pattern=format_layer_pattern(specs), d_state=config.mamba_d_state,
                        d_conv=config.mamba_d_conv, expand=config.mamba_expand, dt_rank=config.mamba_dt_rank)
     jcfg.moe.n_experts, jcfg.moe.top_k = config.num_experts, config.num_experts_per_tok
-    jcfg.moe.load_balance_coef = config.router_aux_loss_coef * config.num_experts_per_tok
+    jcfg.moe.load_balance_coef = config.router_aux_loss_coef
     cfg = ModelConfig(family="jamba", vocab_size=config.vocab_size, d_model=config.hidden_size, n_layers=n,
                       n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads,
                       ffn_hidden=config.intermediate_size, norm_eps=config.rms_norm_eps,

@@ -98,9 +98,14 @@ class Jamba(CausalLM):
         specs = parse_layer_pattern(cfg.jamba.layer_pattern, cfg.n_layers, allowed_mixers=SUPPORTED_MIXERS)
         super().__init__(cfg, nn.ModuleDict({str(i): JambaBlock(cfg, s) for i, s in enumerate(specs)}))
         self.specs = specs
+        # The load-balancing loss pools all MoE layers (HF); a pipeline stage keeps this count.
+        moes = [m for m in self.modules() if isinstance(m, MoE)]
+        for m in moes:
+            m.pooled_layers = len(moes)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V]. MoE layers leave their weighted aux losses in `aux_losses`."""
+        """tokens [B, T] -> logits [B, T, V]. MoE layers leave their z-losses in `aux_losses`
+        and their routing stats for the pooled balance loss (`models.registry.collect_aux_losses`)."""
         h = self.embed(tokens)
         for layer in self.layers.values():
             h = layer(h)

@@ -5,17 +5,26 @@ sequence mixer:
 - MAC (Sec. 4.1, Eq. 21-25): the sequence is cut into segments of `segment_len`. For segment S:
   h = M*_{prev}(q_S) is read from the memory; attention over [persistent | h | S] (causal, see
   attention.mac_mask_mod) gives y; the memory is updated with y; o = y * sigmoid(M*(y)).
-- MAG (Sec. 4.2): sliding-window attention with a persistent prefix, and the memory over the same
-  input, combined by the gate o = y_attn * sigmoid(y_mem).
-- MAL (Sec. 4.3): a memory layer, then sliding-window attention, each a residual branch.
+- MAG (Sec. 4.2): x~ = [p || x]; sliding-window attention over x~ (the persistent tokens p are its
+  key/value prefix) and the memory over x~ (its outputs at x's positions), each normalised with a
+  learnable vector-valued weight, combined by the non-linear gate and projected:
+  o = W_g (norm_a(y_attn) * sigmoid(norm_m(M(x~)))).
+- MAL (Sec. 4.3): x~ = [p || x]; a memory layer over x~, then sliding-window attention, each a
+  residual branch.
 - LMM: the memory alone as the sequence mixer.
 
 Deliberate differences from the paper, and choices where it is silent:
 - MAC reads the updated memory causally: o_t reads the weights at the start of t's memory chunk
   (which include every earlier chunk, this segment's too). Reading M_t after the whole segment,
   as Eq. 25 is written, would leak later tokens of the segment into earlier outputs.
-- The non-linear gate "(x)" is y * sigmoid(memory branch), the memory branch already normalised and
-  gated (memory.py); persistent tokens are per attention layer (attention.py).
+- MAC's non-linear gate "(x)" is y * sigmoid(memory branch), the memory branch already normalised
+  and gated (memory.py). MAG's gate ends in a projection W_g (depth-scaled init, like every residual
+  branch's last linear): the normalised product has unit scale, which the paper leaves to the
+  model's later layers; Sec. 4.4's "normalization and gating ... before the output projection".
+- Persistent tokens are per layer (attention.py), the same p for both branches. The memory is
+  causal and p comes first, so in MAL the memory's outputs at p's positions are input-independent
+  (a function of p and the initial memory alone): attention uses p itself as its key/value prefix,
+  a reparametrisation of the paper's M(x~)[:N_p]. p enters the memory unnormalised (learnable).
 - h and S share segment-local RoPE positions; persistent tokens have none.
 - Defaults (config.py): L_M = 2, expansion 2, b = 16, segment = window = 64, N_p = 4: small enough
   for CPU, with b dividing the segment so memory chunks line up across segments.
@@ -49,13 +58,20 @@ class TitansBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if t.variant == "mal" else None
         self.attention = (PersistentAttention(cfg.d_model, cfg.n_heads, t.n_persistent, cfg.init_std)
                           if t.variant != "lmm" else None)
+        if t.variant == "mag":  # Sec. 4.2: both branches normalised before the gate
+            self.gate_norm_attention = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.gate_norm_memory = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_dim, init_std=cfg.init_std)
 
     def init_weights(self) -> None:
-        for norm in (self.memory_norm, self.attention_norm, self.ffn_norm):
+        for norm in (self.memory_norm, self.attention_norm, self.ffn_norm,
+                     getattr(self, "gate_norm_attention", None), getattr(self, "gate_norm_memory", None)):
             if norm is not None:
                 norm.init_weights()
+        if self.variant == "mag":
+            nn.init.trunc_normal_(self.gate_proj.weight, std=self.out_std)
         self.memory.init_weights(self.out_std)
         if self.attention is not None:
             self.attention.init_weights(self.out_std)
@@ -68,14 +84,24 @@ class TitansBlock(nn.Module):
             x = x + self._mac(h, freqs)[0]
         elif self.variant == "mag":
             y_attn = self.attention(h, sliding_window_mask_mod(self.tcfg.n_persistent, self.tcfg.window), freqs[:T])
-            y_mem, _ = self.memory(h)
-            x = x + y_attn * torch.sigmoid(y_mem)
+            y_mem = self._memory_over_persistent(h)
+            x = x + self.gate_proj(self.gate_norm_attention(y_attn) * torch.sigmoid(self.gate_norm_memory(y_mem)))
+        elif self.variant == "mal":
+            x = x + self._memory_over_persistent(h)
+            mask = sliding_window_mask_mod(self.tcfg.n_persistent, self.tcfg.window)
+            x = x + self.attention(self.attention_norm(x), mask, freqs[:T])
         else:
             x = x + self.memory(h)[0]
-            if self.variant == "mal":
-                mask = sliding_window_mask_mod(self.tcfg.n_persistent, self.tcfg.window)
-                x = x + self.attention(self.attention_norm(x), mask, freqs[:T])
         return x + self.feed_forward(self.ffn_norm(x))
+
+    def _memory_over_persistent(self, h: torch.Tensor) -> torch.Tensor:
+        """MAG/MAL: the memory over x~ = [p || h] (Eq. 19: p prepended to the sequence), its outputs
+        at h's positions [B, T, C]; p (the attention's persistent tokens) enters first."""
+        P = self.tcfg.n_persistent
+        if not P:
+            return self.memory(h)[0]
+        p = self.attention.persistent.to(h.dtype).expand(h.shape[0], P, -1)
+        return self.memory(torch.cat([p, h], 1))[0][:, P:]
 
     def _mac(self, h: torch.Tensor, freqs: torch.Tensor, initial_state=None):
         """MAC's segment loop over h [B, T, C] -> (out [B, T, C], final state). The state that

@@ -74,17 +74,33 @@ def to_hf_grads(model):
             p.data = saved[k]
 
 
-def test_loss_with_load_balancing_matches_hf():
-    # One MoE layer: HF pools its balance term over MoE layers, ours sums per layer (hf.py docstring).
-    model = randomized(tiny("MD AE MD MD", 4))
+@pytest.mark.parametrize("top_k", [2, 4])
+@pytest.mark.parametrize("pattern,n_moe", [("MD AE MD MD", 1), ("ME AD ME MD ME MD", 3)])
+def test_loss_with_load_balancing_matches_hf(pattern, n_moe, top_k):
+    """HF's load_balancing_loss_func pools the MoE layers and counts k assignments per token; ours is
+    the same loss, so the aux loss and the total loss agree at the same coefficient."""
+    cfg = tiny(pattern, len(pattern.split()))
+    cfg.jamba.moe.top_k = top_k
+    model = randomized(cfg)
     hf = hf_twin(model)
+    assert hf.config.router_aux_loss_coef == cfg.jamba.moe.load_balance_coef
     tokens = torch.randint(0, 97, (2, 33))
     logits = model(tokens)
-    aux = sum(collect_aux_losses(model).values())
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, 97), tokens[:, 1:].reshape(-1)) + aux
+    aux = collect_aux_losses(model)
+    assert len(aux) == n_moe + 1  # a z-loss per layer (coef 0 here), one pooled balance term
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, 97), tokens[:, 1:].reshape(-1)) + sum(aux.values())
     hf_out = hf(tokens, labels=tokens, output_router_logits=True)
-    assert aux.item() > 0
+    assert len(hf_out.router_logits) == n_moe
+    lb = aux["load_balance"] / cfg.jamba.moe.load_balance_coef
+    assert lb.item() > 0
+    assert abs(lb.item() - hf_out.aux_loss.item()) < 1e-5 * hf_out.aux_loss.item()
     assert abs(loss.item() - hf_out.loss.item()) < 1e-5 * hf_out.loss.item()
+    # Gradients of the whole loss, the balance term's share of the routers' included.
+    loss.backward()
+    hf_out.loss.backward()
+    _, ours_as_hf = to_hf_grads(model)
+    for k, g in ours_as_hf.items():
+        assert rel_rms(g, hf.get_parameter(k).grad) < 1e-4, k
 
 
 def test_export_and_import_round_trip(tmp_path):

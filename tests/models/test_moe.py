@@ -13,14 +13,17 @@ import torch
 import torch.nn.functional as F
 
 from testutil.kernel_util import rel_rms
+from titanforge.models.registry import collect_aux_losses
 from titanforge.models.common.moe import (
     MoE,
     MoEConfig,
     TopKRouter,
     apply_capacity,
+    balance_stats,
     expert_capacity,
     expert_forward,
     load_balancing_loss,
+    pooled_load_balance,
     router_z_loss,
     sort_tokens_by_expert,
 )
@@ -54,7 +57,8 @@ def dense_reference(x, gate, w1, w3, w2, cfg: MoEConfig, keep=None):
                 y = y + w[j] * ((F.silu(x[n] @ w1[e]) * (x[n] @ w3[e])) @ w2[e])
         ys.append(y)
         ids.append(e_n)
-    f = torch.tensor(counts, dtype=x.dtype) / (N * k)
+    # HF's load_balancing_loss_func: top-k assignment fractions (summing to k), no 1/k.
+    f = torch.tensor(counts, dtype=x.dtype) / N
     lb = E * sum(f[e] * probs[:, e].mean() for e in range(E))
     z = sum(torch.logsumexp(logits[n], 0) ** 2 for n in range(N)) / N
     return torch.stack(ys), lb, z, torch.stack(ids)
@@ -73,7 +77,8 @@ def check_against_reference(moe: MoE, B: int, T: int, dtype, tol: float, keep_ru
     x = torch.randn(B, T, C, dtype=dtype, requires_grad=True)
     g = torch.randn(B, T, C, dtype=dtype)
     y = moe(x)
-    loss_of(y, moe.aux_losses.values(), g).backward()
+    aux = collect_aux_losses(moe)
+    loss_of(y, aux.values(), g).backward()
 
     ref = [p.detach().double().requires_grad_() for p in params(moe)]
     x_ref = x.detach().double().requires_grad_()
@@ -83,8 +88,8 @@ def check_against_reference(moe: MoE, B: int, T: int, dtype, tol: float, keep_ru
     loss_of(y_ref.view(B, T, C), aux_ref, g.double()).backward()
 
     assert rel_rms(y, y_ref.view(B, T, C)) < tol
-    assert abs(moe.aux_losses["load_balance"].item() - aux_ref[0].item()) < tol * aux_ref[0].item()
-    assert abs(moe.aux_losses["z_loss"].item() - aux_ref[1].item()) < tol * aux_ref[1].item()
+    assert abs(aux["load_balance"].item() - aux_ref[0].item()) < tol * aux_ref[0].item()
+    assert abs(aux["z_loss"].item() - aux_ref[1].item()) < tol * aux_ref[1].item()
     assert rel_rms(x.grad, x_ref.grad) < tol
     for p, r in zip(params(moe), ref):
         assert rel_rms(p.grad, r.grad) < tol, p.shape
@@ -152,25 +157,25 @@ def test_load_balance_and_z_loss_hand_computed():
     moe(torch.eye(3, dtype=torch.float64)[None])
     assert moe.metrics["load_balance"] == pytest.approx(expected_lb, rel=1e-12)
     assert moe.metrics["z_loss"] == pytest.approx(expected_z, rel=1e-12)
-    assert moe.aux_losses["load_balance"].item() == pytest.approx(1e-3 * expected_lb, rel=1e-12)
+    assert pooled_load_balance([moe]).item() == pytest.approx(1e-3 * expected_lb, rel=1e-12)
     assert moe.aux_losses["z_loss"].item() == pytest.approx(1e-2 * expected_z, rel=1e-12)
     assert moe.metrics["expert_load"] == pytest.approx([2 / 3, 1 / 3])
 
-    # Top-2 of 2 experts: f = [1/2, 1/2], loss = 2 * (0.5 * 0.6 + 0.5 * 0.4) = 1.
-    lb2, f2 = load_balancing_loss(L.softmax(-1), torch.tensor([[1, 0], [0, 1], [0, 1]]), 2)
-    assert lb2.item() == pytest.approx(1.0, rel=1e-12)
-    assert f2.tolist() == [0.5, 0.5]
+    # Top-2 of 2 experts: f = [1, 1] (fractions sum to k = 2, HF's scale), loss = 2 * (0.6 + 0.4) = 2.
+    stats = balance_stats(L.softmax(-1), torch.tensor([[1, 0], [0, 1], [0, 1]]), 2)
+    assert load_balancing_loss(stats).item() == pytest.approx(2.0, rel=1e-12)
+    assert (stats.counts / stats.rows).tolist() == [1.0, 1.0]
     assert router_z_loss(L).item() == pytest.approx(expected_z, rel=1e-12)
 
 
 def test_load_balance_gradient_flows_through_probabilities_only():
     logits = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
     ids = logits.detach().topk(2, -1).indices
-    lb, f = load_balancing_loss(logits.softmax(-1), ids, 4)
-    lb.backward()
+    stats = balance_stats(logits.softmax(-1), ids, 4)
+    load_balancing_loss(stats).backward()
     # d/dlogits of E * sum_e f_e * mean_n p_ne with f fixed, by the softmax Jacobian.
     p = logits.detach().softmax(-1)
-    dp = 4 * f / 9  # [E], same for every token
+    dp = 4 * (stats.counts / 9) / 9  # [E], same for every token
     expected = p * (dp - (p * dp).sum(-1, keepdim=True))
     assert torch.allclose(logits.grad, expected, rtol=1e-10, atol=1e-14)
 
@@ -253,7 +258,7 @@ def test_metrics_sum_to_one_and_are_plain_python():
     assert all(isinstance(v, float) for v in m["expert_load"])
     assert isinstance(m["load_balance"], float) and isinstance(m["z_loss"], float)
     assert isinstance(m["dropped_tokens"], int) and m["dropped_tokens"] == 0
-    assert m["load_balance"] == pytest.approx(moe.aux_losses["load_balance"].item() / moe.cfg.load_balance_coef)
+    assert m["load_balance"] == pytest.approx(pooled_load_balance([moe]).item() / moe.cfg.load_balance_coef)
 
 
 def test_bad_config_raises_clear_errors():
@@ -301,7 +306,8 @@ def test_matches_megatron_core_routing_and_losses():
         aux_map, scores = mu.compute_routing_scores_for_aux_loss(r.logits, k, "softmax")
         lb = mu.switch_load_balancing_loss_func(scores, aux_map.sum(0), N, k, E, 1e-3)
         z = mu.z_loss_func(r.logits, 1e-3)
-        assert moe.aux_losses["load_balance"].item() == pytest.approx(lb.item(), rel=1e-5)
+        # Megatron divides the assignment fractions by k (HF, and so we, do not): ours is k times it.
+        assert pooled_load_balance([moe]).item() == pytest.approx(k * lb.item(), rel=1e-5)
         assert moe.aux_losses["z_loss"].item() == pytest.approx(z.item(), rel=1e-5)
 
         # Capacity: same per-expert limit and the same kept count per expert. Which assignments

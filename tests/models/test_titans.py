@@ -206,6 +206,67 @@ def test_mac_mixer_matches_per_token_reference(fused):
         assert rel_rms(a, b) < 1e-9
 
 
+def rms(x, weight, eps):
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight
+
+
+def reference_mag_mal_block(block, x, freqs, eps):
+    """Sec. 4.2 / 4.3 as written: x~ = [p || x]. MAG: y = SW-Attn*(x~), o = W_g(norm(y) * sigmoid(
+    norm(M(x~)))); MAL: y = M(x~), then SW-Attn over it (p as its prefix, model.py docstring). Residual
+    and SwiGLU around them; the memory through the naive token loop, attention through loop_attention."""
+    from titanforge.models.common import apply_rope
+    mem, att, P, W = block.memory, block.attention, block.tcfg.n_persistent, block.tcfg.window
+    B, T, _ = x.shape
+    heads = lambda z: z.view(B, z.shape[1], -1, att.head_dim)  # noqa: E731
+    p = att.persistent.expand(B, P, -1)
+
+    def memory(u):  # M(u): the layer's projections and read-out, the naive op
+        q, k, v, gates, _ = mem.project(u)
+        o, _ = naive_titans_memory(q, k, v, *gates, weights=list(mem.memory), momentum=None,
+                                   chunk_size=mem.cfg.chunk_size, activation=mem.cfg.memory_activation,
+                                   inner_grad_clip=mem.cfg.inner_grad_clip)
+        return mem.read_out(o, u)
+
+    def sw_attention(u):  # queries u's positions; keys/values [p | u], each query sees p and a window
+        q = apply_rope(heads(att.wq(u)), freqs[:T])
+        k = torch.cat([heads(att.wk(p)), apply_rope(heads(att.wk(u)), freqs[:T])], 1)
+        v = torch.cat([heads(att.wv(p)), heads(att.wv(u))], 1)
+        allowed = lambda i, j: j < P or (i - W < j - P <= i)  # noqa: E731
+        return att.wo(loop_attention(q, k, v, allowed).flatten(2))
+
+    h = rms(x, block.memory_norm.weight, eps)
+    m = memory(torch.cat([p, h], 1))[:, P:]
+    if block.variant == "mag":
+        gate = rms(sw_attention(h), block.gate_norm_attention.weight, eps) * torch.sigmoid(
+            rms(m, block.gate_norm_memory.weight, eps))
+        x = x + block.gate_proj(gate)
+    else:
+        x = x + m
+        x = x + sw_attention(rms(x, block.attention_norm.weight, eps))
+    return x + block.feed_forward(rms(x, block.ffn_norm.weight, eps))
+
+
+@pytest.mark.parametrize("variant", ["mag", "mal"])
+def test_mag_mal_block_matches_paper_transcription(variant):
+    """Persistent tokens reach the memory branch (x~ = [p || x]) and MAG's gate normalises both
+    branches; outputs and the gradients of x and every parameter against the transcription (fails
+    where the memory reads x alone: its outputs then miss p's tokens and the chunks shift)."""
+    cfg = make_cfg(variant, chunk_size=4, window=6, n_persistent=3)
+    model = build_model(cfg).double()
+    perturb(model)
+    block = model.layers["1"]
+    x = torch.randn(2, 23, cfg.d_model, dtype=torch.float64, requires_grad=True)
+    params = [x, *block.parameters()]
+    out = block(x, model.freqs.double())
+    ref = reference_mag_mal_block(block, x, model.freqs.double(), cfg.norm_eps)
+    assert rel_rms(out, ref) < 1e-10
+    probe = torch.randn_like(ref)
+    g = torch.autograd.grad((out * probe).sum(), params)
+    g_ref = torch.autograd.grad((ref * probe).sum(), params)
+    for (name, _), a, b in zip([("x", x), *block.named_parameters()], g, g_ref):
+        assert b.abs().max() > 0 and rel_rms(a, b) < 1e-9, name
+
+
 def test_meta_build_then_init_and_flops():
     cfg = make_cfg("mac")
     model = build_model(cfg, device="meta")

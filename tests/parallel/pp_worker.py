@@ -26,10 +26,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.tensor import DTensor
 
+from titanforge.models.common.moe import MoE, pooled_load_balance
 from titanforge.models.config import ModelConfig
 from titanforge.models.registry import build_model, collect_aux_losses, collect_metrics
 from titanforge.parallel import ParallelDims, build_mesh
 from titanforge.parallel.config import ParallelConfig
+from titanforge.parallel.pipeline import split_layers
 from titanforge.parallel.tp_loss import tp_cross_entropy
 from titanforge.trainer.checkpoint import dcp_storable
 from titanforge.trainer.config import OptimConfig, TrainConfig
@@ -104,12 +106,24 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def reference_step(model, micro_batches: list[torch.Tensor]) -> float:
+def stage_aux_losses(model, n_stages: int) -> dict:
+    """The aux losses as a pipeline of `n_stages` forms them: z-losses per layer, the balance loss
+    pooled over each stage's MoE layers (parallel/pipeline.py; one term for the whole model when
+    n_stages = 1)."""
+    aux = {k: v for k, v in collect_aux_losses(model).items() if k != "load_balance"}
+    for layers in split_layers(len(model.layers), n_stages):
+        lb = pooled_load_balance(m for i in layers for m in model.layers[str(i)].modules() if isinstance(m, MoE))
+        if lb is not None:
+            aux[f"load_balance.{layers[0]}"] = lb
+    return aux
+
+
+def reference_step(model, micro_batches: list[torch.Tensor], n_stages: int) -> float:
     """Accumulated forward + backward of the micro-batches; returns the mean cross-entropy."""
     n, ce_sum = len(micro_batches), 0.0
     for tokens in micro_batches:
         ce = tp_cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
-        aux = collect_aux_losses(model)
+        aux = stage_aux_losses(model, n_stages)
         ((ce + sum(aux.values())) / n).backward()
         ce_sum += float(ce.detach())
     return ce_sum / n
@@ -135,7 +149,7 @@ def run_case(name: str, model_name: str, par: dict, world: int, out_dir: str) ->
     for i, tokens in enumerate(batches):
         micro = list(tokens.split(MICRO))
         mine = list(tokens.chunk(dims.dp)[dp_rank].split(MICRO))
-        ref_loss = reference_step(ref, micro)
+        ref_loss = reference_step(ref, micro, step.n_stages)
         loss = float(step.forward_backward(mine))
         if i == 0:
             res["loss"], res["ref_loss"] = loss, ref_loss
