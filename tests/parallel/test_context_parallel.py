@@ -96,7 +96,7 @@ def test_impossible_splits_are_rejected_with_what_fits():
     # MAG/MAL's persistent tokens enter the memory: their count must keep its chunk grid on the split.
     errs = check_context(_cfg("titans", variant="mal", chunk_size=16, n_persistent=4), 4, 128)
     assert len(errs) == 1 and "n_persistent=4" in errs[0] and "[0, 16, 32, 48]" in errs[0]
-    assert check_context(_cfg("titans", variant="mal", chunk_size=16, n_persistent=16), 4, 128) == []
+    assert check_context(_cfg("titans", variant="mal", chunk_size=16, n_persistent=16, window=16), 4, 128) == []
     assert check_context(ModelConfig(family="llama"), 3, 64) and not check_context(ModelConfig(family="llama"), 4, 64)
 
 
