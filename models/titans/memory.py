@@ -219,7 +219,7 @@ class NeuralMemory(nn.Module):
         return chunk_titans_memory(q, k, v, *gates, weights=weights, momentum=momentum,
                                    chunk_size=self.cfg.chunk_size, activation=self.cfg.memory_activation,
                                    compile=self.cfg.compile_memory, read_after=read_after,
-                                   inner_grad_clip=self.cfg.inner_grad_clip)
+                                   inner_grad_clip=self.cfg.inner_grad_clip, read=self.cfg.memory_read)
 
     def forward(self, x: torch.Tensor, state=None):
         q, k, v, gates, _ = self.project(x, fused=self.update_projection())

@@ -376,12 +376,12 @@ void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *th, cons
 }
 
 /* Gradients of titans_chunk_fwd. do_ [B][T][H][D_L] contiguous; dWf, dSf: gradients of the final
-   state [B*H][...] (NULL or NULL entries: zero). Writes dq, dk [B][T][H][D_0], dv [B][T][H][D_L],
+   state [B*H][...], dWst, dSst: of the chunk-start states [B*H][N][...] (NULL or NULL entries: zero). Writes dq, dk [B][T][H][D_0], dv [B][T][H][D_L],
    dth, det, dal [B][T][H] (all contiguous) and dW0[l], dS0[l] [B*H][w_l][w_{l+1}] (the caller sums
    dW0 over the batch when the initial weights are shared). */
 void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, const S *et, const S *al,
                            const int64_t *st, const int64_t *w, int64_t L, S *const *Wst, S *const *Sst,
-                           const S *do_, S *const *dWf, S *const *dSf, S *dq, S *dk, S *dv, S *dth, S *det,
+                           const S *do_, S *const *dWf, S *const *dSf, S *const *dWst, S *const *dSst, S *dq, S *dk, S *dv, S *dth, S *det,
                            S *dal, S *const *dW0, S *const *dS0, const S *qr, int64_t Tr, S *const *Wfin,
                            const S *dor, S *dqr, int64_t B, int64_t H, int64_t T, int64_t b, int act,
                            double clip, int nthreads) {
@@ -480,6 +480,15 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
                     sbs += gs[e] * sl[e];
                     pw[e] = am * gw[e];
                     ps[e] = bs * gs[e] + bm * gw[e];
+                }
+                /* gradients of the chunk-start states themselves (outputs: the per-token read's) */
+                if (dWst && dWst[l]) {
+                    const S *g = dWst[l] + tn * sz[l];
+                    for (int64_t e = 0; e < sz[l]; e++) pw[e] += g[e];
+                }
+                if (dSst && dSst[l]) {
+                    const S *g = dSst[l] + tn * sz[l];
+                    for (int64_t e = 0; e < sz[l]; e++) ps[e] += g[e];
                 }
             }
             /* through the update: G_M = x^T (c_M delta), G_S = x^T (c_S delta), dG = -dW', -dS' */
