@@ -24,12 +24,13 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from titanforge.kernels.native import check_inputs, kernel, load, native_status, ptr
-from titanforge.kernels.titans_memory.chunk import token_read
 
 SOURCE = str(Path(__file__).with_name("csrc") / "chunk_memory.c")
 # Layers the C loop handles (MAXL in csrc/chunk_memory_impl.h).
 MAX_LAYERS = 16
 ACTIVATION_CODES = {"silu": 0, "gelu": 1}
+# o reads the chunk-start weights (0) or each token's own weights (1, the dual form).
+READ_CODES = {"chunk": 0, "token": 1}
 
 _i64, _int = ctypes.c_int64, ctypes.c_int
 
@@ -48,14 +49,10 @@ def _ptrs(tensors) -> ctypes.Array:
 
 
 class FusedChunkMemoryFunction(torch.autograd.Function):
-    """forward(activation, L, chunk_size, clip (0: off), q, k [B, T, H, Dk], v [B, T, H, Dv], theta, eta, alpha
+    """forward(activation, L, chunk_size, clip (0: off), read (READ_CODES), q, k [B, T, H, Dk], v [B, T, H, Dv], theta, eta, alpha
     [B, T, H], q_read [B, Tr, H, Dk] or None, *W (L tensors [H, d_in, d_out] or [B, H, d_in, d_out]),
     *S (L tensors [B, H, d_in, d_out], or L Nones: zero momentum))
-    -> (o [B, T, H, Dv], o_read [B, Tr, H, Dv] (empty without q_read), *W_final, *S_final,
-        *W_starts, *S_starts [B*H, N, d_in, d_out]).
-
-    o reads each chunk's queries from its chunk-start weights; the chunk-start states are outputs
-    (differentiable: their gradients join the chain at their chunk) for chunk.py's `token_read`.
+    -> (o [B, T, H, Dv], o_read [B, Tr, H, Dv] (empty without q_read), *W_final, *S_final).
 
     Takes the model's [B, T, H, D] layout through strides (only the last dim must be contiguous),
     so q, k, v and the gates are neither transposed nor copied, and computes each chunk's gate
@@ -66,7 +63,7 @@ class FusedChunkMemoryFunction(torch.autograd.Function):
     graph can be backpropagated twice)."""
 
     @staticmethod
-    def forward(ctx, activation, L, chunk_size, clip, q, k, v, theta, eta, alpha, q_read, *WS):
+    def forward(ctx, activation, L, chunk_size, clip, read, q, k, v, theta, eta, alpha, q_read, *WS):
         B, T, H, _ = q.shape
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         if q_read is not None and q_read.stride(-1) != 1:
@@ -92,12 +89,12 @@ class FusedChunkMemoryFunction(torch.autograd.Function):
             _ptrs(W0), _int(int(batched)), None if S0 is None else _ptrs(S0), _ptrs(W_out), _ptrs(S_out),
             _ptrs(W_st), _ptrs(S_st), ptr(o), ptr(q_read), _i64(Tr), ptr(o_read if Tr else None),
             _i64(B), _i64(H), _i64(T), _i64(chunk_size), _int(ACTIVATION_CODES[activation]),
-            ctypes.c_double(clip), _int(torch.get_num_threads()))
-        ctx.activation, ctx.L, ctx.chunk_size, ctx.clip = activation, L, chunk_size, clip
+            ctypes.c_double(clip), _int(read), _int(torch.get_num_threads()))
+        ctx.activation, ctx.L, ctx.chunk_size, ctx.clip, ctx.read = activation, L, chunk_size, clip, read
         ctx.batched, ctx.has_momentum = batched, S0 is not None
         ctx.save_for_backward(q, k, v, theta, eta, alpha, q_read, strides, wid, *W_st, *S_st,
                               *(W_out if q_read is not None else ()))
-        return (o, o_read, *W_out, *S_out, *W_st, *S_st)
+        return (o, o_read, *W_out, *S_out)
 
     @staticmethod
     @once_differentiable
@@ -112,9 +109,7 @@ class FusedChunkMemoryFunction(torch.autograd.Function):
             do_read = torch.zeros(B, Tr, H, int(wid[-1]), dtype=q.dtype) if do_read is None else do_read.contiguous()
         dq_read = q.new_empty(B, Tr, H, q.shape[-1]) if q_read is not None else None
         dWf = [None if g is None else g.contiguous() for g in dWS[:L]]
-        dSf = [None if g is None else g.contiguous() for g in dWS[L:2 * L]]
-        dWst = [None if g is None else g.contiguous() for g in dWS[2 * L:3 * L]]
-        dSst = [None if g is None else g.contiguous() for g in dWS[3 * L:]]
+        dSf = [None if g is None else g.contiguous() for g in dWS[L:]]
         dq, dk = q.new_empty(B, T, H, q.shape[-1]), q.new_empty(B, T, H, q.shape[-1])
         dv = q.new_empty(B, T, H, v.shape[-1])
         dth, det, dal = (q.new_empty(B, T, H) for _ in range(3))
@@ -122,43 +117,23 @@ class FusedChunkMemoryFunction(torch.autograd.Function):
         dS0 = [q.new_empty(B, H, *w.shape[2:]) for w in W_st]
         kernel(SOURCE, "titans_chunk_bwd", q.dtype)(
             ptr(q), ptr(k), ptr(v), ptr(theta), ptr(eta), ptr(alpha), ptr(strides), ptr(wid), _i64(L),
-            _ptrs(W_st), _ptrs(S_st), ptr(do), _ptrs(dWf), _ptrs(dSf), _ptrs(dWst), _ptrs(dSst), ptr(dq), ptr(dk), ptr(dv),
+            _ptrs(W_st), _ptrs(S_st), ptr(do), _ptrs(dWf), _ptrs(dSf), ptr(dq), ptr(dk), ptr(dv),
             ptr(dth), ptr(det), ptr(dal), _ptrs(dW0), _ptrs(dS0),
             ptr(q_read if Tr else None), _i64(Tr), _ptrs(W_fin) if Tr else None, ptr(do_read if Tr else None),
             ptr(dq_read if Tr else None), _i64(B), _i64(H), _i64(T), _i64(ctx.chunk_size),
-            _int(ACTIVATION_CODES[ctx.activation]), ctypes.c_double(ctx.clip), _int(torch.get_num_threads()))
+            _int(ACTIVATION_CODES[ctx.activation]), ctypes.c_double(ctx.clip), _int(ctx.read),
+            _int(torch.get_num_threads()))
         dW = dW0 if ctx.batched else [g.sum(0) for g in dW0]
         dS = dS0 if ctx.has_momentum else [None] * L
-        return (None, None, None, None, dq, dk, dv, dth, det, dal, dq_read, *dW, *dS)
+        return (None, None, None, None, None, dq, dk, dv, dth, det, dal, dq_read, *dW, *dS)
 
 
 def fused_chunk_titans_memory(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, activation, read_after=None,
                               clip=0.0, read="token"):
     """chunk_titans_memory's contract on validated float32/float64 CPU inputs, [B, T, H, D] / [B, T, H];
-    returns (o, state, M_final(read_after) or None). read: "token" (per-token weights, chunk.py's
-    `token_read` from the chain's chunk-start states) or "chunk" (the chain's own read)."""
+    returns (o, state, M_final(read_after) or None). read: "token" (per-token weights, the dual form)
+    or "chunk" (chunk-start weights)."""
     L = len(weights)
-    out = FusedChunkMemoryFunction.apply(activation, L, chunk_size, clip, q, k, v, theta, eta, alpha, read_after, *weights,
+    out = FusedChunkMemoryFunction.apply(activation, L, chunk_size, clip, READ_CODES[read], q, k, v, theta, eta, alpha, read_after, *weights,
                                          *(momentum if momentum is not None else [None] * L))
-    o = out[0]
-    if read == "token":
-        o = token_read_sequence(q, k, v, theta, eta, alpha, list(out[2 + 2 * L:2 + 3 * L]), list(out[2 + 3 * L:]),
-                                chunk_size, activation, clip)
-    return o, (list(out[2:2 + L]), list(out[2 + L:2 + 2 * L])), (out[1] if read_after is not None else None)
-
-
-def token_read_sequence(q, k, v, theta, eta, alpha, W_st, S_st, chunk_size, activation, clip):
-    """`token_read` over a whole [B, T, H, D] sequence from chunk-start states [B*H, N, ...]
-    (N = ceil(T / b): the full chunks as one batch, a ragged last chunk as another) -> [B, T, H, Dv]."""
-    B, T, H, _ = q.shape
-    b, n_full = chunk_size, T // chunk_size
-    seq = [t.transpose(1, 2).flatten(0, 1) for t in (q, k, v, theta, eta, alpha)]  # [BH, T(, D)]
-    outs = []
-    for c0, c1, bb in ((0, n_full, b), (n_full, len(W_st) and W_st[0].shape[1], T - n_full * b)):
-        if c1 <= c0 or bb == 0:
-            continue
-        part = [t[:, c0 * b:c0 * b + (c1 - c0) * bb].unflatten(1, (c1 - c0, bb)) for t in seq]
-        outs.append(token_read(*part, [w[:, c0:c1] for w in W_st], [m[:, c0:c1] for m in S_st], activation,
-                               clip).flatten(1, 2))
-    o = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
-    return o.unflatten(0, (B, H)).transpose(1, 2)
+    return out[0], (list(out[2:2 + L]), list(out[2 + L:])), (out[1] if read_after is not None else None)
