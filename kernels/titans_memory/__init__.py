@@ -111,10 +111,10 @@ def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta
     if (not compile and len(weights) <= fused_cpu.MAX_LAYERS
             and use_native(backend, qkv[0], fused_cpu.SOURCE, "Titans memory chunk chain", *qkv[1:],
                            *gates, *ws, *(ms or ()), read_after)):
-        o, state, read = fused_cpu.fused_chunk_titans_memory(
+        o, state, after = fused_cpu.fused_chunk_titans_memory(
             *qkv, *gates, ws, ms, chunk_size, activation, None if read_after is None else read_after.to(dtype), clip,
             read)
-        return (o.to(q.dtype), state) if read_after is None else (o.to(q.dtype), state, read.to(q.dtype))
+        return (o.to(q.dtype), state) if read_after is None else (o.to(q.dtype), state, after.to(q.dtype))
     # [B, H, T, D] so a chunk is a contiguous slice of the matmul batch.
     q_, k_, v_ = (t.transpose(1, 2) for t in qkv)
     th, et, al = (g.transpose(1, 2) for g in gates)

@@ -49,9 +49,9 @@ def _ptrs(tensors) -> ctypes.Array:
 
 
 class FusedChunkMemoryFunction(torch.autograd.Function):
-    """forward(activation, L, chunk_size, clip (0: off), read (READ_CODES), q, k [B, T, H, Dk], v [B, T, H, Dv], theta, eta, alpha
-    [B, T, H], q_read [B, Tr, H, Dk] or None, *W (L tensors [H, d_in, d_out] or [B, H, d_in, d_out]),
-    *S (L tensors [B, H, d_in, d_out], or L Nones: zero momentum))
+    """forward(activation, L, chunk_size, clip (0: off), read (READ_CODES), q, k [B, T, H, Dk],
+    v [B, T, H, Dv], theta, eta, alpha [B, T, H], q_read [B, Tr, H, Dk] or None,
+    *W (L tensors [H, d_in, d_out] or [B, H, d_in, d_out]), *S (L tensors [B, H, d_in, d_out], or L Nones: zero momentum))
     -> (o [B, T, H, Dv], o_read [B, Tr, H, Dv] (empty without q_read), *W_final, *S_final).
 
     Takes the model's [B, T, H, D] layout through strides (only the last dim must be contiguous),
@@ -134,6 +134,6 @@ def fused_chunk_titans_memory(q, k, v, theta, eta, alpha, weights, momentum, chu
     returns (o, state, M_final(read_after) or None). read: "token" (per-token weights, the dual form)
     or "chunk" (chunk-start weights)."""
     L = len(weights)
-    out = FusedChunkMemoryFunction.apply(activation, L, chunk_size, clip, READ_CODES[read], q, k, v, theta, eta, alpha, read_after, *weights,
-                                         *(momentum if momentum is not None else [None] * L))
+    out = FusedChunkMemoryFunction.apply(activation, L, chunk_size, clip, READ_CODES[read], q, k, v, theta, eta, alpha,
+                                         read_after, *weights, *(momentum if momentum is not None else [None] * L))
     return out[0], (list(out[2:2 + L]), list(out[2 + L:])), (out[1] if read_after is not None else None)

@@ -5,8 +5,8 @@ q and k l2-normalised. Per-token, per-head gates theta (step), eta (momentum dec
 (forgetting) are linear functions of x through a sigmoid. The memory itself is a per-head MLP
 with learnable initial weights, updated by `chunk_titans_memory` (kernels/titans_memory) and read
 per token, y_t = M_t(q_t) with each token's own weights (Sec. 3.2's mini-batch form, in the dual
-form; `memory_read: chunk` reads the chunk-start weights instead, faster). The read passes through a per-head RMSNorm and a learned gate sigmoid(x W_g)
-before the output projection (Sec. 4.4, "normalization and a linear gate").
+form; `memory_read: chunk` reads the chunk-start weights instead, faster). The read passes
+through a per-head RMSNorm and a learned gate sigmoid(x W_g) before the output projection (Sec. 4.4, "normalization and a linear gate").
 
 Choices where the paper is silent:
 - theta = theta_max * sigmoid(.) (theta_max = 0.1) with bias -2 at init (theta ~ 0.012); eta bias

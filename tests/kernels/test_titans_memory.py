@@ -135,7 +135,8 @@ def test_inner_grad_clip_matches_naive(T, chunk, widths, act, clip, backend, poi
     leaves, weights, momentum = make_inputs(B, T, H, Dk, Dv, widths, batched_state=True, momentum=True)
     norms = _grad_norms(leaves, weights, act)  # the test must exercise both branches of the clip
     assert 0.2 < (norms > clip).double().mean() < 0.8
-    out_c = flat(*run(chunk_titans_memory, leaves, weights, momentum, chunk, act, backend=backend, inner_grad_clip=clip))
+    out_c = flat(*run(chunk_titans_memory, leaves, weights, momentum, chunk, act, backend=backend,
+                      inner_grad_clip=clip))
     out_n = flat(*run(naive_titans_memory, leaves, weights, momentum, chunk, act, inner_grad_clip=clip))
     out_off = flat(*run(naive_titans_memory, leaves, weights, momentum, chunk, act))
     assert rel_rms(out_off[0], out_n[0]) > 1e-3  # the clip changes the result

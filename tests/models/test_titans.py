@@ -33,7 +33,8 @@ def perturb(model):
             p.add_(0.05 * torch.randn_like(p))
 
 
-@pytest.mark.parametrize("variant,extra", [("mac", {}), ("mag", {"gate_granularity": 2, "memory_read": "chunk"}), ("mal", {}),
+@pytest.mark.parametrize("variant,extra", [("mac", {}), ("mag", {"gate_granularity": 2, "memory_read": "chunk"}),
+                                           ("mal", {}),
                                            ("lmm", {"memory_depth": 1})])
 def test_forward_is_causal(variant, extra):
     model = build_model(make_cfg(variant, **extra)).double()

@@ -330,7 +330,8 @@ static void SUF(tread_init)(SUF(tread) *r, SUF(arena) *ar, int64_t L, const int6
     r->bS = SUF(take)(ar, b);
     r->T1 = SUF(take)(ar, b * wmax);
 }
-#define TREAD_SCRATCH(L, b, wmax) ((L) * (4 * (b) * (wmax) + (b) * (b) + 80) + 3 * (b) * (b) + (b) * (wmax) + 4 * (b) + 256)
+#define TREAD_SCRATCH(L, b, wmax) \
+    ((L) * (4 * (b) * (wmax) + (b) * (b) + 80) + 3 * (b) * (b) + (b) * (wmax) + 4 * (b) + 256)
 
 /* y_t = M_t(q_t), the dual form (chunk.py: token_read): per layer
    Zq_l = a * (H W_l) + bS * (H S_l) - (Cm * (H xk_l^T)) delta_l,  H_{l+1} = act(Zq_l), H_0 = q,
@@ -349,7 +350,8 @@ static void SUF(token_read_fwd)(SUF(tread) *r, int64_t L, const int64_t *w, int6
         for (int64_t e = 0; e < n * n; e++) r->tmp[e] = r->Cm[e] * r->G[l][e];
         S *z = r->Zq[l];
         for (int64_t t = 0; t < n; t++)
-            for (int64_t j = 0; j < d; j++) z[t * d + j] = r->a[t] * r->Z1[l][t * d + j] + r->bS[t] * r->Z2[l][t * d + j];
+            for (int64_t j = 0; j < d; j++)
+                z[t * d + j] = r->a[t] * r->Z1[l][t * d + j] + r->bS[t] * r->Z2[l][t * d + j];
         SUF(gemm)(n, d, n, -1, r->tmp, n, 1, delta[l], d, 1, z, d);
         if (l < L - 1) SUF(activation)(act, z, n * d, r->Hq[l + 1], NULL, NULL);
     }
@@ -705,8 +707,8 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
                 for (int64_t e = 0; e < n * n; e++) rdCm[e] = 0;
                 SUF(token_read_bwd)(&r, L, w, n, act, Sm, WT, X, delta, rdz, dWp, dSp, ddelta, dA, rdCm, rda, rdb, rdq,
                                     rST, raz, rbz, rdG);
-                SUF(token_coefficients_bwd)(n, gth, csc, u, uw, r.K, r.a, r.bS, r.rho, rdCm, rda, rdb, du, dw, gdth, rdsc,
-                                            r.drho);
+                SUF(token_coefficients_bwd)(n, gth, csc, u, uw, r.K, r.a, r.bS, r.rho, rdCm, rda, rdb, du, dw, gdth,
+                                            rdsc, r.drho);
             }
             if (clip > 0) {
                 /* c' = c s, s = clip / |g| where |g|^2 = sq > clip^2: dc = dc' s, ds = <dc', c>,
@@ -770,7 +772,8 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
                 for (int64_t l = L - 1; l >= 0; l--) {
                     SUF(gemm)(w[l], w[l + 1], m, 1, X[l] + r0 * w[l], 1, w[l], G + r0 * w[l + 1], w[l + 1], 1, dWp[l],
                               w[l + 1]);
-                    SUF(gemm)(m, w[l], w[l + 1], 1, G + r0 * w[l + 1], w[l + 1], 1, WT[l], w[l], 0, D + r0 * w[l], w[l]);
+                    SUF(gemm)(m, w[l], w[l + 1], 1, G + r0 * w[l + 1], w[l + 1], 1, WT[l], w[l], 0, D + r0 * w[l],
+                              w[l]);
                     S *Dk = D + n * w[l];
                     for (int64_t i = 0; i < n * w[l]; i++) Dk[i] += dA[l][i];
                     if (l) {
