@@ -5,6 +5,11 @@ GEGLU at ff_mult 4 is int(256 * 4 * 2/3) = 682; ours is SwiGLU with ffn_hidden =
 depth 2 and expansion 2 per head, memory chunk 16, segment 64, 4 persistent tokens, vocab 256,
 B = 2. titans-pytorch gets no long-term memory tokens and no hyper-connections
 (num_residual_streams = 1), so both run the same amount of sequence mixing.
+Memory semantics: ours runs its defaults, per-token reads y_t = M_t(q_t) (the dual form) and the
+per-token inner-gradient clip at norm 1.0 (model.titans.inner_grad_clip); titans-pytorch gets
+max_grad_norm = 1.0 (its soft clamp of each weight's per-token gradient norm), and reads each
+chunk's tokens from one set of weights (its retrieve_memories), less work than our per-token read.
+`--also-chunk-read` also times ours with memory_read: chunk (the cheaper read).
 
 Speed: each (model, T) is timed alone in a fresh subprocess, under the trainer's CPU settings
 (train.keep_freed_memory: glibc keeps freed memory, so steps do not page-fault their activations
@@ -52,14 +57,15 @@ SEGMENT = 64
 FFN = int(DIM * 4 * 2 / 3)
 
 
-def build_ours(T, compile_memory=False):
+def build_ours(T, compile_memory=False, memory_read="token"):
     from titanforge.models.config import ModelConfig
     from titanforge.models.registry import build_model
     from titanforge.models.titans.config import TitansConfig
     cfg = ModelConfig(family="titans", vocab_size=VOCAB, d_model=DIM, n_layers=DEPTH, n_heads=HEADS,
                       max_seq_len=T, ffn_hidden=FFN, titans=TitansConfig(variant="mac", memory_depth=2, memory_expansion=2,
                                                          chunk_size=CHUNK, segment_len=SEGMENT, n_persistent=4,
-                                                         compile_memory=compile_memory))
+                                                         compile_memory=compile_memory, memory_read=memory_read,
+                                                         inner_grad_clip=1.0))
     model = build_model(cfg)
 
     def step(tokens):
@@ -75,7 +81,7 @@ def build_ref(T):
         num_tokens=VOCAB, dim=DIM, depth=DEPTH, segment_len=SEGMENT, neural_memory_segment_len=CHUNK,
         num_persist_mem_tokens=4, num_longterm_mem_tokens=0, dim_head=DIM // HEADS, heads=HEADS, ff_mult=4,
         num_residual_streams=1, neural_memory_model=MemoryMLP(dim=DIM // HEADS, depth=2, expansion_factor=2),
-        neural_memory_kwargs=dict(heads=HEADS, dim_head=DIM // HEADS), use_flex_attn=False)
+        neural_memory_kwargs=dict(heads=HEADS, dim_head=DIM // HEADS, max_grad_norm=1.0), use_flex_attn=False)
 
     def step(tokens):
         model(tokens, return_loss=True).backward()
@@ -84,7 +90,9 @@ def build_ref(T):
 
 BUILDERS = {"ours": build_ours, "titans_pytorch": build_ref,
             # Opt-in torch.compile of the memory's chunk chain (model.titans.compile_memory).
-            "ours_compiled": lambda T: build_ours(T, compile_memory=True)}
+            "ours_compiled": lambda T: build_ours(T, compile_memory=True),
+            # The chunk-start read (model.titans.memory_read: chunk), the speed option.
+            "ours_chunk_read": lambda T: build_ours(T, memory_read="chunk")}
 
 
 def time_steps(name, T, repeats, warmup=2):
@@ -176,6 +184,8 @@ def main():
     ap.add_argument("--compile-memory", action="store_true",
                     help="also time ours with model.titans.compile_memory (cold inductor cache; the first "
                          "step's time, compile included, is reported as ours_compiled_first_step_s)")
+    ap.add_argument("--also-chunk-read", action="store_true",
+                    help="also time ours with memory_read: chunk (speed only, no memory measure)")
     ap.add_argument("--time-child", nargs=2, metavar=("MODEL", "T"), help=argparse.SUPPRESS)
     # The trainer flushes denormals on CPU (train.flush_denormal); so do both models here: without
     # it Titans' deep-backprop gradients (T >= 2k) slow every op they touch ~30x.
@@ -206,7 +216,7 @@ def main():
     results = []
     for T in args.seq:
         names = ["ours"] + (["titans_pytorch"] if T <= args.skip_ref_above else []) + \
-            (["ours_compiled"] if args.compile_memory else [])
+            (["ours_compiled"] if args.compile_memory else []) + (["ours_chunk_read"] if args.also_chunk_read else [])
         best, first = {}, {}
         for n in names:
             best[n], first[n] = time_child(args, n, T)
@@ -218,6 +228,8 @@ def main():
             if n == "ours_compiled":
                 row[f"{n}_first_step_s"] = round(first[n], 1)
                 continue
+            if n == "ours_chunk_read":
+                continue
             if args.memory:
                 rss = peak_rss_child(args, n, T)
                 row[f"{n}_peak_rss_growth_bytes_per_token"] = None if rss is None else round(rss / (B * T))
@@ -225,6 +237,8 @@ def main():
                     print(f"WARNING: {n} T={T}: peak RSS growth {rss} <= 0; the measure failed", file=sys.stderr)
         if "titans_pytorch" in names:
             row["speedup"] = round(best["titans_pytorch"] / best["ours"], 2)
+            if "ours_chunk_read" in names:
+                row["speedup_chunk_read"] = round(best["titans_pytorch"] / best["ours_chunk_read"], 2)
             if "ours_compiled" in names:
                 row["speedup_compiled"] = round(best["titans_pytorch"] / best["ours_compiled"], 2)
         print(json.dumps(row), flush=True)

@@ -17,6 +17,8 @@ from titanforge.kernels.titans_memory.inputs import titans_memory_inputs
 from titanforge.kernels.titans_memory.naive import naive_titans_memory
 
 State = tuple[list[torch.Tensor], list[torch.Tensor]]
+# Where a token reads the memory: its own per-token weights M_t, or its chunk's starting weights.
+READS = ("token", "chunk")
 
 
 def _check_weights(weights, B: int, H: int, Dk: int, Dv: int, name: str = "weights") -> None:
@@ -41,7 +43,8 @@ def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta
                         eta: torch.Tensor, alpha: torch.Tensor, *, weights: list[torch.Tensor],
                         momentum: list[torch.Tensor] | None = None, chunk_size: int = 16,
                         activation: str = "silu", compile: bool = False, backend: str = "auto",
-                        read_after: torch.Tensor | None = None, inner_grad_clip: float | None = None):
+                        read_after: torch.Tensor | None = None, inner_grad_clip: float | None = None,
+                        read: str = "token"):
     """Run the Titans memory over a sequence, chunk by chunk.
 
     q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; theta (step size), eta (momentum decay), alpha (forget
@@ -49,8 +52,12 @@ def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta
     (learnable init shared over the batch) or [B, H, d_in, d_out] (a carried state); layer i is
     followed by `activation` except the last. momentum: like weights ([B, H, ...]) or None (zeros).
 
-    Every token of a chunk takes its gradient at, and retrieves from, the weights at its chunk's
-    start. Returns o [B, T, H, Dv] (the retrievals M_0(q_t)) and the final state
+    Every token of a chunk takes its gradient at the weights at its chunk's start (Sec. 3.2's
+    mini-batch form); the weights still move token by token. read="token" (default) retrieves
+    y_t = M_t(q_t) from the weights after token t's update (the paper's per-token read, computed in
+    the dual form without forming per-token weights); read="chunk" retrieves M_0(q_t) from the
+    chunk-start weights (cheaper: no per-token term; a token sees nothing of its own chunk).
+    Returns o [B, T, H, Dv] and the final state
     (weights, momentum) as lists of [B, H, d_in, d_out]; passing it back as initial state continues
     the sequence exactly when the first piece's length is a multiple of chunk_size.
     Computes in float32 (float64 if given); o has q's dtype. compile=True runs the chunk chain's
@@ -76,6 +83,8 @@ def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta
         if g.shape != (B, T, H):
             raise ValueError(f"{name} has shape {tuple(g.shape)}; gates are per token and head, [B, T, H] = "
                              f"{(B, T, H)} (broadcast coarser gates before calling)")
+    if read not in READS:
+        raise ValueError(f"read={read!r} must be one of {READS} (per-token weights, or the chunk-start weights)")
     if inner_grad_clip is not None and not inner_grad_clip >= 0:
         raise ValueError(f"inner_grad_clip={inner_grad_clip!r} must be None, 0 (off) or a positive norm")
     clip = float(inner_grad_clip or 0.0)
@@ -102,13 +111,14 @@ def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta
     if (not compile and len(weights) <= fused_cpu.MAX_LAYERS
             and use_native(backend, qkv[0], fused_cpu.SOURCE, "Titans memory chunk chain", *qkv[1:],
                            *gates, *ws, *(ms or ()), read_after)):
-        o, state, read = fused_cpu.fused_chunk_titans_memory(
-            *qkv, *gates, ws, ms, chunk_size, activation, None if read_after is None else read_after.to(dtype), clip)
-        return (o.to(q.dtype), state) if read_after is None else (o.to(q.dtype), state, read.to(q.dtype))
+        o, state, after = fused_cpu.fused_chunk_titans_memory(
+            *qkv, *gates, ws, ms, chunk_size, activation, None if read_after is None else read_after.to(dtype), clip,
+            read)
+        return (o.to(q.dtype), state) if read_after is None else (o.to(q.dtype), state, after.to(q.dtype))
     # [B, H, T, D] so a chunk is a contiguous slice of the matmul batch.
     q_, k_, v_ = (t.transpose(1, 2) for t in qkv)
     th, et, al = (g.transpose(1, 2) for g in gates)
-    o, state = chunk_titans_memory_fwd(q_, k_, v_, th, et, al, ws, ms, chunk_size, activation, compile, clip)
+    o, state = chunk_titans_memory_fwd(q_, k_, v_, th, et, al, ws, ms, chunk_size, activation, compile, clip, read)
     o = o.transpose(1, 2).to(q.dtype)
     if read_after is None:
         return o, state

@@ -74,6 +74,53 @@ def chunk_coefficients(theta, eta, alpha):
     return c_M0, c_S0_M, c_g_M, c_S0_S, c_g_S
 
 
+def token_coefficients(theta, eta, alpha, scale=None):
+    """Coefficients of the per-token weights inside a chunk, gates [..., b] (one chunk per row):
+    M_t = a_t M_0 + bS_t S_0 - sum_{i<=t} C[t, i] g_i with a_t = beta_t,
+    bS_t = sum_{j<=t} (beta_t/beta_j) E_j and C[t, i] = theta_i s_i sum_{j=i..t} (beta_t/beta_j)(E_j/E_i),
+    i.e. C = (R P) diag(theta s) with R[t, j] = beta_t/beta_j, P[j, i] = E_j/E_i (lower triangular).
+    scale: the clip's s_i [..., b] (None: 1). Returns (a, bS [..., b], C [..., b, b])."""
+    b = theta.shape[-1]
+    log_eta = torch.log(eta.clamp_min(_LOG_EPS)).cumsum(-1)
+    log_beta = torch.log((1 - alpha).clamp_min(_LOG_EPS)).cumsum(-1)
+    mask = torch.ones(b, b, dtype=torch.bool, device=theta.device).tril()
+    R = (log_beta[..., :, None] - log_beta[..., None, :]).masked_fill(~mask, float("-inf")).exp()
+    P = (log_eta[..., :, None] - log_eta[..., None, :]).masked_fill(~mask, float("-inf")).exp()
+    step = theta if scale is None else theta * scale
+    return log_beta.exp(), (R @ log_eta.exp()[..., None])[..., 0], (R @ P) * step[..., None, :]
+
+
+def token_read(q, k, v, theta, eta, alpha, W, S, activation, clip=0.0):
+    """y_t = M_t(q_t) with the per-token weights M_t of each chunk (Sec. 3.2's mini-batch form),
+    by the dual form: never forms M_t. q, k [BH, N, b, Dk], v [BH, N, b, Dv], gates [BH, N, b];
+    W, S: the chunk-start weights and momentum, per layer [BH, N, d_in, d_out]. Plain autograd.
+
+    Layer by layer, with the key path's inputs x_{i,l} and errors delta_{i,l} at the chunk-start
+    weights (the per-token gradients are g_{i,l} = x_{i,l}^T delta_{i,l}) and the query path's own
+    inputs h_{t,l} (h_0 = q, h_{l+1} = act(z_l)):
+        z_{t,l} = h_{t,l} M_{t,l} = a_t h W_l + bS_t h S_l - sum_{i<=t} C[t, i] (h_{t,l} . x_{i,l}) delta_{i,l}
+    i.e. Z_l = a * (H W) + bS * (H S) - (C * (H X^T)) Delta: a masked, gate-weighted b x b product."""
+    act, act_grads = ACTIVATIONS[activation]
+    L = len(W)
+    xs, zs = [k], []
+    for l, w in enumerate(W):
+        zs.append(xs[-1] @ w)
+        if l < L - 1:
+            xs.append(act(zs[-1]))
+    deltas = [2 * (zs[-1] - v)]
+    for l in range(L - 2, -1, -1):
+        deltas.append((deltas[-1] @ W[l + 1].transpose(-1, -2)) * act_grads(zs[l])[0])
+    deltas = deltas[::-1]
+    scale = _clip_scale(xs, deltas, clip)[0] if clip else None
+    a, bS, C = token_coefficients(theta, eta, alpha, scale)
+    a, bS = a[..., None], bS[..., None]
+    h = q
+    for l in range(L):
+        z = a * (h @ W[l]) + bS * (h @ S[l]) - (C * (h @ xs[l].transpose(-1, -2))) @ deltas[l]
+        h = act(z) if l < L - 1 else z
+    return h
+
+
 def mlp_apply(W, x, act):
     for i, w in enumerate(W):
         x = x @ w
@@ -154,7 +201,8 @@ def _chain_forward(activation, clip, q, k, v, c_M0, c_S0_M, c_S0_S, c, W, S):
     return zq[-1], W, S, W_st, S_st, saved, xq, zq
 
 
-def _chain_backward(activation, clip, do, dW, dS, c_M0, c_S0_M, c_S0_S, c, W_st, S_st, saved, xq, zq):
+def _chain_backward(activation, clip, do, dW, dS, c_M0, c_S0_M, c_S0_S, c, W_st, S_st, saved, xq, zq, dW_st=None,
+                    dS_st=None):
     """Gradients of the chunk chain (derivation in README.md), walking the chunks in reverse."""
     act, act_grads = ACTIVATIONS[activation]
     L = len(W_st)
@@ -184,6 +232,9 @@ def _chain_backward(activation, clip, do, dW, dS, c_M0, c_S0_M, c_S0_S, c, W_st,
         # Linear part: W' = a W + b_M S - G_M, S' = b_S S - G_S.
         dW_prev = [torch.addcmul(r[:, n], a_M, g) for g, r in zip(dW, dW_read)]
         dS_prev = [torch.addcmul(b_S * gs, b_M, gw) for gw, gs in zip(dW, dS)]
+        if dW_st is not None:  # the chunk-start states are outputs too (the per-token read uses them)
+            dW_prev = [g + r[:, n] for g, r in zip(dW_prev, dW_st)]
+            dS_prev = [g + r[:, n] for g, r in zip(dS_prev, dS_st)]
         # G_M = A^T (c_M delta), G_S = A^T (c_S delta), with dG_M = -dW', dG_S = -dS'.
         d_deltas, dA = [], []
         dcn = 0
@@ -251,7 +302,10 @@ def _chain_fns(compiled: bool):
 class ChunkMemoryFunction(torch.autograd.Function):
     """forward(activation, L, compiled, clip (0: off), q, k, v [BH, N, b, D], c_M0, c_S0_M, c_S0_S [BH, N],
     c_g_M, c_g_S [BH, N, b], *W (L tensors [BH, d_in, d_out]), *S (L tensors, same shapes))
-    -> (o [BH, N, b, Dv], *W_final, *S_final).
+    -> (o [BH, N, b, Dv], *W_final, *S_final, *W_starts, *S_starts [BH, N, d_in, d_out]).
+
+    o reads each chunk's queries from its chunk-start weights (`read="chunk"`); the chunk-start
+    states are returned (and differentiable) for `token_read`.
 
     Only the key rows walk the chunk chain; the reads M_n(q) of all chunks run batched after it
     from the saved chunk-start weights. Key-row activations are kept for the backward."""
@@ -265,7 +319,7 @@ class ChunkMemoryFunction(torch.autograd.Function):
         ctx.activation, ctx.L, ctx.compiled, ctx.clip = activation, L, compiled, clip
         ctx.saved, ctx.xq, ctx.zq = saved, xq, zq
         ctx.save_for_backward(c_M0, c_S0_M, c_S0_S, c, *W_st, *S_st)
-        return (o, *W, *S)
+        return (o, *W, *S, *W_st, *S_st)
 
     @staticmethod
     @once_differentiable
@@ -274,15 +328,20 @@ class ChunkMemoryFunction(torch.autograd.Function):
         L = ctx.L
         W_st, S_st = WS_st[:L], WS_st[L:]
         dW = [torch.zeros_like(w[:, 0]) if g is None else g for g, w in zip(dWS[:L], W_st)]
-        dS = [torch.zeros_like(w[:, 0]) if g is None else g for g, w in zip(dWS[L:], W_st)]
+        dS = [torch.zeros_like(w[:, 0]) if g is None else g for g, w in zip(dWS[L:2 * L], W_st)]
+        dW_st, dS_st = None, None
+        if any(g is not None for g in dWS[2 * L:]):
+            dW_st = [torch.zeros_like(w) if g is None else g for g, w in zip(dWS[2 * L:3 * L], W_st)]
+            dS_st = [torch.zeros_like(w) if g is None else g for g, w in zip(dWS[3 * L:], W_st)]
         do = torch.zeros_like(ctx.zq[-1]) if do is None else do
         dq, dk, dv, d_c_M0, d_c_S0_M, d_c_S0_S, d_c_g, dW, dS = _chain_fns(ctx.compiled)[1](
-            ctx.activation, ctx.clip, do, dW, dS, c_M0, c_S0_M, c_S0_S, c, W_st, S_st, ctx.saved, ctx.xq, ctx.zq)
+            ctx.activation, ctx.clip, do, dW, dS, c_M0, c_S0_M, c_S0_S, c, W_st, S_st, ctx.saved, ctx.xq, ctx.zq,
+            dW_st, dS_st)
         return (None, None, None, None, dq, dk, dv, d_c_M0, d_c_S0_M, d_c_S0_S, d_c_g[..., 0], d_c_g[..., 1], *dW, *dS)
 
 
 def chunk_titans_memory_fwd(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, activation,
-                            compiled=False, clip=0.0):
+                            compiled=False, clip=0.0, read="token"):
     """Inputs already validated and laid out as [B, H, T, D] / gates [B, H, T]."""
     B, H, T = q.shape[:3]
     W = [w.expand(B, H, *w.shape[-2:]) if w.dim() == 3 else w for w in weights]
@@ -304,7 +363,11 @@ def chunk_titans_memory_fwd(q, k, v, theta, eta, alpha, weights, momentum, chunk
         out = ChunkMemoryFunction.apply(activation, L, compiled, clip, *(bh(part(t)) for t in (q, k, v)),
                                         *(bh(t) for t in (c_M0, c_S0_M, c_S0_S, c_g_M, c_g_S)),
                                         *(bh(t) for t in W), *(bh(t) for t in S))
-        outs.append(out[0].unflatten(0, (B, H)).flatten(2, 3))
+        o = out[0]
+        if read == "token":
+            o = token_read(*(bh(part(t)) for t in (q, k, v, theta, eta, alpha)), list(out[1 + 2 * L:1 + 3 * L]),
+                           list(out[1 + 3 * L:]), activation, clip)
+        outs.append(o.unflatten(0, (B, H)).flatten(2, 3))
         W = [t.unflatten(0, (B, H)) for t in out[1:1 + L]]
-        S = [t.unflatten(0, (B, H)) for t in out[1 + L:]]
+        S = [t.unflatten(0, (B, H)) for t in out[1 + L:1 + 2 * L]]
     return torch.cat(outs, 2) if len(outs) > 1 else outs[0], (W, S)

@@ -35,7 +35,7 @@ def mlp_forward(weights: list[torch.Tensor], x: torch.Tensor, activation: str = 
 
 
 def naive_titans_memory(q, k, v, theta, eta, alpha, *, weights, momentum=None, chunk_size: int = 1,
-                        activation: str = "silu", read: str = "chunk", inner_grad_clip: float | None = None):
+                        activation: str = "silu", read: str = "token", inner_grad_clip: float | None = None):
     """Loop over time. q, k [B, T, H, Dk], v [B, T, H, Dv], theta/eta/alpha [B, T, H].
 
     Returns o [B, T, H, Dv] and the final state (weights, momentum), lists of [B, H, d_in, d_out].

@@ -24,6 +24,7 @@ class TitansConfig:
     # b, tokens per parallel chunk of the memory update (gradients taken at the chunk's start).
     chunk_size: int = 16
     # Tokens sharing one value of theta/eta/alpha (1 = per token, as in the paper); divides chunk_size.
+    # Pooling (> 1) needs memory_read: chunk (a per-token read would see the block's later tokens).
     gate_granularity: int = 1
     # theta_t = theta_max * sigmoid(.), the largest inner step size. A chunk applies b gradients
     # taken at one point, amplified by momentum ~ 1/(1 - eta): keep theta_max * b / (1 - eta) small.
@@ -33,6 +34,10 @@ class TitansConfig:
     # max_grad_norm). Keeps the memory finite for any gates and inputs (kernels/titans_memory/README.md);
     # 0 or null turns it off (the presets diverged to NaN within 10 steps without it).
     inner_grad_clip: float | None = 1.0
+    # Where a token reads the memory: "token" reads y_t = M_t(q_t), its own per-token weights (the
+    # paper's mini-batch form, Sec. 3.2, in the dual form); "chunk" reads the weights at its chunk's
+    # start (a speed trade: no b x b in-chunk term, but a token sees nothing of its own chunk).
+    memory_read: str = "token"
     # MAC: tokens per segment (attention context is [persistent | retrieved | segment]).
     segment_len: int = 64
     # MAG / MAL: sliding-window size (a query sees itself and window - 1 earlier tokens).
@@ -71,6 +76,12 @@ class TitansConfig:
             errs.append(f"model.titans.n_persistent={self.n_persistent} must be >= 0")
         if self.conv_kernel < 1:
             errs.append(f"model.titans.conv_kernel={self.conv_kernel} must be >= 1")
+        if self.memory_read not in ("token", "chunk"):
+            errs.append(f"model.titans.memory_read={self.memory_read!r} must be token | chunk")
+        elif self.memory_read == "token" and self.gate_granularity > 1:
+            errs.append(f"model.titans.gate_granularity={self.gate_granularity} pools a token's gates with later "
+                        f"tokens' and memory_read=token reads them at that token (the future would leak); "
+                        f"set gate_granularity: 1 or memory_read: chunk")
         if self.inner_grad_clip is not None and not self.inner_grad_clip >= 0:
             errs.append(f"model.titans.inner_grad_clip={self.inner_grad_clip} must be > 0, or 0 / null to turn it off")
         if self.theta_max <= 0:

@@ -4,14 +4,18 @@ x -> q, k, v by linear projections, each followed by a depthwise causal 1-D conv
 q and k l2-normalised. Per-token, per-head gates theta (step), eta (momentum decay), alpha
 (forgetting) are linear functions of x through a sigmoid. The memory itself is a per-head MLP
 with learnable initial weights, updated by `chunk_titans_memory` (kernels/titans_memory) and read
-with y = M*(q). The read passes through a per-head RMSNorm and a learned gate sigmoid(x W_g)
-before the output projection (Sec. 4.4, "normalization and a linear gate").
+per token, y_t = M_t(q_t) with each token's own weights (Sec. 3.2's mini-batch form, in the dual
+form; `memory_read: chunk` reads the chunk-start weights instead, faster). The read passes
+through a per-head RMSNorm and a learned gate sigmoid(x W_g) before the output projection (Sec. 4.4, "normalization and a linear gate").
 
 Choices where the paper is silent:
 - theta = theta_max * sigmoid(.) (theta_max = 0.1) with bias -2 at init (theta ~ 0.012); eta bias
   0 (eta ~ 0.5), alpha bias -4 (alpha ~ 0.02). A chunk sums b gradients taken at one point and
   momentum multiplies the step by ~1/(1 - eta); with theta = 0.12, eta = 0.88, b = 16 the memory
   of a 2-layer model diverged within 100 tokens, so the initial effective step is kept < 1/b.
+- Each token's inner gradient is clipped to norm <= `inner_grad_clip` (1.0) before the momentum,
+  as titans-pytorch's max_grad_norm: without it the presets' memories overflowed within 10 steps
+  (kernels/titans_memory/README.md, "Stability").
 - Memory weights init with std 1/sqrt(d_in) (variance-preserving), shared over the batch.
 - `gate_granularity` > 1 pools the gate logits over blocks of that many tokens (titans-pytorch
   pools per chunk); the paper's per-token gates are the default.
@@ -219,7 +223,7 @@ class NeuralMemory(nn.Module):
         return chunk_titans_memory(q, k, v, *gates, weights=weights, momentum=momentum,
                                    chunk_size=self.cfg.chunk_size, activation=self.cfg.memory_activation,
                                    compile=self.cfg.compile_memory, read_after=read_after,
-                                   inner_grad_clip=self.cfg.inner_grad_clip)
+                                   inner_grad_clip=self.cfg.inner_grad_clip, read=self.cfg.memory_read)
 
     def forward(self, x: torch.Tensor, state=None):
         q, k, v, gates, _ = self.project(x, fused=self.update_projection())

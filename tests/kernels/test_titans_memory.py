@@ -81,6 +81,50 @@ def test_chunk_matches_naive_forward_and_grads(T, chunk, widths, batched, mom, a
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T,chunk,widths,act", [(45, 8, [6], "silu"), (23, 5, [], "gelu")])
+def test_chunk_start_read_option_matches_naive(T, chunk, widths, act, backend, poisoned):
+    """read="chunk" (every token reads its chunk's starting weights, the cheaper option) in both
+    chains against the token loop reading the same: outputs, final state, every gradient."""
+    leaves, weights, momentum = make_inputs(2, T, 3, 5, 4, widths, momentum=True)
+    out_c = flat(*run(chunk_titans_memory, leaves, weights, momentum, chunk, act, backend=backend, read="chunk"))
+    out_n = flat(*run(naive_titans_memory, leaves, weights, momentum, chunk, act, read="chunk"))
+    out_t = run(naive_titans_memory, leaves, weights, momentum, chunk, act)[0]
+    assert rel_rms(out_t, out_n[0]) > 1e-3  # the two reads differ
+    for a, b in zip(out_c, out_n):
+        assert rel_rms(a, b) < 1e-10
+    g = torch.Generator().manual_seed(6)
+    probes = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in out_n]
+    grads_c = torch.autograd.grad(sum((p * t).sum() for p, t in zip(probes, out_c)), list(leaves.values()))
+    grads_n = torch.autograd.grad(sum((p * t).sum() for p, t in zip(probes, out_n)), list(leaves.values()))
+    for name, a, b in zip(leaves, grads_c, grads_n):
+        assert rel_rms(a, b) < 1e-9, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("widths", [[], [6]])
+def test_token_read_sees_the_earlier_tokens_of_its_chunk(widths, backend):
+    """Issue 15: with chunk-start reads, changing token 1 left the outputs at positions 2..b-1 of
+    its chunk exactly unchanged (a token learnt nothing from its own chunk). Per-token reads: every
+    later position of the chunk changes, no earlier one does (causal); the chunk read stays blind."""
+    b = 16
+    leaves, weights, momentum = make_inputs(1, 2 * b, 2, 5, 4, widths, momentum=True)
+    leaves = {n: t.detach() for n, t in leaves.items()}
+    changed = {n: t.clone() for n, t in leaves.items()}
+    changed["k"][:, 1] = F.normalize(torch.randn_like(changed["k"][:, 1]), dim=-1)
+    changed["v"][:, 1] += 1.0
+    for read in ("token", "chunk"):
+        o, _ = run(chunk_titans_memory, leaves, weights, momentum, b, backend=backend, read=read)
+        o2, _ = run(chunk_titans_memory, changed, weights, momentum, b, backend=backend, read=read)
+        diff = (o2 - o).abs().amax((0, 2, 3))  # per position
+        assert diff[:1].max() == 0  # causal
+        if read == "token":
+            assert diff[1:b].min() > 1e-4, diff
+        else:
+            assert diff[1:b].max() == 0
+        assert diff[b:].min() > 1e-4  # the next chunk sees it through the state, either way
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("T,chunk,widths,act,clip", [(41, 8, [6], "silu", 2.0), (29, 1, [], "silu", 3.5),
                                                      (37, 5, [7, 4], "gelu", 2.5)])
 def test_inner_grad_clip_matches_naive(T, chunk, widths, act, clip, backend, poisoned):
@@ -91,7 +135,8 @@ def test_inner_grad_clip_matches_naive(T, chunk, widths, act, clip, backend, poi
     leaves, weights, momentum = make_inputs(B, T, H, Dk, Dv, widths, batched_state=True, momentum=True)
     norms = _grad_norms(leaves, weights, act)  # the test must exercise both branches of the clip
     assert 0.2 < (norms > clip).double().mean() < 0.8
-    out_c = flat(*run(chunk_titans_memory, leaves, weights, momentum, chunk, act, backend=backend, inner_grad_clip=clip))
+    out_c = flat(*run(chunk_titans_memory, leaves, weights, momentum, chunk, act, backend=backend,
+                      inner_grad_clip=clip))
     out_n = flat(*run(naive_titans_memory, leaves, weights, momentum, chunk, act, inner_grad_clip=clip))
     out_off = flat(*run(naive_titans_memory, leaves, weights, momentum, chunk, act))
     assert rel_rms(out_off[0], out_n[0]) > 1e-3  # the clip changes the result

@@ -33,7 +33,8 @@ def perturb(model):
             p.add_(0.05 * torch.randn_like(p))
 
 
-@pytest.mark.parametrize("variant,extra", [("mac", {}), ("mag", {"gate_granularity": 2}), ("mal", {}),
+@pytest.mark.parametrize("variant,extra", [("mac", {}), ("mag", {"gate_granularity": 2, "memory_read": "chunk"}),
+                                           ("mal", {}),
                                            ("lmm", {"memory_depth": 1})])
 def test_forward_is_causal(variant, extra):
     model = build_model(make_cfg(variant, **extra)).double()
@@ -176,7 +177,7 @@ def reference_mac_mixer(block, h, freqs):
         k_y, v_y, (caches[1], caches[2]) = mem.keys_values(y, (caches[1], caches[2]))
         o, state = naive_titans_memory(q_y, k_y, v_y, *mem.gates(y), weights=state[0], momentum=state[1],
                                        chunk_size=mem.cfg.chunk_size, activation=mem.cfg.memory_activation,
-                                       inner_grad_clip=mem.cfg.inner_grad_clip)
+                                       inner_grad_clip=mem.cfg.inner_grad_clip, read=mem.cfg.memory_read)
         out.append(y * torch.sigmoid(mem.read_out(o, y)))
     return torch.cat(out, 1)
 
@@ -283,6 +284,9 @@ def test_meta_build_then_init_and_flops():
     (dict(gate_granularity=3), "gate_granularity"),
     (dict(segment_len=10), "segment_len"),
     (dict(memory_depth=0), "memory_depth"),
+    (dict(memory_read="row"), "memory_read"),
+    (dict(gate_granularity=2), "memory_read=token"),
+    (dict(inner_grad_clip=-1.0), "inner_grad_clip"),
 ])
 def test_bad_config_raises_value_error(bad, match):
     with pytest.raises(ValueError, match=match):

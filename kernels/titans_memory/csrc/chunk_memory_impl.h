@@ -175,11 +175,11 @@ static void SUF(coefficients)(int64_t n, const S *th, const S *et, const S *al, 
 }
 
 /* Gradients of `coefficients`: from d c_M0, d c_S0_M, d c_S0_S and dc [n][2] (d cM_i, d cS_i) to
-   d theta, d eta, d alpha [n]. du, dw scratch [n]. */
+   d theta, d eta, d alpha [n]. du, dw [n] (gradients of u, w) and dth are added to: the caller
+   zeros them, or leaves the per-token read's share in them (token_coefficients_bwd). */
 static void SUF(coefficients_bwd)(int64_t n, const S *th, const S *et, const S *al, const S *u, const S *w,
                                   S daM, S dbM, S dbS, const S *dc, S *du, S *dw, S *dth, S *det, S *dal) {
     const S ul = u[n - 1], wl = w[n - 1];
-    for (int64_t t = 0; t < n; t++) du[t] = dw[t] = 0;
     dw[n - 1] += daM * EXP(wl);
     du[n - 1] += dbS * EXP(ul);
     for (int64_t t = 0; t < n; t++) {
@@ -195,7 +195,7 @@ static void SUF(coefficients_bwd)(int64_t n, const S *th, const S *et, const S *
             A += K;
             dw[n - 1] += kk; dw[t] -= kk; du[t] += kk; du[i] -= kk;
         }
-        dth[i] = dc[2 * i] * A + dc[2 * i + 1] * G;
+        dth[i] += dc[2 * i] * A + dc[2 * i + 1] * G;
     }
     /* u, w are cumsums of log eta, log(1 - alpha): reverse cumsums, then through log and clamp */
     S cu = 0, cw = 0;
@@ -210,10 +210,14 @@ static void SUF(coefficients_bwd)(int64_t n, const S *th, const S *et, const S *
    X[l] [2n][w_l], Z[l] [2n][w_{l+1}], delta[l], P[l] [n][w_{l+1}] (key rows; P only for
    l < L-1); v [n][w_L]; WT[l] receives W_l^T for l >= 1 (entries may share one buffer). */
 static void SUF(chunk_forward)(int64_t L, const int64_t *w, int64_t n, int act, const S *v, S *const *W, S **X,
-                               S **Z, S **delta, S **P, S *const *WT) {
+                               S **Z, S **delta, S **P, S *const *WT, int keys_only) {
+    /* keys_only: the key rows alone (the token read runs the query rows through its own path) */
+    const int64_t r0 = keys_only ? n : 0;
     for (int64_t l = 0; l < L; l++) {
-        SUF(gemm)(2 * n, w[l + 1], w[l], 1, X[l], w[l], 1, W[l], w[l + 1], 0, Z[l], w[l + 1]);
-        if (l < L - 1) SUF(activation)(act, Z[l], 2 * n * w[l + 1], X[l + 1], NULL, NULL);
+        SUF(gemm)(2 * n - r0, w[l + 1], w[l], 1, X[l] + r0 * w[l], w[l], 1, W[l], w[l + 1], 0, Z[l] + r0 * w[l + 1],
+                  w[l + 1]);
+        if (l < L - 1)
+            SUF(activation)(act, Z[l] + r0 * w[l + 1], (2 * n - r0) * w[l + 1], X[l + 1] + r0 * w[l + 1], NULL, NULL);
     }
     const S *zk = Z[L - 1] + n * w[L];
     for (int64_t i = 0; i < n * w[L]; i++) delta[L - 1][i] = 2 * (zk[i] - v[i]);
@@ -243,6 +247,168 @@ static void SUF(clip_scale)(int64_t L, const int64_t *w, int64_t n, S clip, S *c
         }
     }
     for (int64_t i = 0; i < n; i++) sc[i] = sq[i] > clip * clip ? clip / sqrt(sq[i]) : (S)1;
+}
+
+/* The per-token read's coefficients (chunk.py: token_coefficients): M_t = a_t M_0 + bS_t S_0 -
+   sum_{i<=t} Cm[t][i] g_i with a_t = beta_t = e^{w_t}, bS_t = sum_{j<=t} e^{w_t - w_j + u_j} and
+   Cm[t][i] = th_i sc_i K[t][i], K[t][i] = sum_{j=i..t} e^{w_t - w_j + u_j - u_i} (0 above the
+   diagonal); sc: the clip's scale. By the recurrences bS_t = rho_t bS_{t-1} + e^{u_t},
+   K[t][i] = rho_t K[t-1][i] + e^{u_t - u_i} (rho_t = e^{w_t - w_{t-1}} = 1 - alpha_t), O(n^2). Row
+   n-1 is the chunk end: a_{n-1} = c_M0, bS_{n-1} = c_S0_M, Cm[n-1] = c_M sc. rho [n] scratch. */
+static void SUF(token_coefficients)(int64_t n, const S *th, const S *sc, const S *u, const S *w, S *Cm, S *K, S *a,
+                                    S *bS, S *rho) {
+    for (int64_t t = 0; t < n; t++) {
+        a[t] = EXP(w[t]);
+        rho[t] = t ? EXP(w[t] - w[t - 1]) : 0;
+        bS[t] = (t ? rho[t] * bS[t - 1] : 0) + EXP(u[t]);
+        for (int64_t i = 0; i < n; i++) {
+            const S k = i < t ? rho[t] * K[(t - 1) * n + i] + EXP(u[t] - u[i]) : (i == t ? (S)1 : (S)0);
+            K[t * n + i] = k;
+            Cm[t * n + i] = th[i] * sc[i] * k;
+        }
+    }
+}
+
+/* Gradients of token_coefficients (run first: K, bS, rho as it left them) from dCm [n][n], da,
+   dbS [n]: added to du, dw (of the log cumsums u, w), dth and dsc [n]; the recurrences reversed. */
+static void SUF(token_coefficients_bwd)(int64_t n, const S *th, const S *sc, const S *u, const S *w, const S *K,
+                                        const S *a, const S *bS, const S *rho, const S *dCm, const S *da,
+                                        const S *dbS, S *du, S *dw, S *dth, S *dsc, S *drho) {
+    for (int64_t t = 0; t < n; t++) {
+        dw[t] += da[t] * a[t];
+        drho[t] = 0;
+    }
+    S g = 0;
+    for (int64_t t = n - 1; t >= 0; t--) {
+        g = dbS[t] + (t < n - 1 ? rho[t + 1] * g : 0);
+        du[t] += g * EXP(u[t]);
+        if (t) drho[t] += g * bS[t - 1];
+    }
+    for (int64_t i = 0; i < n; i++) {
+        S st = 0;
+        for (int64_t t = n - 1; t >= i; t--) {
+            const S d = dCm[t * n + i];
+            st += d * K[t * n + i];
+            g = d * th[i] * sc[i] + (t < n - 1 ? rho[t + 1] * g : 0);
+            if (t > i) {
+                const S e = g * EXP(u[t] - u[i]);
+                du[t] += e; du[i] -= e;
+                drho[t] += g * K[(t - 1) * n + i];
+            }
+        }
+        dth[i] += sc[i] * st;
+        dsc[i] += th[i] * st;
+    }
+    for (int64_t t = 1; t < n; t++) {
+        const S r = drho[t] * rho[t];
+        dw[t] += r; dw[t - 1] -= r;
+    }
+}
+
+/* Scratch of the per-token read (one chunk of n <= b rows): the query path's layer inputs Hq[l]
+   [n][w_l] (Hq[0] the query rows of X[0]), pre-activations Zq[l], the products Z1 = H W_l and
+   Z2 = H S_l [n][w_{l+1}], G[l] = H xk_l^T [n][n]; Cm [n][n], a, bS [n]; tmp [n][n], T1 [wmax][b]. */
+typedef struct {
+    S *Hq[MAXL], *Zq[MAXL], *Z1[MAXL], *Z2[MAXL], *G[MAXL];
+    S *Cm, *K, *a, *bS, *rho, *drho, *tmp, *T1;
+} SUF(tread);
+
+static void SUF(tread_init)(SUF(tread) *r, SUF(arena) *ar, int64_t L, const int64_t *w, int64_t b, int64_t wmax) {
+    for (int64_t l = 0; l < L; l++) {
+        r->Hq[l] = l ? SUF(take)(ar, b * w[l]) : NULL;
+        r->Zq[l] = SUF(take)(ar, b * w[l + 1]);
+        r->Z1[l] = SUF(take)(ar, b * w[l + 1]);
+        r->Z2[l] = SUF(take)(ar, b * w[l + 1]);
+        r->G[l] = SUF(take)(ar, b * b);
+    }
+    r->Cm = SUF(take)(ar, b * b);
+    r->K = SUF(take)(ar, b * b);
+    r->rho = SUF(take)(ar, b);
+    r->drho = SUF(take)(ar, b);
+    r->tmp = SUF(take)(ar, b * b);
+    r->a = SUF(take)(ar, b);
+    r->bS = SUF(take)(ar, b);
+    r->T1 = SUF(take)(ar, b * wmax);
+}
+#define TREAD_SCRATCH(L, b, wmax) \
+    ((L) * (4 * (b) * (wmax) + (b) * (b) + 80) + 3 * (b) * (b) + (b) * (wmax) + 4 * (b) + 256)
+
+/* y_t = M_t(q_t), the dual form (chunk.py: token_read): per layer
+   Zq_l = a * (H W_l) + bS * (H S_l) - (Cm * (H xk_l^T)) delta_l,  H_{l+1} = act(Zq_l), H_0 = q,
+   from the chunk-start W, S, the key rows xk_l of X[l] and errors delta_l (chunk_forward) and
+   Cm, a, bS (token_coefficients, already in r). Output: r->Zq[L-1] [n][w_L]. */
+static void SUF(token_read_fwd)(SUF(tread) *r, int64_t L, const int64_t *w, int64_t n, int act, S *const *W,
+                                S *const *Sm, S *const *X, S *const *delta) {
+    r->Hq[0] = X[0];
+    for (int64_t l = 0; l < L; l++) {
+        const int64_t d = w[l + 1];
+        const S *H = r->Hq[l], *xk = X[l] + n * w[l];
+        SUF(gemm)(n, d, w[l], 1, H, w[l], 1, W[l], d, 0, r->Z1[l], d);
+        SUF(gemm)(n, d, w[l], 1, H, w[l], 1, Sm[l], d, 0, r->Z2[l], d);
+        SUF(transpose)(xk, n, w[l], r->T1);
+        SUF(gemm)(n, n, w[l], 1, H, w[l], 1, r->T1, n, 0, r->G[l], n);
+        for (int64_t e = 0; e < n * n; e++) r->tmp[e] = r->Cm[e] * r->G[l][e];
+        S *z = r->Zq[l];
+        for (int64_t t = 0; t < n; t++)
+            for (int64_t j = 0; j < d; j++)
+                z[t * d + j] = r->a[t] * r->Z1[l][t * d + j] + r->bS[t] * r->Z2[l][t * d + j];
+        SUF(gemm)(n, d, n, -1, r->tmp, n, 1, delta[l], d, 1, z, d);
+        if (l < L - 1) SUF(activation)(act, z, n * d, r->Hq[l + 1], NULL, NULL);
+    }
+}
+
+/* Backward of token_read_fwd (run first, so r holds the chunk's forward) from dz = d o [n][w_L]
+   (overwritten): adds to dW[l], dS[l] (the chunk-start state), ddelta[l] [n][w_{l+1}], dxk[l]
+   [n][w_l] (the key rows' inputs), dCm [n][n], da, dbS [n]; writes dq [n][w_0]. WT[l] = W_l^T,
+   ST scratch [wmax][wmax], buf [n][wmax] x 3. */
+static void SUF(token_read_bwd)(SUF(tread) *r, int64_t L, const int64_t *w, int64_t n, int act, S *const *Sm,
+                                S *const *WT, S *const *X, S *const *delta, S *dz, S *const *dW, S *const *dSt,
+                                S *const *ddelta, S *const *dxk, S *dCm, S *da, S *dbS, S *dq, S *ST, S *az, S *bz,
+                                S *dG) {
+    for (int64_t l = L - 1; l >= 0; l--) {
+        const int64_t d = w[l + 1];
+        const S *H = r->Hq[l], *xk = X[l] + n * w[l];
+        for (int64_t t = 0; t < n; t++) {
+            S sa = 0, sb = 0;
+            for (int64_t j = 0; j < d; j++) {
+                const S g = dz[t * d + j];
+                sa += g * r->Z1[l][t * d + j];
+                sb += g * r->Z2[l][t * d + j];
+                az[t * d + j] = r->a[t] * g;
+                bz[t * d + j] = r->bS[t] * g;
+            }
+            da[t] += sa;
+            dbS[t] += sb;
+        }
+        /* dW_l += H^T (a dz), dS_l += H^T (bS dz) */
+        SUF(gemm)(w[l], d, n, 1, H, 1, w[l], az, d, 1, dW[l], d);
+        SUF(gemm)(w[l], d, n, 1, H, 1, w[l], bz, d, 1, dSt[l], d);
+        /* ddelta_l -= (Cm * G)^T dz */
+        for (int64_t e = 0; e < n * n; e++) r->tmp[e] = r->Cm[e] * r->G[l][e];
+        SUF(gemm)(n, d, n, -1, r->tmp, 1, n, dz, d, 1, ddelta[l], d);
+        /* d(Cm * G) = -dz delta_l^T: dCm += it * G, dG = it * Cm */
+        SUF(transpose)(delta[l], n, d, r->T1);
+        SUF(gemm)(n, n, d, -1, dz, d, 1, r->T1, n, 0, dG, n);
+        for (int64_t e = 0; e < n * n; e++) {
+            dCm[e] += dG[e] * r->G[l][e];
+            dG[e] *= r->Cm[e];
+        }
+        /* dxk_l += dG^T H; dH = (a dz) W^T + (bS dz) S^T + dG xk */
+        SUF(gemm)(n, w[l], n, 1, dG, 1, n, H, w[l], 1, dxk[l], w[l]);
+        S *dH = l ? dz : dq;  /* dz [n][d] is spent: for l > 0 its buffer (n x wmax) takes dH */
+        S *tmpH = r->T1;
+        SUF(gemm)(n, w[l], d, 1, az, d, 1, WT[l], w[l], 0, tmpH, w[l]);
+        SUF(transpose)(Sm[l], w[l], d, ST);
+        SUF(gemm)(n, w[l], d, 1, bz, d, 1, ST, w[l], 1, tmpH, w[l]);
+        SUF(gemm)(n, w[l], n, 1, dG, n, 1, xk, w[l], 1, tmpH, w[l]);
+        if (l) {
+            /* dz_{l-1} = dH act'(Zq_{l-1}) */
+            SUF(activation)(act, r->Zq[l - 1], n * w[l], NULL, az, NULL);
+            for (int64_t e = 0; e < n * w[l]; e++) dH[e] = tmpH[e] * az[e];
+        } else {
+            memcpy(dH, tmpH, sizeof(S) * n * w[0]);
+        }
+    }
 }
 
 /* the memory MLP on m rows already in X[0]: X[l+1] = act(Z[l]), Z[l] = X[l] W_l */
@@ -285,12 +451,12 @@ void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *th, cons
                            const int64_t *st, const int64_t *w, int64_t L, S *const *W0, int w0_batched,
                            S *const *S0, S *const *Wout, S *const *Sout, S *const *Wst, S *const *Sst, S *o,
                            const S *qr, int64_t Tr, S *or_, int64_t B, int64_t H, int64_t T, int64_t b, int act,
-                           double clip, int nthreads) {
+                           double clip, int read, int nthreads) {
     int64_t wmax = 0, sz[MAXL];
     for (int64_t l = 0; l <= L; l++) wmax = w[l] > wmax ? w[l] : wmax;
     for (int64_t l = 0; l < L; l++) sz[l] = w[l] * w[l + 1];
     const int64_t N = (T + b - 1) / b;
-    const int64_t scratch = 8 * (L + 2) * (2 * b * wmax + 16) + wmax * wmax + 16 * b + 256;
+    const int64_t scratch = 8 * (L + 2) * (2 * b * wmax + 16) + wmax * wmax + 16 * b + 256 + TREAD_SCRATCH(L, b, wmax);
     _Pragma("omp parallel for num_threads(nthreads) schedule(static)")
     for (int64_t task = 0; task < B * H; task++) {
         const int64_t bi = task / H, h = task % H;
@@ -309,6 +475,9 @@ void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *th, cons
         S *gth = SUF(take)(&a, b), *get = SUF(take)(&a, b), *gal = SUF(take)(&a, b);
         S *u = SUF(take)(&a, b), *uw = SUF(take)(&a, b), *cM = SUF(take)(&a, b), *cS = SUF(take)(&a, b);
         S *csq = SUF(take)(&a, b), *csc = SUF(take)(&a, b);
+        SUF(tread) r;
+        SUF(tread_init)(&r, &a, L, w, b, wmax);
+        for (int64_t i = 0; i < b; i++) csc[i] = 1;
         for (int64_t l = 0; l < L; l++) {
             Wc[l] = Wout[l] + task * sz[l];
             Sc[l] = Sout[l] + task * sz[l];
@@ -321,12 +490,16 @@ void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *th, cons
             S am, bm, bs;
             SUF(load_chunk)(q, k, v, th, et, al, st, w, L, bi, h, t0, n, X[0], vb, gth, get, gal);
             SUF(coefficients)(n, gth, get, gal, u, uw, cM, cS, &am, &bm, &bs);
-            SUF(chunk_forward)(L, w, n, act, vb, Wc, X, Z, delta, P, WTs);
-            SUF(scatter)(Z[L - 1], n, w[L], o + ((bi * T + t0) * H + h) * w[L], H * w[L]);
+            SUF(chunk_forward)(L, w, n, act, vb, Wc, X, Z, delta, P, WTs, read);
             if (clip > 0) {
                 SUF(clip_scale)(L, w, n, (S)clip, X, delta, csq, csc);
                 for (int64_t i = 0; i < n; i++) { cM[i] *= csc[i]; cS[i] *= csc[i]; }
             }
+            if (read) {  /* y_t = M_t(q_t) from the chunk-start state, before the update below */
+                SUF(token_coefficients)(n, gth, csc, u, uw, r.Cm, r.K, r.a, r.bS, r.rho);
+                SUF(token_read_fwd)(&r, L, w, n, act, Wc, Sc, X, delta);
+            }
+            SUF(scatter)(read ? r.Zq[L - 1] : Z[L - 1], n, w[L], o + ((bi * T + t0) * H + h) * w[L], H * w[L]);
             for (int64_t l = 0; l < L; l++) {
                 const int64_t d = w[l + 1];
                 /* save the chunk-start state for the backward while scaling it, in one pass */
@@ -384,13 +557,14 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
                            const S *do_, S *const *dWf, S *const *dSf, S *dq, S *dk, S *dv, S *dth, S *det,
                            S *dal, S *const *dW0, S *const *dS0, const S *qr, int64_t Tr, S *const *Wfin,
                            const S *dor, S *dqr, int64_t B, int64_t H, int64_t T, int64_t b, int act,
-                           double clip, int nthreads) {
+                           double clip, int read, int nthreads) {
     int64_t wmax = 0, sz[MAXL], szsum = 0;
     for (int64_t l = 0; l <= L; l++) wmax = w[l] > wmax ? w[l] : wmax;
     for (int64_t l = 0; l < L; l++) { sz[l] = w[l] * w[l + 1]; szsum += sz[l] + 16; }
     const int64_t N = (T + b - 1) / b;
     const int64_t scratch = 16 * (L + 2) * (2 * b * wmax + 16) + 4 * szsum + (L + 2) * (wmax * wmax + 16)
-                            + 24 * (b + 16) + 64;
+                            + 24 * (b + 16) + 64 + TREAD_SCRATCH(L, b, wmax) + 4 * b * (wmax + 16) + 3 * b * (b + 16)
+                            + wmax * wmax + 8 * (b + 16) + 256;
     _Pragma("omp parallel for num_threads(nthreads) schedule(static)")
     for (int64_t task = 0; task < B * H; task++) {
         const int64_t bi = task / H, h = task % H;
@@ -420,6 +594,13 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
         S *du = SUF(take)(&a, b), *dw = SUF(take)(&a, b), *gdth = SUF(take)(&a, b), *gdet = SUF(take)(&a, b);
         S *gdal = SUF(take)(&a, b);
         S *csq = SUF(take)(&a, b), *csc = SUF(take)(&a, b), *cM0 = SUF(take)(&a, b), *cS0 = SUF(take)(&a, b);
+        SUF(tread) r;
+        SUF(tread_init)(&r, &a, L, w, b, wmax);
+        S *rdz = SUF(take)(&a, b * wmax), *raz = SUF(take)(&a, b * wmax), *rbz = SUF(take)(&a, b * wmax);
+        S *rdq = SUF(take)(&a, b * wmax), *rdG = SUF(take)(&a, b * b), *rdCm = SUF(take)(&a, b * b);
+        S *rda = SUF(take)(&a, b), *rdb = SUF(take)(&a, b), *rdsc = SUF(take)(&a, b);
+        S *rST = SUF(take)(&a, wmax * wmax);
+        for (int64_t i = 0; i < b; i++) csc[i] = 1;
         for (int64_t l = 0; l < L; l++) {
             if (dWf && dWf[l]) memcpy(dWc[l], dWf[l] + task * sz[l], sizeof(S) * sz[l]);
             else memset(dWc[l], 0, sizeof(S) * sz[l]);
@@ -458,8 +639,9 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
             S am, bm, bs;
             SUF(load_chunk)(q, k, v, th, et, al, st, w, L, bi, h, t0, n, X[0], vb, gth, get, gal);
             SUF(coefficients)(n, gth, get, gal, u, uw, cM, cS, &am, &bm, &bs);
-            SUF(chunk_forward)(L, w, n, act, vb, W, X, Z, delta, P, WT);  /* W_l^T for l >= 1 */
+            SUF(chunk_forward)(L, w, n, act, vb, W, X, Z, delta, P, WT, read);  /* W_l^T for l >= 1 */
             SUF(transpose)(W[0], w[0], w[1], WT[0]);
+            for (int64_t i = 0; i < n; i++) du[i] = dw[i] = gdth[i] = rdsc[i] = 0;
             if (clip > 0) {  /* the update used c' = c s (clip_scale); keep c for the scale's gradient */
                 SUF(clip_scale)(L, w, n, (S)clip, X, delta, csq, csc);
                 for (int64_t i = 0; i < n; i++) {
@@ -515,11 +697,24 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
                 SUF(gemm)(w[l], n, d, -1, dSc[l], d, 1, cdST, n, 1, dAT, n);
                 SUF(transpose)(dAT, w[l], n, dA[l]);
             }
+            if (read) {
+                /* the per-token read: recompute it, then its gradients join the chain's (the state
+                   at the chunk start, ddelta, dA = d of the key rows' inputs) and the gates' */
+                SUF(token_coefficients)(n, gth, csc, u, uw, r.Cm, r.K, r.a, r.bS, r.rho);
+                SUF(token_read_fwd)(&r, L, w, n, act, W, Sm, X, delta);
+                SUF(gather)(do_ + orow * w[L], H * w[L], n, w[L], rdz);
+                for (int64_t i = 0; i < n; i++) rda[i] = rdb[i] = 0;
+                for (int64_t e = 0; e < n * n; e++) rdCm[e] = 0;
+                SUF(token_read_bwd)(&r, L, w, n, act, Sm, WT, X, delta, rdz, dWp, dSp, ddelta, dA, rdCm, rda, rdb, rdq,
+                                    rST, raz, rbz, rdG);
+                SUF(token_coefficients_bwd)(n, gth, csc, u, uw, r.K, r.a, r.bS, r.rho, rdCm, rda, rdb, du, dw, gdth,
+                                            rdsc, r.drho);
+            }
             if (clip > 0) {
                 /* c' = c s, s = clip / |g| where |g|^2 = sq > clip^2: dc = dc' s, ds = <dc', c>,
                    d sq = -s ds / (2 sq), and sq = sum_l |x_l|^2 |delta_l|^2 adds to ddelta and dA */
                 for (int64_t i = 0; i < n; i++) {
-                    const S ds = dcn[2 * i] * cM0[i] + dcn[2 * i + 1] * cS0[i];
+                    const S ds = dcn[2 * i] * cM0[i] + dcn[2 * i + 1] * cS0[i] + rdsc[i];
                     dcn[2 * i] *= csc[i];
                     dcn[2 * i + 1] *= csc[i];
                     csq[i] = csq[i] > (S)(clip * clip) ? -csc[i] * ds / csq[i] : 0;  /* 2 d sq */
@@ -569,22 +764,27 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
                [dZq; dZ] [2n][w_{l+1}], so each layer is one weight-gradient product over 2n rows
                (dW_l += X_l^T G) and one input-gradient product (G W_l^T, plus dA on the key rows) */
             {
+                /* with the token read, o is not a chunk-start read: the key rows only (from row r0) */
+                const int64_t r0 = read ? n : 0, m = 2 * n - r0;
                 S *G = g1, *D = g2, *d1s = cd;
-                SUF(gather)(do_ + orow * w[L], H * w[L], n, w[L], G);
+                if (!read) SUF(gather)(do_ + orow * w[L], H * w[L], n, w[L], G);
                 memcpy(G + n * w[L], dz[L - 1], sizeof(S) * n * w[L]);
                 for (int64_t l = L - 1; l >= 0; l--) {
-                    SUF(gemm)(w[l], w[l + 1], 2 * n, 1, X[l], 1, w[l], G, w[l + 1], 1, dWp[l], w[l + 1]);
-                    SUF(gemm)(2 * n, w[l], w[l + 1], 1, G, w[l + 1], 1, WT[l], w[l], 0, D, w[l]);
+                    SUF(gemm)(w[l], w[l + 1], m, 1, X[l] + r0 * w[l], 1, w[l], G + r0 * w[l + 1], w[l + 1], 1, dWp[l],
+                              w[l + 1]);
+                    SUF(gemm)(m, w[l], w[l + 1], 1, G + r0 * w[l + 1], w[l + 1], 1, WT[l], w[l], 0, D + r0 * w[l],
+                              w[l]);
                     S *Dk = D + n * w[l];
                     for (int64_t i = 0; i < n * w[l]; i++) Dk[i] += dA[l][i];
                     if (l) {
-                        SUF(activation)(act, Z[l - 1], 2 * n * w[l], NULL, d1s, NULL);
-                        for (int64_t i = 0; i < n * w[l]; i++) G[i] = D[i] * d1s[i];
+                        SUF(activation)(act, Z[l - 1] + r0 * w[l], m * w[l], NULL, d1s + r0 * w[l], NULL);
+                        if (!read)
+                            for (int64_t i = 0; i < n * w[l]; i++) G[i] = D[i] * d1s[i];
                         for (int64_t i = n * w[l]; i < 2 * n * w[l]; i++)
                             G[i] = dz[l - 1][i - n * w[l]] + D[i] * d1s[i];
                     }
                 }
-                SUF(scatter)(D, n, w[0], dq + orow * w[0], H * w[0]);
+                SUF(scatter)(read ? rdq : D, n, w[0], dq + orow * w[0], H * w[0]);
                 SUF(scatter)(D + n * w[0], n, w[0], dk + orow * w[0], H * w[0]);
             }
             for (int64_t l = 0; l < L; l++) {
