@@ -22,7 +22,8 @@ from titanforge.parallel.config import ParallelConfig
 from titanforge.parallel.mesh import LayoutError, ParallelDims, check_model_layout
 from titanforge.parallel.pipeline import check_pipeline_microbatches
 from titanforge.parallel.tensor_parallel import check_tp
-from titanforge.trainer.config import CheckpointConfig, OptimConfig, TrainConfig, WandbConfig
+from titanforge.data.tasks.mixture import check_mixture
+from titanforge.trainer.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfig, WandbConfig
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,8 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # Long-context suites during training (trainer/evaluate.py).
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -153,8 +156,34 @@ def validate(job: JobConfig, world_size: int | None = None) -> None:
         errs.append(f"checkpoint.resume={job.checkpoint.resume!r} must be auto | never")
     if job.checkpoint.keep_last < 1:
         errs.append(f"checkpoint.keep_last={job.checkpoint.keep_last} must be >= 1")
+    errs += _check_tasks(job)
     if errs:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+
+
+def _check_tasks(job: JobConfig) -> list[str]:
+    """The task mixture and the evaluation suites: specs, sizes, and layouts they run on."""
+    from titanforge.data.tasks import TaskError, parse_spec
+
+    errs = check_mixture(job.data.tasks) if job.data.tasks.names else []
+    ev = job.eval
+    for key, specs in (("data.tasks.names", job.data.tasks.names), ("eval.suites", ev.suites)):
+        for spec in specs:
+            try:
+                parse_spec(spec)
+            except TaskError as e:
+                errs.append(f"{key}: {e}")
+    if ev.every < 0 or ev.depths < 1 or ev.samples < 1 or ev.batch_size < 1 or any(n < 2 for n in ev.lengths):
+        errs.append(f"eval: every={ev.every} must be >= 0 and depths={ev.depths}, samples={ev.samples}, "
+                    f"batch_size={ev.batch_size} >= 1, lengths={list(ev.lengths)} >= 2")
+    if ev.lengths and max(ev.lengths) > job.model.max_seq_len:
+        errs.append(f"eval.lengths up to {max(ev.lengths)} exceed model.max_seq_len={job.model.max_seq_len}; "
+                    f"raise model.max_seq_len")
+    uses = (job.data.tasks.names or (ev.every and ev.suites))
+    if uses and (job.parallel.pp > 1 or job.parallel.dp_backend == "deepspeed"):
+        errs.append("data.tasks and eval suites run on the plain layout (DDP/FSDP with TP), not with "
+                    "parallel.pp > 1 or dp_backend=deepspeed; drop them from this run's config")
+    return errs
 
 
 def to_yaml(job: JobConfig) -> str:

@@ -35,6 +35,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
     tie_embeddings: bool = True
+    # Llama: sliding-window attention, a query sees itself and the attention_window - 1 tokens
+    # before it (Mistral-style); 0 = full causal attention.
+    attention_window: int = 0
     # Standard deviation of the normal init of linear and embedding weights.
     init_std: float = 0.02
     titans: TitansConfig = field(default_factory=TitansConfig)
@@ -66,6 +69,11 @@ class ModelConfig:
                         f"pick n_heads among {[h for h in range(1, 65) if self.d_model % h == 0][-6:]}")
         if self.n_heads % self.kv_heads:
             errs.append(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.kv_heads}")
+        if self.attention_window < 0:
+            errs.append(f"model.attention_window={self.attention_window} must be >= 0 (0: full causal attention)")
+        elif self.attention_window and self.family != "llama":
+            errs.append(f"model.attention_window applies to family llama only (titans has model.titans.window); "
+                        f"set model.attention_window=0")
         # Each family checks its own section; only the chosen family's problems stop a run.
         section = getattr(self, self.family, None)
         if section is not None and hasattr(section, "validate"):

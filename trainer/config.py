@@ -79,3 +79,21 @@ class TrainConfig:
     # runs ~30x slower: Titans MAC at T=2k took 10.0 s per step with them, 5.5 s flushed.
     # Values that small are zero for any training purpose (bfloat16 has the same exponent range).
     flush_denormal: bool = True
+
+
+@dataclass
+class EvalConfig:
+    # Run the long-context suites every this many steps (0: never), on the data-parallel ranks.
+    every: int = 0
+    # Task specs (data/tasks/generators.py), e.g. ["passkey", "mqar:pairs=8"].
+    suites: List[str] = field(default_factory=list)
+    # Sequence lengths in tokens; empty: the training sequence length.
+    lengths: List[int] = field(default_factory=list)
+    # Needle depths per length, evenly spaced from 0 to 1.
+    depths: int = 5
+    # Samples per (length, depth) cell.
+    samples: int = 8
+    # Sequences per forward pass.
+    batch_size: int = 4
+    # Seed of the generated samples (the same samples at every evaluation).
+    seed: int = 1234

@@ -47,9 +47,13 @@ def build_plain_model(job, device: torch.device) -> torch.nn.Module:
     return model
 
 
-def lm_loss(model, raw_model, tokens: torch.Tensor, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cross-entropy, cross-entropy + auxiliary losses) of next-token prediction on `tokens`."""
+def lm_loss(model, raw_model, tokens: torch.Tensor, autocast,
+            loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, cross-entropy + auxiliary losses) of next-token prediction on `tokens`;
+    `loss_mask` [B, T] (True = counts) keeps only some targets (task rows: the answer tokens)."""
     inp, tgt = tokens[:, :-1], tokens[:, 1:]
+    if loss_mask is not None:
+        tgt = tgt.masked_fill(~loss_mask, -100)
     with autocast:
         logits = model(inp)
     # Plain logits -> F.cross_entropy in float32; vocab-sharded logits (TP) never gathered.
@@ -74,8 +78,10 @@ class TrainStep:
         n = len(batches)
         for i, tokens in enumerate(batches):
             sync = i == n - 1
+            # A batch is the tokens, or (tokens, loss_mask) from a task mixture (data/tasks/).
+            tokens, mask = tokens if isinstance(tokens, tuple) else (tokens, None)
             with contextlib.nullcontext() if sync else no_grad_sync(self.model, self.job.parallel.dp_backend):
-                loss, total = lm_loss(self.model, self.raw_model, tokens, self.autocast)
+                loss, total = lm_loss(self.model, self.raw_model, tokens, self.autocast, mask)
                 (total / n).backward()
             loss_sum += loss.detach()
         finish_grad_reduction(self.model)
