@@ -41,7 +41,7 @@ def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta
                         eta: torch.Tensor, alpha: torch.Tensor, *, weights: list[torch.Tensor],
                         momentum: list[torch.Tensor] | None = None, chunk_size: int = 16,
                         activation: str = "silu", compile: bool = False, backend: str = "auto",
-                        read_after: torch.Tensor | None = None):
+                        read_after: torch.Tensor | None = None, inner_grad_clip: float | None = None):
     """Run the Titans memory over a sequence, chunk by chunk.
 
     q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; theta (step size), eta (momentum decay), alpha (forget
@@ -58,6 +58,10 @@ def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta
     backend: "auto" runs the chunk chain in the fused C loop (fused_cpu.py) for CPU float32/float64
     inputs where it builds (and compile is off), else in PyTorch; "native" insists on the C loop,
     "torch" on PyTorch.
+    inner_grad_clip: tau > 0 scales each token's inner gradient (all layers together, per batch row
+    and head) by min(1, tau / ||grad||) before it enters the momentum (titans-pytorch's
+    max_grad_norm, a hard clip): the memory's update per token is bounded whatever the inputs and
+    gates (README.md). None or 0: no clip.
     read_after: queries [B, Tr, H, Dk] to read from the final memory, M_final(read_after) (what MAC
     retrieves for the next segment); when given, returns (o, state, read) [B, Tr, H, Dv], the read
     fused into the C loop's call.
@@ -72,6 +76,9 @@ def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta
         if g.shape != (B, T, H):
             raise ValueError(f"{name} has shape {tuple(g.shape)}; gates are per token and head, [B, T, H] = "
                              f"{(B, T, H)} (broadcast coarser gates before calling)")
+    if inner_grad_clip is not None and not inner_grad_clip >= 0:
+        raise ValueError(f"inner_grad_clip={inner_grad_clip!r} must be None, 0 (off) or a positive norm")
+    clip = float(inner_grad_clip or 0.0)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
     check_backend(backend)
@@ -96,12 +103,12 @@ def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta
             and use_native(backend, qkv[0], fused_cpu.SOURCE, "Titans memory chunk chain", *qkv[1:],
                            *gates, *ws, *(ms or ()), read_after)):
         o, state, read = fused_cpu.fused_chunk_titans_memory(
-            *qkv, *gates, ws, ms, chunk_size, activation, None if read_after is None else read_after.to(dtype))
+            *qkv, *gates, ws, ms, chunk_size, activation, None if read_after is None else read_after.to(dtype), clip)
         return (o.to(q.dtype), state) if read_after is None else (o.to(q.dtype), state, read.to(q.dtype))
     # [B, H, T, D] so a chunk is a contiguous slice of the matmul batch.
     q_, k_, v_ = (t.transpose(1, 2) for t in qkv)
     th, et, al = (g.transpose(1, 2) for g in gates)
-    o, state = chunk_titans_memory_fwd(q_, k_, v_, th, et, al, ws, ms, chunk_size, activation, compile)
+    o, state = chunk_titans_memory_fwd(q_, k_, v_, th, et, al, ws, ms, chunk_size, activation, compile, clip)
     o = o.transpose(1, 2).to(q.dtype)
     if read_after is None:
         return o, state

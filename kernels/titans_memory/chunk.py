@@ -104,6 +104,14 @@ def _key_forward(W, k, v, act, act_grads):
     return xs, deltas[::-1], d1s, Pd2s
 
 
+def _clip_scale(xs, deltas, clip):
+    """Per-token clip of the inner gradient: g_i = sum over layers of x_{i,l}^T delta_{i,l}, whose
+    Frobenius norm^2 is sum_l |x_{i,l}|^2 |delta_{i,l}|^2 (outer products). Returns (scale
+    s_i = clip / max(|g_i|, clip), |g_i|^2) [BH, b]."""
+    sq = sum((x * x).sum(-1) * (d * d).sum(-1) for x, d in zip(xs, deltas))
+    return clip / sq.clamp_min(clip * clip).sqrt(), sq
+
+
 def _read_forward(W, q, act):
     """y = M(q) for every chunk at once: q [BH, N, b, Dk], W_l [BH, N, d_in, d_out]; returns the
     layer inputs and pre-activations for the backward."""
@@ -115,7 +123,7 @@ def _read_forward(W, q, act):
     return xs, zs
 
 
-def _chain_forward(activation, q, k, v, c_M0, c_S0_M, c_S0_S, c, W, S):
+def _chain_forward(activation, clip, q, k, v, c_M0, c_S0_M, c_S0_S, c, W, S):
     """The chunk chain (see ChunkMemoryFunction); c = [c_g_M, c_g_S] stacked last, [BH, N, b, 2].
     Returns (o, W_final, S_final, chunk-start W and S stacked [BH, N, ...], saved key activations,
     read activations)."""
@@ -128,13 +136,16 @@ def _chain_forward(activation, q, k, v, c_M0, c_S0_M, c_S0_S, c, W, S):
         xs, deltas, d1s, Pd2s = _key_forward(W, k[:, n], v[:, n], act, act_grads)
         saved.append((xs, deltas, d1s, Pd2s))
         a_M, b_M, b_S = (t[:, n, None, None] for t in (c_M0, c_S0_M, c_S0_S))
+        cn = c[:, n]
+        if clip:  # each token's gradient scaled to norm <= clip: its coefficients scale
+            cn = cn * _clip_scale(xs, deltas, clip)[0][..., None]
         W_new, S_new = [], []
         for l in range(L):
             # W' = a W + b_M S - A^T (c_M delta), S' = b_S S - A^T (c_S delta); the adds ride on the bmm.
             At = xs[l].transpose(-1, -2)
-            W_new.append(torch.baddbmm(torch.addcmul(a_M * W[l], b_M, S[l]), At, c[:, n, :, 0, None] * deltas[l],
+            W_new.append(torch.baddbmm(torch.addcmul(a_M * W[l], b_M, S[l]), At, cn[:, :, 0, None] * deltas[l],
                                        alpha=-1))
-            S_new.append(torch.baddbmm(b_S * S[l], At, c[:, n, :, 1, None] * deltas[l], alpha=-1))
+            S_new.append(torch.baddbmm(b_S * S[l], At, cn[:, :, 1, None] * deltas[l], alpha=-1))
         W, S = W_new, S_new
     # [BH, N, d_in, d_out] per layer.
     W_st = [torch.stack([w[l] for w in W_starts], 1) for l in range(L)]
@@ -143,7 +154,7 @@ def _chain_forward(activation, q, k, v, c_M0, c_S0_M, c_S0_S, c, W, S):
     return zq[-1], W, S, W_st, S_st, saved, xq, zq
 
 
-def _chain_backward(activation, do, dW, dS, c_M0, c_S0_M, c_S0_S, c, W_st, S_st, saved, xq, zq):
+def _chain_backward(activation, clip, do, dW, dS, c_M0, c_S0_M, c_S0_S, c, W_st, S_st, saved, xq, zq):
     """Gradients of the chunk chain (derivation in README.md), walking the chunks in reverse."""
     act, act_grads = ACTIVATIONS[activation]
     L = len(W_st)
@@ -165,7 +176,10 @@ def _chain_backward(activation, do, dW, dS, c_M0, c_S0_M, c_S0_S, c, W_st, S_st,
         xs, deltas, d1s, Pd2s = saved[n]
         dW_in.append(dW)
         dS_in.append(dS)
-        cn = c[:, n]  # [BH, b, 2]
+        cn = c0 = c[:, n]  # [BH, b, 2]
+        if clip:
+            scale, sq = _clip_scale(xs, deltas, clip)
+            cn = c0 * scale[..., None]
         a_M, b_M, b_S = (t[:, n, None, None] for t in (c_M0, c_S0_M, c_S0_S))
         # Linear part: W' = a W + b_M S - G_M, S' = b_S S - G_S.
         dW_prev = [torch.addcmul(r[:, n], a_M, g) for g, r in zip(dW, dW_read)]
@@ -181,7 +195,17 @@ def _chain_backward(activation, do, dW, dS, c_M0, c_S0_M, c_S0_S, c, W_st, S_st,
             d_deltas.append((cn[..., None] * AdG).sum(-2))
             cd = (cn[..., None] * deltas[l][:, :, None, :]).flatten(-2)  # [BH, b, 2 d_out]
             dA.append(cd @ ndG.transpose(-1, -2))
-        d_c_g[:, n] = dcn
+        if clip:
+            # c'_i = c_i s_i, s_i = clip |g_i|^-1 where |g_i|^2 = sq_i > clip^2 (else 1):
+            # dc = dc' s, ds = <dc', c>, d sq = -s ds / (2 sq), then through sq = sum_l |x_l|^2 |delta_l|^2.
+            d_c_g[:, n] = dcn * scale[..., None]
+            dsq = torch.where(sq > clip * clip, -0.5 * scale * (dcn * c0).sum(-1) / sq, 0)
+            for l in range(L):
+                xn, dn = (xs[l] * xs[l]).sum(-1), (deltas[l] * deltas[l]).sum(-1)
+                d_deltas[l] = d_deltas[l] + (2 * dsq * xn)[..., None] * deltas[l]
+                dA[l] = dA[l] + (2 * dsq * dn)[..., None] * xs[l]
+        else:
+            d_c_g[:, n] = dcn
         # Inner backprop delta_l = (delta_{l+1} W_{l+1}^T) act'(z_l), differentiated.
         dz = [None] * L
         for l in range(L - 1):
@@ -225,7 +249,7 @@ def _chain_fns(compiled: bool):
 
 
 class ChunkMemoryFunction(torch.autograd.Function):
-    """forward(activation, L, compiled, q, k, v [BH, N, b, D], c_M0, c_S0_M, c_S0_S [BH, N],
+    """forward(activation, L, compiled, clip (0: off), q, k, v [BH, N, b, D], c_M0, c_S0_M, c_S0_S [BH, N],
     c_g_M, c_g_S [BH, N, b], *W (L tensors [BH, d_in, d_out]), *S (L tensors, same shapes))
     -> (o [BH, N, b, Dv], *W_final, *S_final).
 
@@ -233,12 +257,12 @@ class ChunkMemoryFunction(torch.autograd.Function):
     from the saved chunk-start weights. Key-row activations are kept for the backward."""
 
     @staticmethod
-    def forward(ctx, activation, L, compiled, q, k, v, c_M0, c_S0_M, c_S0_S, c_g_M, c_g_S, *WS):
+    def forward(ctx, activation, L, compiled, clip, q, k, v, c_M0, c_S0_M, c_S0_S, c_g_M, c_g_S, *WS):
         # [BH, N, b, 2]: each token's gradient weight in the M-end and the S-end state.
         c = torch.stack([c_g_M, c_g_S], -1)
-        o, W, S, W_st, S_st, saved, xq, zq = _chain_fns(compiled)[0](activation, q, k, v, c_M0, c_S0_M, c_S0_S, c,
-                                                                     list(WS[:L]), list(WS[L:]))
-        ctx.activation, ctx.L, ctx.compiled = activation, L, compiled
+        o, W, S, W_st, S_st, saved, xq, zq = _chain_fns(compiled)[0](activation, clip, q, k, v, c_M0, c_S0_M,
+                                                                     c_S0_S, c, list(WS[:L]), list(WS[L:]))
+        ctx.activation, ctx.L, ctx.compiled, ctx.clip = activation, L, compiled, clip
         ctx.saved, ctx.xq, ctx.zq = saved, xq, zq
         ctx.save_for_backward(c_M0, c_S0_M, c_S0_S, c, *W_st, *S_st)
         return (o, *W, *S)
@@ -253,12 +277,12 @@ class ChunkMemoryFunction(torch.autograd.Function):
         dS = [torch.zeros_like(w[:, 0]) if g is None else g for g, w in zip(dWS[L:], W_st)]
         do = torch.zeros_like(ctx.zq[-1]) if do is None else do
         dq, dk, dv, d_c_M0, d_c_S0_M, d_c_S0_S, d_c_g, dW, dS = _chain_fns(ctx.compiled)[1](
-            ctx.activation, do, dW, dS, c_M0, c_S0_M, c_S0_S, c, W_st, S_st, ctx.saved, ctx.xq, ctx.zq)
-        return (None, None, None, dq, dk, dv, d_c_M0, d_c_S0_M, d_c_S0_S, d_c_g[..., 0], d_c_g[..., 1], *dW, *dS)
+            ctx.activation, ctx.clip, do, dW, dS, c_M0, c_S0_M, c_S0_S, c, W_st, S_st, ctx.saved, ctx.xq, ctx.zq)
+        return (None, None, None, None, dq, dk, dv, d_c_M0, d_c_S0_M, d_c_S0_S, d_c_g[..., 0], d_c_g[..., 1], *dW, *dS)
 
 
 def chunk_titans_memory_fwd(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, activation,
-                            compiled=False):
+                            compiled=False, clip=0.0):
     """Inputs already validated and laid out as [B, H, T, D] / gates [B, H, T]."""
     B, H, T = q.shape[:3]
     W = [w.expand(B, H, *w.shape[-2:]) if w.dim() == 3 else w for w in weights]
@@ -277,7 +301,7 @@ def chunk_titans_memory_fwd(q, k, v, theta, eta, alpha, weights, momentum, chunk
         c_M0, c_S0_M, c_g_M, c_S0_S, c_g_S = chunk_coefficients(part(theta), part(eta), part(alpha))
         # B and H fold into one batch axis so every matmul is a plain strided bmm.
         bh = lambda t: t.flatten(0, 1)  # noqa: E731
-        out = ChunkMemoryFunction.apply(activation, L, compiled, *(bh(part(t)) for t in (q, k, v)),
+        out = ChunkMemoryFunction.apply(activation, L, compiled, clip, *(bh(part(t)) for t in (q, k, v)),
                                         *(bh(t) for t in (c_M0, c_S0_M, c_S0_S, c_g_M, c_g_S)),
                                         *(bh(t) for t in W), *(bh(t) for t in S))
         outs.append(out[0].unflatten(0, (B, H)).flatten(2, 3))

@@ -47,7 +47,7 @@ def _ptrs(tensors) -> ctypes.Array:
 
 
 class FusedChunkMemoryFunction(torch.autograd.Function):
-    """forward(activation, L, chunk_size, q, k [B, T, H, Dk], v [B, T, H, Dv], theta, eta, alpha
+    """forward(activation, L, chunk_size, clip (0: off), q, k [B, T, H, Dk], v [B, T, H, Dv], theta, eta, alpha
     [B, T, H], q_read [B, Tr, H, Dk] or None, *W (L tensors [H, d_in, d_out] or [B, H, d_in, d_out]),
     *S (L tensors [B, H, d_in, d_out], or L Nones: zero momentum))
     -> (o [B, T, H, Dv], o_read [B, Tr, H, Dv] (empty without q_read), *W_final, *S_final).
@@ -61,7 +61,7 @@ class FusedChunkMemoryFunction(torch.autograd.Function):
     graph can be backpropagated twice)."""
 
     @staticmethod
-    def forward(ctx, activation, L, chunk_size, q, k, v, theta, eta, alpha, q_read, *WS):
+    def forward(ctx, activation, L, chunk_size, clip, q, k, v, theta, eta, alpha, q_read, *WS):
         B, T, H, _ = q.shape
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         if q_read is not None and q_read.stride(-1) != 1:
@@ -87,8 +87,8 @@ class FusedChunkMemoryFunction(torch.autograd.Function):
             _ptrs(W0), _int(int(batched)), None if S0 is None else _ptrs(S0), _ptrs(W_out), _ptrs(S_out),
             _ptrs(W_st), _ptrs(S_st), ptr(o), ptr(q_read), _i64(Tr), ptr(o_read if Tr else None),
             _i64(B), _i64(H), _i64(T), _i64(chunk_size), _int(ACTIVATION_CODES[activation]),
-            _int(torch.get_num_threads()))
-        ctx.activation, ctx.L, ctx.chunk_size = activation, L, chunk_size
+            ctypes.c_double(clip), _int(torch.get_num_threads()))
+        ctx.activation, ctx.L, ctx.chunk_size, ctx.clip = activation, L, chunk_size, clip
         ctx.batched, ctx.has_momentum = batched, S0 is not None
         ctx.save_for_backward(q, k, v, theta, eta, alpha, q_read, strides, wid, *W_st, *S_st,
                               *(W_out if q_read is not None else ()))
@@ -119,16 +119,17 @@ class FusedChunkMemoryFunction(torch.autograd.Function):
             ptr(dth), ptr(det), ptr(dal), _ptrs(dW0), _ptrs(dS0),
             ptr(q_read if Tr else None), _i64(Tr), _ptrs(W_fin) if Tr else None, ptr(do_read if Tr else None),
             ptr(dq_read if Tr else None), _i64(B), _i64(H), _i64(T), _i64(ctx.chunk_size),
-            _int(ACTIVATION_CODES[ctx.activation]), _int(torch.get_num_threads()))
+            _int(ACTIVATION_CODES[ctx.activation]), ctypes.c_double(ctx.clip), _int(torch.get_num_threads()))
         dW = dW0 if ctx.batched else [g.sum(0) for g in dW0]
         dS = dS0 if ctx.has_momentum else [None] * L
-        return (None, None, None, dq, dk, dv, dth, det, dal, dq_read, *dW, *dS)
+        return (None, None, None, None, dq, dk, dv, dth, det, dal, dq_read, *dW, *dS)
 
 
-def fused_chunk_titans_memory(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, activation, read_after=None):
+def fused_chunk_titans_memory(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, activation, read_after=None,
+                              clip=0.0):
     """chunk_titans_memory's contract on validated float32/float64 CPU inputs, [B, T, H, D] / [B, T, H];
     returns (o, state, M_final(read_after) or None)."""
     L = len(weights)
-    out = FusedChunkMemoryFunction.apply(activation, L, chunk_size, q, k, v, theta, eta, alpha, read_after, *weights,
+    out = FusedChunkMemoryFunction.apply(activation, L, chunk_size, clip, q, k, v, theta, eta, alpha, read_after, *weights,
                                          *(momentum if momentum is not None else [None] * L))
     return out[0], (list(out[2:2 + L]), list(out[2 + L:])), (out[1] if read_after is not None else None)

@@ -28,6 +28,11 @@ class TitansConfig:
     # theta_t = theta_max * sigmoid(.), the largest inner step size. A chunk applies b gradients
     # taken at one point, amplified by momentum ~ 1/(1 - eta): keep theta_max * b / (1 - eta) small.
     theta_max: float = 0.1
+    # Per-token clip of the memory's inner gradient norm (all layers, per head): each token's
+    # gradient is scaled by min(1, clip / ||grad||) before the momentum (titans-pytorch's
+    # max_grad_norm). Keeps the memory finite for any gates and inputs (kernels/titans_memory/README.md);
+    # 0 or null turns it off (the presets diverged to NaN within 10 steps without it).
+    inner_grad_clip: float | None = 1.0
     # MAC: tokens per segment (attention context is [persistent | retrieved | segment]).
     segment_len: int = 64
     # MAG / MAL: sliding-window size (a query sees itself and window - 1 earlier tokens).
@@ -66,6 +71,8 @@ class TitansConfig:
             errs.append(f"model.titans.n_persistent={self.n_persistent} must be >= 0")
         if self.conv_kernel < 1:
             errs.append(f"model.titans.conv_kernel={self.conv_kernel} must be >= 1")
+        if self.inner_grad_clip is not None and not self.inner_grad_clip >= 0:
+            errs.append(f"model.titans.inner_grad_clip={self.inner_grad_clip} must be > 0, or 0 / null to turn it off")
         if self.theta_max <= 0:
             errs.append(f"model.titans.theta_max={self.theta_max} must be > 0")
         return errs

@@ -218,7 +218,8 @@ class NeuralMemory(nn.Module):
         weights, momentum = state
         return chunk_titans_memory(q, k, v, *gates, weights=weights, momentum=momentum,
                                    chunk_size=self.cfg.chunk_size, activation=self.cfg.memory_activation,
-                                   compile=self.cfg.compile_memory, read_after=read_after)
+                                   compile=self.cfg.compile_memory, read_after=read_after,
+                                   inner_grad_clip=self.cfg.inner_grad_clip)
 
     def forward(self, x: torch.Tensor, state=None):
         q, k, v, gates, _ = self.project(x, fused=self.update_projection())

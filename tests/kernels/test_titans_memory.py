@@ -80,6 +80,43 @@ def test_chunk_matches_naive_forward_and_grads(T, chunk, widths, batched, mom, a
         assert rel_rms(a, b) < 1e-9, name
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T,chunk,widths,act,clip", [(41, 8, [6], "silu", 2.0), (29, 1, [], "silu", 3.5),
+                                                     (37, 5, [7, 4], "gelu", 2.5)])
+def test_inner_grad_clip_matches_naive(T, chunk, widths, act, clip, backend, poisoned):
+    """The per-token clip of the inner gradient (all layers' norm, per batch row and head) in
+    both chains against the token loop, where autograd differentiates through the norm: outputs,
+    final state and every gradient; clip levels at which some tokens are clipped and some not."""
+    B, H, Dk, Dv = 2, 3, 5, 4
+    leaves, weights, momentum = make_inputs(B, T, H, Dk, Dv, widths, batched_state=True, momentum=True)
+    norms = _grad_norms(leaves, weights, act)  # the test must exercise both branches of the clip
+    assert 0.2 < (norms > clip).double().mean() < 0.8
+    out_c = flat(*run(chunk_titans_memory, leaves, weights, momentum, chunk, act, backend=backend, inner_grad_clip=clip))
+    out_n = flat(*run(naive_titans_memory, leaves, weights, momentum, chunk, act, inner_grad_clip=clip))
+    out_off = flat(*run(naive_titans_memory, leaves, weights, momentum, chunk, act))
+    assert rel_rms(out_off[0], out_n[0]) > 1e-3  # the clip changes the result
+    for a, b in zip(out_c, out_n):
+        assert rel_rms(a, b) < 1e-10
+    g = torch.Generator().manual_seed(5)
+    probes = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in out_n]
+    grads_c = torch.autograd.grad(sum((p * t).sum() for p, t in zip(probes, out_c)), list(leaves.values()))
+    grads_n = torch.autograd.grad(sum((p * t).sum() for p, t in zip(probes, out_n)), list(leaves.values()))
+    for name, a, b in zip(leaves, grads_c, grads_n):
+        assert b.abs().max() > 0 and rel_rms(a, b) < 1e-9, name
+
+
+def _grad_norms(leaves, weights, act):
+    """|grad l(M_0; x_t)| at the initial weights, per token [T, B, H] (a proxy for the norms the chain sees)."""
+    k, v = leaves["k"].detach(), leaves["v"].detach()
+    W = [w.detach().requires_grad_(True) for w in weights]
+    pred = mlp_forward(W, k.transpose(1, 2), act)
+    norms = []
+    for t in range(k.shape[1]):
+        gs = torch.autograd.grad((pred[:, :, t] - v[:, t]).pow(2).sum(), W, retain_graph=True)
+        norms.append(sum(x.pow(2).sum((-1, -2)) for x in gs).sqrt())
+    return torch.stack(norms)
+
+
 @pytest.mark.skipif(not fused_cpu.available(), reason=f"C chunk chain unavailable: {fused_cpu.status()}")
 @pytest.mark.parametrize("Dk,hidden,T,chunk", [(32, 64, 48, 16), (48, 80, 45, 16), (19, 37, 21, 6)])
 def test_native_chain_on_vector_tiles_matches_naive(Dk, hidden, T, chunk, poisoned):

@@ -59,9 +59,10 @@ def test_memory_layer_matches_naive_op_forward_and_grads(monkeypatch):
     out, (W, S) = layer(x)
     g_c = torch.autograd.grad(out.square().sum() + sum(w.sum() for w in W), params)
 
-    def naive(q, k, v, theta, eta, alpha, *, weights, momentum, chunk_size, activation, compile=False, read_after=None):
+    def naive(q, k, v, theta, eta, alpha, *, weights, momentum, chunk_size, activation, compile=False, read_after=None,
+              **memory_kw):
         o, state = naive_titans_memory(q, k, v, theta, eta, alpha, weights=weights, momentum=momentum,
-                                       chunk_size=chunk_size, activation=activation)
+                                       chunk_size=chunk_size, activation=activation, **memory_kw)
         if read_after is None:
             return o, state
         return o, state, mlp_forward(state[0], read_after.transpose(1, 2), activation).transpose(1, 2)
@@ -174,7 +175,8 @@ def reference_mac_mixer(block, h, freqs):
         q_y, caches[0] = mem.query(y, caches[0])
         k_y, v_y, (caches[1], caches[2]) = mem.keys_values(y, (caches[1], caches[2]))
         o, state = naive_titans_memory(q_y, k_y, v_y, *mem.gates(y), weights=state[0], momentum=state[1],
-                                       chunk_size=mem.cfg.chunk_size, activation=mem.cfg.memory_activation)
+                                       chunk_size=mem.cfg.chunk_size, activation=mem.cfg.memory_activation,
+                                       inner_grad_clip=mem.cfg.inner_grad_clip)
         out.append(y * torch.sigmoid(mem.read_out(o, y)))
     return torch.cat(out, 1)
 

@@ -226,6 +226,25 @@ static void SUF(chunk_forward)(int64_t L, const int64_t *w, int64_t n, int act, 
     }
 }
 
+/* Per-token clip of the inner gradient (clip > 0): g_i = sum_l x_{i,l}^T delta_{i,l} has
+   |g_i|^2 = sum_l |x_{i,l}|^2 |delta_{i,l}|^2 (outer products); sq[i] receives it and sc[i] the
+   scale clip / max(|g_i|, clip). X[l] holds the query rows first, so the key rows start at n w_l. */
+static void SUF(clip_scale)(int64_t L, const int64_t *w, int64_t n, S clip, S *const *X, S *const *delta, S *sq,
+                            S *sc) {
+    for (int64_t i = 0; i < n; i++) sq[i] = 0;
+    for (int64_t l = 0; l < L; l++) {
+        const int64_t d = w[l + 1];
+        const S *xk = X[l] + n * w[l];
+        for (int64_t i = 0; i < n; i++) {
+            S xn = 0, dn = 0;
+            for (int64_t j = 0; j < w[l]; j++) xn += xk[i * w[l] + j] * xk[i * w[l] + j];
+            for (int64_t j = 0; j < d; j++) dn += delta[l][i * d + j] * delta[l][i * d + j];
+            sq[i] += xn * dn;
+        }
+    }
+    for (int64_t i = 0; i < n; i++) sc[i] = sq[i] > clip * clip ? clip / sqrt(sq[i]) : (S)1;
+}
+
 /* the memory MLP on m rows already in X[0]: X[l+1] = act(Z[l]), Z[l] = X[l] W_l */
 static void SUF(mlp_rows)(int64_t L, const int64_t *w, int64_t m, int act, S *const *W, S **X, S **Z) {
     for (int64_t l = 0; l < L; l++) {
@@ -266,7 +285,7 @@ void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *th, cons
                            const int64_t *st, const int64_t *w, int64_t L, S *const *W0, int w0_batched,
                            S *const *S0, S *const *Wout, S *const *Sout, S *const *Wst, S *const *Sst, S *o,
                            const S *qr, int64_t Tr, S *or_, int64_t B, int64_t H, int64_t T, int64_t b, int act,
-                           int nthreads) {
+                           double clip, int nthreads) {
     int64_t wmax = 0, sz[MAXL];
     for (int64_t l = 0; l <= L; l++) wmax = w[l] > wmax ? w[l] : wmax;
     for (int64_t l = 0; l < L; l++) sz[l] = w[l] * w[l + 1];
@@ -289,6 +308,7 @@ void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *th, cons
         for (int64_t l = 0; l < L; l++) WTs[l] = WT;
         S *gth = SUF(take)(&a, b), *get = SUF(take)(&a, b), *gal = SUF(take)(&a, b);
         S *u = SUF(take)(&a, b), *uw = SUF(take)(&a, b), *cM = SUF(take)(&a, b), *cS = SUF(take)(&a, b);
+        S *csq = SUF(take)(&a, b), *csc = SUF(take)(&a, b);
         for (int64_t l = 0; l < L; l++) {
             Wc[l] = Wout[l] + task * sz[l];
             Sc[l] = Sout[l] + task * sz[l];
@@ -303,6 +323,10 @@ void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *th, cons
             SUF(coefficients)(n, gth, get, gal, u, uw, cM, cS, &am, &bm, &bs);
             SUF(chunk_forward)(L, w, n, act, vb, Wc, X, Z, delta, P, WTs);
             SUF(scatter)(Z[L - 1], n, w[L], o + ((bi * T + t0) * H + h) * w[L], H * w[L]);
+            if (clip > 0) {
+                SUF(clip_scale)(L, w, n, (S)clip, X, delta, csq, csc);
+                for (int64_t i = 0; i < n; i++) { cM[i] *= csc[i]; cS[i] *= csc[i]; }
+            }
             for (int64_t l = 0; l < L; l++) {
                 const int64_t d = w[l + 1];
                 /* save the chunk-start state for the backward while scaling it, in one pass */
@@ -360,13 +384,13 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
                            const S *do_, S *const *dWf, S *const *dSf, S *dq, S *dk, S *dv, S *dth, S *det,
                            S *dal, S *const *dW0, S *const *dS0, const S *qr, int64_t Tr, S *const *Wfin,
                            const S *dor, S *dqr, int64_t B, int64_t H, int64_t T, int64_t b, int act,
-                           int nthreads) {
+                           double clip, int nthreads) {
     int64_t wmax = 0, sz[MAXL], szsum = 0;
     for (int64_t l = 0; l <= L; l++) wmax = w[l] > wmax ? w[l] : wmax;
     for (int64_t l = 0; l < L; l++) { sz[l] = w[l] * w[l + 1]; szsum += sz[l] + 16; }
     const int64_t N = (T + b - 1) / b;
     const int64_t scratch = 16 * (L + 2) * (2 * b * wmax + 16) + 4 * szsum + (L + 2) * (wmax * wmax + 16)
-                            + 16 * (b + 16) + 64;
+                            + 24 * (b + 16) + 64;
     _Pragma("omp parallel for num_threads(nthreads) schedule(static)")
     for (int64_t task = 0; task < B * H; task++) {
         const int64_t bi = task / H, h = task % H;
@@ -395,6 +419,7 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
         S *u = SUF(take)(&a, b), *uw = SUF(take)(&a, b), *cM = SUF(take)(&a, b), *cS = SUF(take)(&a, b);
         S *du = SUF(take)(&a, b), *dw = SUF(take)(&a, b), *gdth = SUF(take)(&a, b), *gdet = SUF(take)(&a, b);
         S *gdal = SUF(take)(&a, b);
+        S *csq = SUF(take)(&a, b), *csc = SUF(take)(&a, b), *cM0 = SUF(take)(&a, b), *cS0 = SUF(take)(&a, b);
         for (int64_t l = 0; l < L; l++) {
             if (dWf && dWf[l]) memcpy(dWc[l], dWf[l] + task * sz[l], sizeof(S) * sz[l]);
             else memset(dWc[l], 0, sizeof(S) * sz[l]);
@@ -435,6 +460,13 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
             SUF(coefficients)(n, gth, get, gal, u, uw, cM, cS, &am, &bm, &bs);
             SUF(chunk_forward)(L, w, n, act, vb, W, X, Z, delta, P, WT);  /* W_l^T for l >= 1 */
             SUF(transpose)(W[0], w[0], w[1], WT[0]);
+            if (clip > 0) {  /* the update used c' = c s (clip_scale); keep c for the scale's gradient */
+                SUF(clip_scale)(L, w, n, (S)clip, X, delta, csq, csc);
+                for (int64_t i = 0; i < n; i++) {
+                    cM0[i] = cM[i]; cS0[i] = cS[i];
+                    cM[i] *= csc[i]; cS[i] *= csc[i];
+                }
+            }
             /* scalar coefficients: d a = <dW', W>, d b_M = <dW', S>, d b_S = <dS', S>, and the
                linear part of the update: dW = a dW' + ..., dS = b_S dS' + b_M dW' */
             S sa = 0, sbm = 0, sbs = 0;
@@ -482,6 +514,29 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
                 SUF(gemm)(w[l], n, d, -1, dWc[l], d, 1, cdMT, n, 0, dAT, n);
                 SUF(gemm)(w[l], n, d, -1, dSc[l], d, 1, cdST, n, 1, dAT, n);
                 SUF(transpose)(dAT, w[l], n, dA[l]);
+            }
+            if (clip > 0) {
+                /* c' = c s, s = clip / |g| where |g|^2 = sq > clip^2: dc = dc' s, ds = <dc', c>,
+                   d sq = -s ds / (2 sq), and sq = sum_l |x_l|^2 |delta_l|^2 adds to ddelta and dA */
+                for (int64_t i = 0; i < n; i++) {
+                    const S ds = dcn[2 * i] * cM0[i] + dcn[2 * i + 1] * cS0[i];
+                    dcn[2 * i] *= csc[i];
+                    dcn[2 * i + 1] *= csc[i];
+                    csq[i] = csq[i] > (S)(clip * clip) ? -csc[i] * ds / csq[i] : 0;  /* 2 d sq */
+                }
+                for (int64_t l = 0; l < L; l++) {
+                    const int64_t d = w[l + 1];
+                    const S *xk = X[l] + n * w[l];
+                    for (int64_t i = 0; i < n; i++) {
+                        if (csq[i] == 0) continue;
+                        S xn = 0, dn = 0;
+                        for (int64_t j = 0; j < w[l]; j++) xn += xk[i * w[l] + j] * xk[i * w[l] + j];
+                        for (int64_t j = 0; j < d; j++) dn += delta[l][i * d + j] * delta[l][i * d + j];
+                        for (int64_t j = 0; j < d; j++) ddelta[l][i * d + j] += csq[i] * xn * delta[l][i * d + j];
+                        for (int64_t j = 0; j < w[l]; j++) dA[l][i * w[l] + j] += csq[i] * dn * xk[i * w[l] + j];
+                    }
+                }
+                for (int64_t i = 0; i < n; i++) { cM[i] = cM0[i]; cS[i] = cS0[i]; }
             }
             /* the gates, through the coefficients */
             SUF(coefficients_bwd)(n, gth, get, gal, u, uw, sa, sbm, sbs, dcn, du, dw, gdth, gdet, gdal);
