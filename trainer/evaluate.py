@@ -57,13 +57,15 @@ class SuiteResult:
         return float(self.correct.sum() / max(1, self.total.sum()))
 
     def by_length(self) -> dict[int, float]:
-        return {L: float(c.sum() / max(1, t.sum())) for L, c, t in zip(self.lengths, self.correct, self.total)}
+        """Accuracy per length; NaN for a length below the task's minimum (no samples)."""
+        return {L: float(c.sum() / t.sum()) if t.sum() else float("nan")
+                for L, c, t in zip(self.lengths, self.correct, self.total)}
 
     def to_dict(self) -> dict:
         acc = self.accuracy
         return {"suite": self.suite, "lengths": self.lengths, "depths": self.depths, "chance": self.chance,
                 "accuracy": self.overall, "logprob": self.logprob,
-                "by_length": {str(k): v for k, v in self.by_length().items()},
+                "by_length": {str(k): None if math.isnan(v) else v for k, v in self.by_length().items()},
                 "grid": [[None if math.isnan(v) else float(v) for v in row] for row in acc],
                 "correct": self.correct.astype(int).tolist(), "total": self.total.astype(int).tolist(),
                 **self.extra}
@@ -75,7 +77,8 @@ class SuiteResult:
         lines = [head]
         for L, row, acc in zip(self.lengths, self.accuracy, self.by_length().values()):
             cells = " ".join("     -" if math.isnan(v) else f"{100 * v:6.1f}" for v in row)
-            lines.append(f"{'L=' + str(L):>{len(head.split('|')[0]) - 1}} | {cells} | {100 * acc:5.1f}")
+            lines.append(f"{'L=' + str(L):>{len(head.split('|')[0]) - 1}} | {cells} | "
+                         + ("    -" if math.isnan(acc) else f"{100 * acc:5.1f}"))
         lines.append(f"overall {100 * self.overall:.1f}% | answer logprob {self.logprob:.4f}")
         return "\n".join(lines)
 
@@ -95,10 +98,13 @@ class SuiteResult:
 
 
 def make_samples(task: Task, lengths: list[int], depths: int, samples: int, seed: int) -> list:
-    """[(length index, Sample)], grouped by length; a fixed function of the arguments."""
+    """[(length index, Sample)], grouped by length; a fixed function of the arguments. Lengths
+    below the task's minimum (its needle, question and answer) get no samples."""
     out = []
     tag = zlib.crc32(task.name.encode())
     for li, L in enumerate(lengths):
+        if L < task.min_length():
+            continue
         for di, d in enumerate(depth_grid(depths)):
             for j in range(samples):
                 rng = np.random.default_rng([seed, tag, L, di, j])
@@ -193,7 +199,8 @@ def metrics_of(results: dict[str, SuiteResult]) -> dict[str, float]:
         out[f"eval/{name}/accuracy"] = r.overall
         out[f"eval/{name}/logprob"] = r.logprob
         for L, acc in r.by_length().items():
-            out[f"eval/{name}/len_{L}"] = acc
+            if not math.isnan(acc):
+                out[f"eval/{name}/len_{L}"] = acc
     return out
 
 
