@@ -93,6 +93,7 @@ def main() -> int:
     p.add_argument("--depths", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--parallel", action="store_true", help="train all models at once, one thread each")
     p.add_argument("--work", default="runs/long_context")
     p.add_argument("--out", default="bench/results/long_context.json")
     args = p.parse_args()
@@ -106,7 +107,7 @@ def main() -> int:
     vocab = 64 * -(-json.loads((data / "manifest.json").read_text())["vocab_size"] // 64)
 
     _, target = sized("llama-window", W, vocab, None)
-    runs = {}
+    runs, jobs = {}, []
     for name in args.models:
         over, n = sized(name, W, vocab, target)
         out = work / name
@@ -115,21 +116,31 @@ def main() -> int:
                      "train.val_every": 0, "train.log_every": 10, "checkpoint.every": args.steps,
                      "checkpoint.keep_last": 1, "checkpoint.resume": "never", "wandb.mode": "disabled",
                      "optim.lr": args.lr, "optim.warmup_steps": 10, "data.tasks.fraction": args.fraction,
-                     "data.tasks.names": "[" + ",".join(SUITES) + "]"})
+                     # Quoted: a spec's own commas would otherwise split the list.
+                     "data.tasks.names": "[" + ",".join(f"'{s}'" for s in SUITES) + "]"})
         if out.exists():
             subprocess.run(["rm", "-rf", str(out)])
         preset = MODELS[name][0]
         print(f"[{name}] {n:,} parameters, d_model {over['model.d_model']}: training {args.steps} steps", flush=True)
-        secs = sh([*py, "train", str(ROOT / "configs" / f"{preset}.yaml"), *[f"{k}={v}" for k, v in over.items()]],
-                  work / f"{name}.log", args.threads)
+        cmd = [*py, "train", str(ROOT / "configs" / f"{preset}.yaml"), *[f"{k}={v}" for k, v in over.items()]]
+        runs[name] = {"preset": preset, "d_model": over["model.d_model"], "parameters": n}
+        jobs.append((name, cmd, out))
+    if args.parallel:
+        # All trainings at once, one thread each (a shared machine: each gets its share of the cores).
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            secs = list(pool.map(lambda j: sh(j[1], work / f"{j[0]}.log", 1), jobs))
+    else:
+        secs = [sh(cmd, work / f"{name}.log", args.threads) for name, cmd, _ in jobs]
+    for (name, _, out), sec in zip(jobs, secs):
         rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
         losses = [r["loss"] for r in rows if r.get("loss") is not None]
-        runs[name] = {"preset": preset, "d_model": over["model.d_model"], "parameters": n, "steps": len(losses),
-                      "tokens": len(losses) * args.batch * 4 * W, "train_seconds": round(secs, 1),
-                      "first_loss": losses[0] if losses else None,
-                      "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-                      "skipped_steps": sum(1 for r in rows if r.get("skipped"))}
-        print(f"[{name}] {secs:.0f} s, loss {runs[name]['first_loss']:.3f} -> {runs[name]['final_loss']:.3f}",
+        runs[name].update({"steps": len(losses), "tokens": len(losses) * args.batch * 4 * W,
+                           "train_seconds": round(sec, 1), "first_loss": losses[0] if losses else None,
+                           "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+                           "skipped_steps": sum(1 for r in rows if r.get("skipped"))})
+        print(f"[{name}] {sec:.0f} s, loss {runs[name]['first_loss']:.3f} -> {runs[name]['final_loss']:.3f}",
               flush=True)
 
     lengths = [W, 2 * W, 4 * W, 8 * W]
@@ -148,7 +159,8 @@ def main() -> int:
 
     record = {"benchmark": "long_context", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "command": " ".join(["python -P bench/long_context.py", *sys.argv[1:]]),
-              "machine": {"cpu": cpu_model(), "threads": args.threads, "cores_visible": os.cpu_count()},
+              "machine": {"cpu": cpu_model(), "threads": 1 if args.parallel else args.threads,
+                          "cores_visible": os.cpu_count(), "trainings_concurrent": bool(args.parallel)},
               "window": W, "train_length": 4 * W, "eval_lengths": lengths, "suites": SUITES,
               "mixture": {"tasks": SUITES, "fraction": args.fraction, "loss": "answer tokens of task rows"},
               "steps": args.steps, "batch": args.batch, "lr": args.lr, "eval_samples_per_cell": args.samples,
