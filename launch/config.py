@@ -163,16 +163,20 @@ def validate(job: JobConfig, world_size: int | None = None) -> None:
 
 def _check_tasks(job: JobConfig) -> list[str]:
     """The task mixture and the evaluation suites: specs, sizes, and layouts they run on."""
-    from titanforge.data.tasks import TaskError, parse_spec
+    from titanforge.data.tasks import TASKS, TaskError, parse_spec
 
     errs = check_mixture(job.data.tasks) if job.data.tasks.names else []
     ev = job.eval
     for key, specs in (("data.tasks.names", job.data.tasks.names), ("eval.suites", ev.suites)):
         for spec in specs:
             try:
-                parse_spec(spec)
+                name, _ = parse_spec(spec)
             except TaskError as e:
                 errs.append(f"{key}: {e}")
+                continue
+            if name not in TASKS:
+                errs.append(f"{key}: {spec!r} is not a task ({', '.join(TASKS)}); quote specs that hold commas, "
+                            f"e.g. {key}=['mqar:pairs=8,values=32']")
     if ev.every < 0 or ev.depths < 1 or ev.samples < 1 or ev.batch_size < 1 or any(n < 2 for n in ev.lengths):
         errs.append(f"eval: every={ev.every} must be >= 0 and depths={ev.depths}, samples={ev.samples}, "
                     f"batch_size={ev.batch_size} >= 1, lengths={list(ev.lengths)} >= 2")

@@ -93,6 +93,10 @@ def test_answer_only_loss_is_the_masked_mean():
 def test_bad_task_and_eval_config_fail_before_anything_starts():
     with pytest.raises(ConfigError, match="key=integer"):
         load_config(None, ["data.path=x", "eval.suites=[mqar:pairs]", "eval.every=1"])
+    with pytest.raises(ConfigError, match="quote specs that hold commas"):
+        load_config(None, ["data.path=x", "data.tasks.names=[mqar:pairs=4,values=8]"])
+    assert load_config(None, ["data.path=x", "data.tasks.names=['mqar:pairs=4,values=8']"]).data.tasks.names == [
+        "mqar:pairs=4,values=8"]
     with pytest.raises(ConfigError, match="exceed model.max_seq_len"):
         load_config(None, ["data.path=x", "eval.lengths=[4096]", "model.max_seq_len=256"])
     with pytest.raises(ConfigError, match="one weight per task"):
