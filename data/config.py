@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from titanforge.data.tasks.config import TaskMixConfig
 
 
 @dataclass
@@ -25,3 +27,5 @@ class DataConfig:
     cache_mb: int = 256
     # Pin batches in page-locked memory for faster host-to-GPU copies (ignored without CUDA).
     pin_memory: bool = False
+    # Synthetic long-context tasks mixed into the training rows (data/tasks/; empty names: corpus only).
+    tasks: TaskMixConfig = field(default_factory=TaskMixConfig)

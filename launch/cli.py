@@ -2,6 +2,8 @@
 
     titanforge prepare [--out DIR --corpus ... --tokenizer ...]   tokenize a corpus into shards
     titanforge train CONFIG [key=value ...] [--nproc N] [multi-node flags]
+    titanforge eval CHECKPOINT [...] --suite NAME [--lengths ...] [--nproc N]
+                                                                  long-context suites on checkpoints (launch/eval.py)
     titanforge slurm CONFIG --nodes N --gpus-per-node G [--partition P --time HH:MM:SS ...] [key=value ...]
                                                                   write an sbatch script (launch/slurm.py)
     titanforge export CHECKPOINT --out DIR                        checkpoint -> safetensors (HF for Llama/Jamba)
@@ -95,8 +97,14 @@ def _compare(argv: list[str]) -> int:
     return compare_main(argv)
 
 
+def _eval(argv: list[str]) -> int:
+    from titanforge.launch.eval import main as eval_main
+
+    return eval_main(argv)
+
+
 COMMANDS = {"train": _train, "prepare": _prepare, "slurm": _slurm, "export": _export, "plan": _plan,
-            "compare": _compare}
+            "compare": _compare, "eval": _eval}
 
 
 def _reexec_with_huge_pages() -> None:

@@ -22,7 +22,8 @@ from titanforge.parallel.config import ParallelConfig
 from titanforge.parallel.mesh import LayoutError, ParallelDims, check_model_layout
 from titanforge.parallel.pipeline import check_pipeline_microbatches
 from titanforge.parallel.tensor_parallel import check_tp
-from titanforge.trainer.config import CheckpointConfig, OptimConfig, TrainConfig, WandbConfig
+from titanforge.data.tasks.mixture import check_mixture
+from titanforge.trainer.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfig, WandbConfig
 
 
 class ConfigError(ValueError):
@@ -44,6 +45,8 @@ class JobConfig:
     # `titanforge export` directory or one of our checkpoints/step_N); "" = random initialisation.
     # A dict because `from` is a Python keyword (trainer/init_from.py).
     init: Dict[str, str] = field(default_factory=lambda: {"from": ""})
+    # Long-context suites during training (trainer/evaluate.py).
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -170,6 +173,7 @@ def validate(job: JobConfig, world_size: int | None = None) -> None:
                     f"a `titanforge export` directory or a checkpoints/step_N directory")
     if job.checkpoint.keep_last < 1:
         errs.append(f"checkpoint.keep_last={job.checkpoint.keep_last} must be >= 1")
+    errs += _check_tasks(job)
     if errs:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
 
@@ -191,6 +195,33 @@ def _check_context(job: JobConfig) -> list[str]:
     except Exception:  # no prepared data yet: the trainer checks again once it has read it
         pass
     return errs + check_context(job.model, job.parallel.cp, seq_len)
+def _check_tasks(job: JobConfig) -> list[str]:
+    """The task mixture and the evaluation suites: specs, sizes, and layouts they run on."""
+    from titanforge.data.tasks import TASKS, TaskError, parse_spec
+
+    errs = check_mixture(job.data.tasks) if job.data.tasks.names else []
+    ev = job.eval
+    for key, specs in (("data.tasks.names", job.data.tasks.names), ("eval.suites", ev.suites)):
+        for spec in specs:
+            try:
+                name, _ = parse_spec(spec)
+            except TaskError as e:
+                errs.append(f"{key}: {e}")
+                continue
+            if name not in TASKS:
+                errs.append(f"{key}: {spec!r} is not a task ({', '.join(TASKS)}); quote specs that hold commas, "
+                            f"e.g. {key}=['mqar:pairs=8,values=32']")
+    if ev.every < 0 or ev.depths < 1 or ev.samples < 1 or ev.batch_size < 1 or any(n < 2 for n in ev.lengths):
+        errs.append(f"eval: every={ev.every} must be >= 0 and depths={ev.depths}, samples={ev.samples}, "
+                    f"batch_size={ev.batch_size} >= 1, lengths={list(ev.lengths)} >= 2")
+    if ev.lengths and max(ev.lengths) > job.model.max_seq_len:
+        errs.append(f"eval.lengths up to {max(ev.lengths)} exceed model.max_seq_len={job.model.max_seq_len}; "
+                    f"raise model.max_seq_len")
+    uses = (job.data.tasks.names or (ev.every and ev.suites))
+    if uses and (job.parallel.pp > 1 or job.parallel.dp_backend == "deepspeed" or job.parallel.cp > 1):
+        errs.append("data.tasks and eval suites run on the plain layout (DDP/FSDP with TP), not with "
+                    "parallel.pp > 1, parallel.cp > 1 or dp_backend=deepspeed; drop them from this run's config")
+    return errs
 
 
 def to_yaml(job: JobConfig) -> str:

@@ -36,6 +36,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
     tie_embeddings: bool = True
+    # Llama: sliding-window attention, a query sees itself and the attention_window - 1 tokens
+    # before it (Mistral-style); 0 = full causal attention.
+    attention_window: int = 0
     # Standard deviation of the normal init of linear and embedding weights.
     init_std: float = 0.02
     titans: TitansConfig = field(default_factory=TitansConfig)
@@ -74,6 +77,11 @@ class ModelConfig:
             check_overrides(self.kernels)
         except ValueError as e:
             errs.append(str(e))
+        if self.attention_window < 0:
+            errs.append(f"model.attention_window={self.attention_window} must be >= 0 (0: full causal attention)")
+        elif self.attention_window and self.family != "llama":
+            errs.append(f"model.attention_window applies to family llama only (titans has model.titans.window); "
+                        f"set model.attention_window=0")
         # Each family checks its own section; only the chosen family's problems stop a run.
         section = getattr(self, self.family, None)
         if section is not None and hasattr(section, "validate"):

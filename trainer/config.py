@@ -82,3 +82,21 @@ class TrainConfig:
     # The LM head and its loss as one chunked op that never forms the [tokens, vocab] logits
     # (kernels/loss; Triton on CUDA). Plain layout only (tp = pp = 1).
     fused_cross_entropy: bool = False
+
+
+@dataclass
+class EvalConfig:
+    # Run the long-context suites every this many steps (0: never), on the data-parallel ranks.
+    every: int = 0
+    # Task specs (data/tasks/generators.py), e.g. ["passkey", "mqar:pairs=8"].
+    suites: List[str] = field(default_factory=list)
+    # Sequence lengths in tokens; empty: the training sequence length.
+    lengths: List[int] = field(default_factory=list)
+    # Needle depths per length, evenly spaced from 0 to 1.
+    depths: int = 5
+    # Samples per (length, depth) cell.
+    samples: int = 8
+    # Sequences per forward pass.
+    batch_size: int = 4
+    # Seed of the generated samples (the same samples at every evaluation).
+    seed: int = 1234

@@ -24,7 +24,9 @@ from titanforge.data import build_train_loader, build_val_loader, read_manifest
 from titanforge.models.registry import build_model
 from titanforge.parallel import LayoutError, ParallelDims, build_mesh
 from titanforge.trainer.checkpoint import Checkpointer
+from titanforge.data.tasks.mixture import TaskMixture, build_tasks
 from titanforge.trainer.dist import DistInfo, all_reduce, broadcast_object, init_distributed
+from titanforge.trainer.evaluate import Evaluator
 from titanforge.trainer.optim import build_scheduler
 from titanforge.trainer.cpu_env import huge_pages_on
 from titanforge.trainer.perf import cpu_peak, keep_freed_memory, peak_flops, peak_memory_gib
@@ -108,6 +110,14 @@ def train(job, *, config_yaml: str = "", info: DistInfo | None = None) -> TrainR
             torch.set_flush_denormal(False)
 
 
+def _on_device(batch: dict, device):
+    """The tokens, or (tokens, loss_mask) when the batch comes from a task mixture."""
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    if "loss_mask" in batch:
+        return tokens, batch["loss_mask"].to(device, non_blocking=True)
+    return tokens
+
+
 def _train(job, t, out: Path, info: DistInfo, config_yaml: str) -> TrainResult:
     dims = ParallelDims.from_config(job.parallel, info.world_size)
     mesh = build_mesh(dims, info.device.type)
@@ -130,6 +140,9 @@ def _train(job, t, out: Path, info: DistInfo, config_yaml: str) -> TrainResult:
 
     loader = build_train_loader(job.data, micro_batch_size=t.micro_batch_size, dp_rank=dp_rank,
                                 dp_size=dims.dp, seed=t.seed)
+    if job.data.tasks.names:
+        loader = TaskMixture(loader, job.data.tasks, build_tasks(job.data.tasks, job.data.path, "train"), t.seed)
+    evaluator = Evaluator.from_job(job, info, dp_rank, dims.dp) if job.eval.every and job.eval.suites else None
     ckpt = Checkpointer(out / "checkpoints", job.checkpoint, info)
     result = TrainResult(checkpoint_dir=str(out / "checkpoints"))
     step, skipped, run_id = 0, 0, None
@@ -173,7 +186,7 @@ def _train(job, t, out: Path, info: DistInfo, config_yaml: str) -> TrainResult:
     try:
         while step < t.steps:
             t0 = time.perf_counter()
-            batches = [next(data_iter)["tokens"].to(info.device, non_blocking=True) for _ in range(accum)]
+            batches = [_on_device(next(data_iter), info.device) for _ in range(accum)]
             loss_mean = step_fn.forward_backward(batches)
             grad_norm = step_fn.clip_grad_norm(clip)
             finite = bool(torch.isfinite(loss_mean).item() and torch.isfinite(grad_norm).item())
@@ -213,6 +226,10 @@ def _train(job, t, out: Path, info: DistInfo, config_yaml: str) -> TrainResult:
                 tracker.log(step, {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
                 if info.is_main:
                     print(f"[val] step {step} | loss {val:.4f} | ppl {math.exp(min(val, 50.0)):.2f}", flush=True)
+            if evaluator is not None and step % job.eval.every == 0:
+                step_fn.train(False)
+                evaluator.run(step_fn.model, step, tracker, out / "eval")
+                step_fn.train(True)
             preempted = watcher.should_stop(info.device)
             # Never checkpoint right after a skipped step (unless preempted: a skipped step leaves the
             # weights as they were, so what is saved is the last good state).

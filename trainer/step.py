@@ -60,11 +60,15 @@ def sharded_init_fn(job, device: torch.device):
     return functools.partial(materialize, model_cfg=job.model, seed=job.train.seed, device=device)
 
 
-def lm_loss(model, raw_model, tokens: torch.Tensor, autocast, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_loss(model, raw_model, tokens: torch.Tensor, autocast, fused: bool = False,
+            loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy, cross-entropy + auxiliary losses) of next-token prediction on `tokens`. `fused`
     (train.fused_cross_entropy): the model's head returns the loss of the targets it is handed,
-    computed in chunks without the [tokens, vocab] logits (kernels/loss)."""
+    computed in chunks without the [tokens, vocab] logits (kernels/loss). `loss_mask` [B, T]
+    (True = counts) keeps only some targets (task rows: the answer tokens)."""
     inp, tgt = tokens[:, :-1], tokens[:, 1:]
+    if loss_mask is not None:
+        tgt = tgt.masked_fill(~loss_mask, -100)
     if fused:
         raw_model.loss_targets = tgt
         try:
@@ -104,9 +108,11 @@ class TrainStep:
         n = len(batches)
         for i, tokens in enumerate(batches):
             sync = i == n - 1
+            # A batch is the tokens, or (tokens, loss_mask) from a task mixture (data/tasks/).
+            tokens, mask = tokens if isinstance(tokens, tuple) else (tokens, None)
             with contextlib.nullcontext() if sync else no_grad_sync(self.model, self.job.parallel.dp_backend):
                 loss, total = lm_loss(self.model, self.raw_model, self._piece(tokens), self.autocast,
-                                      self.job.train.fused_cross_entropy)
+                                      self.job.train.fused_cross_entropy, mask)
                 (total / n).backward()
             loss_sum += loss.detach()
         finish_grad_reduction(self.model)

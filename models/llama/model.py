@@ -1,7 +1,8 @@
 """Llama-style decoder: the baseline every other family is compared against.
 
 Follows Llama 2/3 (Touvron et al. 2023): pre-norm RMSNorm, rotary position embeddings, SwiGLU
-feed-forward, grouped-query attention through `scaled_dot_product_attention`. Weight layout and
+feed-forward, grouped-query attention through `scaled_dot_product_attention`, optionally over a
+sliding window (`model.attention_window`, as Mistral; the window-only long-context baseline). Weight layout and
 the rotate-half RoPE convention match Hugging Face `LlamaForCausalLM`, so weights map one to one
 (`models/llama/hf.py`). Differences from Llama: embeddings may be tied (default, small models),
 and output projections of residual branches are initialised with std / sqrt(2 * n_layers).
@@ -19,6 +20,16 @@ from titanforge.models.common.lm import CausalLM
 from titanforge.models.config import ModelConfig
 
 
+def sliding_window_mask(T: int, window: int, device) -> torch.Tensor | None:
+    """bool [T, T], True where query i may attend key j: i - window < j <= i; None for window 0
+    or a window that covers the whole sequence (plain causal attention)."""
+    if window <= 0 or window >= T:
+        return None
+    i = torch.arange(T, device=device)
+    d = i[:, None] - i[None, :]
+    return (d >= 0) & (d < window)
+
+
 class LlamaBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -28,8 +39,8 @@ class LlamaBlock(nn.Module):
         self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_dim, init_std=cfg.init_std)
         self.out_std = depth_scaled_std(cfg.init_std, cfg.n_layers)
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), freqs)
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), freqs, attn_mask=mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
     def init_weights(self) -> None:
@@ -45,8 +56,9 @@ class Llama(CausalLM):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.embed(tokens)
+        mask = sliding_window_mask(h.shape[1], self.cfg.attention_window, h.device)
         for layer in self.layers.values():
-            h = layer(h, self.freqs)
+            h = layer(h, self.freqs, mask)
         return self.head(h)
 
     def flops_per_token(self, seq_len: int) -> float:
