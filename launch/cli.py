@@ -6,8 +6,10 @@
                                                                   write an sbatch script (launch/slurm.py)
 
 `train` with --nproc 1 on one node runs in this process; otherwise it validates the config for
-the whole world first (so a bad layout fails before anything starts) and then hands over to
-torchrun (`python -m torch.distributed.run`), which starts `titanforge.launch.train` per rank.
+the whole world first (so a bad layout fails before anything starts), checks the job against
+the machine (launch/preflight.py: data, output_dir, run lock, checkpoints, free space; exit 2 with
+one line) and then runs torchrun (`python -m torch.distributed.run`), which starts
+`titanforge.launch.train` per rank, passing preemption signals to the ranks (`_supervise`).
 """
 
 from __future__ import annotations
@@ -35,17 +37,22 @@ def _train(argv: list[str]) -> int:
         return train_main([args.config, *args.overrides])
 
     from titanforge.launch.config import ConfigError, load_config, validate
+    from titanforge.launch.preflight import PREFLIGHT_ENV, preflight
 
     world = args.nproc * args.nnodes
     try:
         job = load_config(args.config, args.overrides)
         validate(job, world_size=world)
+        # Machine checks (data, output_dir, lock, checkpoints, free space) once, on the head node.
+        if args.node_rank == 0:
+            preflight(job)
     except ConfigError as e:
         print(f"titanforge: {e}", file=sys.stderr)
         return 2
     # -P and PYTHONSAFEPATH (inherited by torchrun's ranks, which it starts as `python -m`): the
     # current directory never goes on sys.path, so our folders cannot shadow installed packages.
     os.environ["PYTHONSAFEPATH"] = "1"
+    os.environ[PREFLIGHT_ENV] = "1"
     cmd = [sys.executable, "-P", "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
            f"--max-restarts={args.max_restarts}"]
     if args.nnodes == 1:
@@ -58,8 +65,52 @@ def _train(argv: list[str]) -> int:
                 f"--rdzv-endpoint={args.rdzv_endpoint}", f"--rdzv-id={args.rdzv_id}"]
     cmd += ["-m", "titanforge.launch.train", args.config, *args.overrides]
     print("+ " + " ".join(cmd), flush=True)
-    sys.stdout.flush()
-    os.execv(sys.executable, cmd)
+    return _supervise(cmd)
+
+
+def _supervise(cmd: list[str]) -> int:
+    """Run torchrun and hand preemption signals to the ranks ourselves.
+
+    torchrun answers SIGTERM by killing the ranks and exiting 1 with a traceback, even when they
+    would save and stop cleanly, and even while it tears down a finished run. So torchrun starts
+    with SIGTERM and SIGUSR1 ignored (and not in TORCHELASTIC_SIGNALS_TO_HANDLE); the ranks set
+    their own handlers (trainer/signals.py). A signal sent to the whole process group (SLURM,
+    `kill -- -PGID`) reaches the ranks directly; one sent to this process is forwarded to them.
+    Our exit status is torchrun's: 0 after a preemption that saved.
+    """
+    import signal
+    import subprocess
+
+    import psutil
+
+    preempt = (signal.SIGTERM, signal.SIGUSR1)
+    env = dict(os.environ, TORCHELASTIC_SIGNALS_TO_HANDLE="SIGINT,SIGHUP,SIGQUIT")
+
+    def ignore_preemption():
+        for sig in preempt:
+            signal.signal(sig, signal.SIG_IGN)
+
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=ignore_preemption)
+
+    def forward(signum, frame):
+        try:
+            ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                     if "titanforge.launch.train" in " ".join(p.cmdline())]
+        except psutil.Error:
+            return
+        for p in ranks:
+            try:
+                p.send_signal(signal.SIGUSR1)
+            except psutil.Error:
+                pass
+
+    for sig in preempt:
+        signal.signal(sig, forward)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            continue  # torchrun got the SIGINT too: it stops the ranks; wait for it
 
 
 def _prepare(argv: list[str]) -> int:
@@ -93,6 +144,10 @@ def _reexec_with_huge_pages() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        # A W&B service address inherited from the shell belongs to another process, whose service
+        # may still hold a resumed run's id ("run ID is in use"); our runs start their own.
+        os.environ.pop("WANDB_SERVICE", None)
     if argv is None and sys.argv[1:2] == ["train"]:
         _reexec_with_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)
