@@ -19,7 +19,7 @@ import os
 import sys
 
 
-def _train(argv: list[str]) -> int:
+def _train(argv: list[str], console: bool = False) -> int:
     p = argparse.ArgumentParser(prog="titanforge train", description="Train from a YAML preset and overrides.")
     p.add_argument("config", help="YAML preset, e.g. configs/llama-tiny.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
@@ -33,6 +33,12 @@ def _train(argv: list[str]) -> int:
     args = p.parse_intermixed_args(argv)
     if args.nproc == 1 and args.nnodes == 1 and args.max_restarts == 0:
         from titanforge.launch.train import main as train_main
+
+        if console:
+            # This process is the rank: a preemption signal during start-up is kept, not fatal.
+            from titanforge.trainer.signals import catch_early
+
+            catch_early()
 
         return train_main([args.config, *args.overrides])
 
@@ -53,8 +59,9 @@ def _train(argv: list[str]) -> int:
     # current directory never goes on sys.path, so our folders cannot shadow installed packages.
     os.environ["PYTHONSAFEPATH"] = "1"
     os.environ[PREFLIGHT_ENV] = "1"
+    # torchrun leaves SIGTERM / SIGUSR1 to the ranks (see _supervise).
     cmd = [sys.executable, "-P", "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
-           f"--max-restarts={args.max_restarts}"]
+           f"--max-restarts={args.max_restarts}", "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT"]
     if args.nnodes == 1:
         cmd.append("--standalone")
     else:
@@ -73,7 +80,7 @@ def _supervise(cmd: list[str]) -> int:
 
     torchrun answers SIGTERM by killing the ranks and exiting 1 with a traceback, even when they
     would save and stop cleanly, and even while it tears down a finished run. So torchrun starts
-    with SIGTERM and SIGUSR1 ignored (and not in TORCHELASTIC_SIGNALS_TO_HANDLE); the ranks set
+    with SIGTERM and SIGUSR1 ignored (and not in its --signals-to-handle); the ranks set
     their own handlers (trainer/signals.py). A signal sent to the whole process group (SLURM,
     `kill -- -PGID`) reaches the ranks directly; one sent to this process is forwarded to them.
     Our exit status is torchrun's: 0 after a preemption that saved.
@@ -84,23 +91,23 @@ def _supervise(cmd: list[str]) -> int:
     import psutil
 
     preempt = (signal.SIGTERM, signal.SIGUSR1)
-    env = dict(os.environ, TORCHELASTIC_SIGNALS_TO_HANDLE="SIGINT,SIGHUP,SIGQUIT")
-
     def ignore_preemption():
         for sig in preempt:
             signal.signal(sig, signal.SIG_IGN)
 
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=ignore_preemption)
+    proc = subprocess.Popen(cmd, preexec_fn=ignore_preemption)
 
     def forward(signum, frame):
         try:
-            ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                     if "titanforge.launch.train" in " ".join(p.cmdline())]
+            children = psutil.Process(proc.pid).children(recursive=True)
         except psutil.Error:
             return
-        for p in ranks:
+        for p in children:
             try:
-                p.send_signal(signal.SIGUSR1)
+                cmd = " ".join(p.cmdline())
+                # The ranks, not torchrun (whose command line names the module too).
+                if "titanforge.launch.train" in cmd and "torch.distributed.run" not in cmd:
+                    p.send_signal(signal.SIGUSR1)
             except psutil.Error:
                 pass
 
@@ -150,10 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.pop("WANDB_SERVICE", None)
     if argv is None and sys.argv[1:2] == ["train"]:
         _reexec_with_huge_pages()
+    console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv[0] == "train":
+        return _train(argv[1:], console=console)
     return COMMANDS[argv[0]](argv[1:])
 
 

@@ -74,3 +74,19 @@ def wait_for_step(proc: subprocess.Popen, output_dir: Path, step: int, timeout: 
 def kill_job(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def ranks(proc: subprocess.Popen) -> list:
+    """The training ranks of a job started with `start` (not torchrun, whose command line names
+    the module too)."""
+    import psutil
+
+    found = []
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if "titanforge.launch.train" in cmd and "torch.distributed.run" not in cmd:
+            found.append(p)
+    return found
