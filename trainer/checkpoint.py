@@ -44,6 +44,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
@@ -108,6 +109,10 @@ class CheckpointSpaceError(CheckpointError):
     """The disk filled during a save; the partial checkpoint was removed."""
 
 
+# DCP reports a rank's failure as CheckpointException, a BaseException.
+_SAVE_ERRORS = (Exception, CheckpointException)
+
+
 def _is_enospc(err: BaseException, root: Path) -> bool:
     """ENOSPC anywhere in the chain, by errno or by text (torch.save reports 'file write failed'
     from its C++ writer and DCP wraps rank failures), or a write error with the disk now full."""
@@ -116,7 +121,8 @@ def _is_enospc(err: BaseException, root: Path) -> bool:
         if getattr(seen, "errno", None) == errno.ENOSPC or "No space left" in str(seen):
             return True
         seen = seen.__cause__ or seen.__context__
-    if "write failed" in str(err) or isinstance(err, OSError) or "CheckpointException" in type(err).__name__:
+    text = str(err)
+    if "write failed" in text or "unexpected pos" in text or isinstance(err, (OSError, CheckpointException)):
         try:
             return shutil.disk_usage(root if root.exists() else root.parent).free < (1 << 20)
         except OSError:
@@ -181,7 +187,7 @@ class Checkpointer:
         tmp = self.root / f"step_{step:08d}.tmp"
         try:
             self._save(step, tmp, model, optimizer, rank_state, meta, config_yaml)
-        except Exception as e:
+        except _SAVE_ERRORS as e:
             self._abandon(step, tmp, e)
 
     def _save(self, step, tmp, model, optimizer, rank_state, meta, config_yaml) -> None:
@@ -228,7 +234,7 @@ class Checkpointer:
         if fn is not None:
             try:
                 fn()
-            except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            except _SAVE_ERRORS as e:  # re-raised below, on every rank
                 err = e
         code = 0 if err is None else (2 if _is_enospc(err, self.root) else 1)
         if dist.is_initialized():
@@ -244,15 +250,16 @@ class Checkpointer:
         """A failed save: remove the partial folder, keep the previous checkpoint the newest, raise
         one line naming the cause."""
         self._pending = None
-        if self.info.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, CheckpointSpaceError):
             raise err
+        enospc = _is_enospc(err, self.root)  # (before the partial folder frees its space)
+        if self.info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         done = complete_checkpoints(self.root)
         newest = done[-1].name if done else "none (a restart begins at step 0)"
-        if isinstance(err, CheckpointError) and not _is_enospc(err, self.root):
+        if isinstance(err, CheckpointError) and not enospc:
             raise err
-        if _is_enospc(err, self.root):
+        if enospc:
             free = shutil.disk_usage(self.root).free / 2**20 if self.root.exists() else 0.0
             raise CheckpointSpaceError(
                 f"no space left on device while saving step {step} to {self.root} ({free:.1f} MiB free): the "
@@ -280,7 +287,7 @@ class Checkpointer:
                 self._valid.add(final.name)
 
             self._all_ok(commit if self.info.is_main else None)
-        except Exception as e:
+        except _SAVE_ERRORS as e:
             self._abandon(step, tmp, e)
         self._pending = None
         if self.info.is_main:
