@@ -33,9 +33,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "support"))
+# testutil (tests/support) and machine_info (this folder; not on sys.path under python -P).
+sys.path[:0] = [str(ROOT / "tests" / "support"), str(ROOT / "bench")]
 
-from machine_info import cpu_model  # noqa: E402  bench/machine_info.py (this folder is sys.path[0])
+from machine_info import cpu_model  # noqa: E402
 from testutil import faults as F  # noqa: E402
 
 ONE_PROC = ["kill", "kill_in_save", "sigterm", "second_run", "changed_model", "corrupt_checkpoint"]
