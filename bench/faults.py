@@ -77,8 +77,8 @@ def main() -> int:
     # ENOSPC once, early (a size-limited tmpfs holding about one and a half checkpoints).
     if F.can_limit_size():
         n += 1
-        kept = list((ref1.out / "checkpoints").iterdir())
-        ckpt_mb = sum(f.stat().st_size for f in (ref1.out / "checkpoints").rglob("*") if f.is_file()) / len(kept) / 2**20
+        ckpts = ref1.out / "checkpoints"
+        ckpt_mb = sum(f.stat().st_size for f in ckpts.rglob("*") if f.is_file()) / len(list(ckpts.iterdir())) / 2**20
         rec, verdict = F.enospc_run(tmp / f"s{n}", data, ref1, size_mb=int(ckpt_mb * 1.5) + 1)
         record("enospc", [rec], verdict)
 

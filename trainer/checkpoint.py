@@ -360,10 +360,12 @@ class Checkpointer:
         shapes = [f"{k} saved {list(saved_model[k])} vs model {list(ours[k])}"
                   for k in sorted(set(ours) & set(saved_model)) if saved_model[k] != ours[k]]
         if missing or extra or shapes:
-            parts = ([f"not in the checkpoint: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"]
-                     if missing else []) + \
-                    ([f"not in the model: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}"] if extra else []) + \
-                    ([f"shapes differ: {'; '.join(shapes[:5])}"] if shapes else [])
+            def few(names: list[str]) -> str:
+                return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+
+            parts = ([f"not in the checkpoint: {few(missing)}"] if missing else []) + \
+                ([f"not in the model: {few(extra)}"] if extra else []) + \
+                ([f"shapes differ: {'; '.join(shapes[:5])}"] if shapes else [])
             raise CheckpointError(f"{ckpt} does not fit this model ({' | '.join(parts)}); nothing was loaded. "
                                   f"Resume with the model config it was saved with ({ckpt / 'config.yaml'}), "
                                   f"or start afresh in another output_dir")

@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[3]
 def env() -> dict:
     e = dict(os.environ)
     e.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    # A W&B service this test process started (an in-process run) is not the job's to share.
+    e.pop("WANDB_SERVICE", None)
     return e
 
 
