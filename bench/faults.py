@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -45,9 +47,10 @@ TWO_PROC = ["kill_rank", "kill_rank", "kill", "sigterm"]
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--minutes", type=float, default=14.0, help="stop starting sequences after this long")
+    ap.add_argument("--minutes", type=float, default=14.0, help="the whole run ends within about this long")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--faults-per-sequence", type=int, default=7)
+    ap.add_argument("--jobs", type=int, default=2, help="sequences run side by side")
+    ap.add_argument("--faults-per-sequence", type=int, default=6)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "faults.json"))
     args = ap.parse_args()
     rng = random.Random(args.seed)
@@ -58,61 +61,87 @@ def main() -> int:
 
     data = Path(prepare_corpus(tmp / "data", corpus="shakespeare", tokenizer="gpt2", seq_len=64, val_fraction=0.02,
                                seed=0)["root"])
-    sequences, n = [], 0
+    sequences, lock = [], threading.Lock()
 
-    def record(kind: str, recs: list, verdict: dict) -> None:
-        sequences.append({"kind": kind, "faults": [asdict(r) for r in recs], "end_state": verdict,
-                          "end_state_good": bool(F.good(verdict))})
+    def record(kind: str, recs: list, verdict: dict, seconds: float) -> None:
+        with lock:
+            sequences.append({"kind": kind, "seconds": round(seconds), "faults": [asdict(r) for r in recs],
+                              "end_state": verdict, "end_state_good": bool(F.good(verdict))})
         inj = sum(r.injected for r in recs)
         bad = [asdict(r) for r in recs if r.injected and not r.ok]
         print(f"[faults] {kind}: {inj} injected, {len(bad)} bad outcomes, end state "
               f"{'good' if F.good(verdict) else 'BAD ' + json.dumps(verdict)[:400]} "
-              f"({time.time() - t_start:.0f}s)", flush=True)
+              f"({seconds:.0f}s, at {time.time() - t_start:.0f}s)", flush=True)
         for b in bad:
             print(f"    BAD {b['kind']}: {b['detail'][:400]}", flush=True)
 
-    ref1 = F.reference(tmp / "ref1", data)
-    print(f"[faults] reference (1 process): {ref1.seconds:.1f}s", flush=True)
+    refs: dict = {}
 
-    # ENOSPC once, early (a size-limited tmpfs holding about one and a half checkpoints).
-    if F.can_limit_size():
-        n += 1
-        ckpts = ref1.out / "checkpoints"
+    def reference(key: str, data_dir: Path, nproc: int = 1):
+        if key not in refs:
+            refs[key] = F.reference(tmp / f"ref-{key}", data_dir, nproc=nproc)
+            print(f"[faults] reference {key}: {refs[key].seconds:.1f}s", flush=True)
+        return refs[key]
+
+    def enospc(n: int, srng: random.Random):
+        ref = reference("one", data)
+        ckpts = ref.out / "checkpoints"
         ckpt_mb = sum(f.stat().st_size for f in ckpts.rglob("*") if f.is_file()) / len(list(ckpts.iterdir())) / 2**20
-        rec, verdict = F.enospc_run(tmp / f"s{n}", data, ref1, size_mb=int(ckpt_mb * 1.5) + 1)
-        record("enospc", [rec], verdict)
+        # A tmpfs with room for about one and a half checkpoints: the second save fills it.
+        rec, verdict = F.enospc_run(tmp / f"s{n}", data, ref, size_mb=int(ckpt_mb * 1.5) + 1)
+        return "enospc", [rec], verdict
 
-    # Damaged shards: a reference over the damaged data, then kills.
-    for how in ("flip", "truncate", "delete"):
-        if time.time() > deadline:
-            break
-        n += 1
-        bad_data = tmp / f"data-{how}"
-        name = F.shard_data(data, bad_data, rng, how)
-        ref_bad = F.reference(tmp / f"ref-{how}", bad_data)
+    def shards(n: int, srng: random.Random):
+        # The first three shards the loader reads, damaged three ways; a reference over the same data.
+        hows = ("flip", "truncate", "delete")
+        bad_data = tmp / "data-damaged"
+        names = F.shard_data(data, bad_data, srng, hows)
+        ref = reference("damaged", bad_data)
         sc = F.Scenario(tmp / f"s{n}", bad_data)
-        recs, verdict = F.run_sequence(sc, ref_bad, ["kill", "kill_in_save"], rng)
+        recs, verdict = F.run_sequence(sc, ref, ["kill", "kill_in_save", "sigterm"], srng)
         rows = [r for r in F.lu.metrics(sc.out) if "loss" in r]
-        counted = bool(rows) and all(r.get("corrupt_shards", 0) >= 1 for r in rows)
-        named = any(name in p.read_text(errors="replace") for p in sc.root.glob("*.log"))
-        recs.insert(0, F.Record(f"shard_{how}", True, counted and named,
-                                f"{name}: counted in metrics {counted}, named in the log {named}"))
-        record(f"shard_{how}", recs, verdict)
+        logs = "".join(p.read_text(errors="replace") for p in sc.root.glob("*.log"))
+        for how, name in zip(hows, names):
+            counted = bool(rows) and all(r.get("corrupt_shards", 0) == len(hows) for r in rows)
+            recs.insert(0, F.Record(f"shard_{how}", True, counted and name in logs,
+                                    f"{name}: counted in metrics {counted}, named in the log {name in logs}"))
+        return "damaged_shards", recs, verdict
 
-    ref2 = None
-    while time.time() < deadline:
-        n += 1
-        if n % 4 == 0:
-            if ref2 is None:
-                ref2 = F.reference(tmp / "ref2", data, nproc=2)
-                print(f"[faults] reference (2 processes): {ref2.seconds:.1f}s", flush=True)
-            kinds = [rng.choice(TWO_PROC) for _ in range(3)]
-            recs, verdict = F.run_sequence(F.Scenario(tmp / f"s{n}", data, nproc=2), ref2, kinds, rng)
-            record("two_process", recs, verdict)
-        else:
-            kinds = [rng.choice(ONE_PROC) for _ in range(args.faults_per_sequence)]
-            recs, verdict = F.run_sequence(F.Scenario(tmp / f"s{n}", data), ref1, kinds, rng)
-            record("one_process", recs, verdict)
+    def one_process(n: int, srng: random.Random):
+        kinds = [srng.choice(ONE_PROC) for _ in range(args.faults_per_sequence)]
+        return "one_process", *F.run_sequence(F.Scenario(tmp / f"s{n}", data), reference("one", data), kinds, srng)
+
+    def two_process(n: int, srng: random.Random):
+        kinds = [srng.choice(TWO_PROC) for _ in range(3)]
+        ref = reference("two", data, nproc=2)
+        return "two_process", *F.run_sequence(F.Scenario(tmp / f"s{n}", data, nproc=2), ref, kinds, srng)
+
+    plan = ([enospc] if F.can_limit_size() else []) + [shards, two_process]
+    durations: list[float] = []
+
+    def worker(w: int) -> None:
+        n = w
+        while True:
+            with lock:
+                task = plan.pop(0) if plan else one_process
+                typical = max(durations, default=180.0)
+            if time.time() + typical > deadline:
+                return
+            n += args.jobs
+            t0 = time.time()
+            try:
+                kind, recs, verdict = task(n, random.Random(rng.random() + n))
+            except Exception as e:  # noqa: BLE001 - a harness failure (e.g. a timeout on a loaded host)
+                kind, recs, verdict = task.__name__, [], {"finished": False, "harness_error": repr(e)[:500]}
+            durations.append(time.time() - t0)
+            record(kind, recs, verdict, time.time() - t0)
+
+    reference("one", data)
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(args.jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
     faults = [f for s in sequences for f in s["faults"] if f["injected"]]
     by_kind: dict[str, int] = {}
@@ -131,11 +160,12 @@ def main() -> int:
         "metrics_steps_missing_or_doubled": sum(len(e.get("metrics_missing", [])) + len(e.get("metrics_doubled", []))
                                                 for e in ends),
         "sequences_with_a_bad_end_state": sum(not s["end_state_good"] for s in sequences),
+        "harness_errors": sum("harness_error" in s["end_state"] for s in sequences),
     }
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": " ".join(["bench/faults.py", *sys.argv[1:]]),
-        "machine": {"cpu": cpu_model(), "python": platform.python_version(), "note": "shared host, 2 cores"},
+        "machine": {"cpu": cpu_model(), "python": platform.python_version(), "note": f"shared host, {os.cpu_count()} cores, other jobs running", "jobs": args.jobs},
         "job": "llama-tiny (2 layers, d_model 32), 12 steps, checkpoint every 2 (keep 3), W&B offline",
         "seconds": round(time.time() - t_start),
         "summary": summary,

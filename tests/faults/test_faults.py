@@ -76,7 +76,7 @@ def test_disk_full_during_a_save_is_reported_and_the_partial_removed(shakespeare
 
 
 def test_corrupt_shard_is_counted_in_the_log_line_and_metrics(shakespeare64, tmp_path):
-    name = F.shard_data(shakespeare64, tmp_path / "data", random.Random(0), "flip")
+    name, = F.shard_data(shakespeare64, tmp_path / "data", random.Random(0), ("flip",))
     sc = F.Scenario(tmp_path / "run", tmp_path / "data")
     job = F.Job(sc, {"train.steps": 2, "checkpoint.enabled": "false", "wandb.mode": "disabled"}, name="shard")
     assert job.wait() == 0, job.text()

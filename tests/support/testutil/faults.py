@@ -383,14 +383,18 @@ def enospc_run(root: Path, data: Path, ref: Reference, size_mb: int) -> tuple[Re
     return record, verdict
 
 
-def shard_data(src: Path, dst: Path, rng: random.Random, how: str, seed: int = 0) -> str:
-    """A copy of the data set with the first train shard the loader reads (seed `seed`) damaged;
-    returns the shard's file name."""
+def shard_data(src: Path, dst: Path, rng: random.Random, hows=("flip",), seed: int = 0) -> list[str]:
+    """A copy of the data set whose first train shards in the loader's order (seed `seed`) are
+    damaged, one per entry of `hows`; a skipped shard hands over to the next, so a short run meets
+    them all. Returns the damaged shards' file names."""
     from titanforge.data.order import GlobalOrder
 
     shutil.copytree(src, dst)
     shards = json.loads((dst / "manifest.json").read_text())["splits"]["train"]["shards"]
-    first = int(GlobalOrder([s["samples"] for s in shards], seed, True).shard_order(0)[0])
-    victim = dst / shards[first]["file"]
-    damage(victim, how, rng)
-    return victim.name
+    order = GlobalOrder([s["samples"] for s in shards], seed, True).shard_order(0)
+    names = []
+    for i, how in enumerate(hows):
+        victim = dst / shards[int(order[i])]["file"]
+        damage(victim, how, rng)
+        names.append(victim.name)
+    return names
