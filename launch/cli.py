@@ -57,8 +57,7 @@ def _train(argv: list[str], console: bool = False) -> int:
         return 2
     # -P and PYTHONSAFEPATH (inherited by torchrun's ranks, which it starts as `python -m`): the
     # current directory never goes on sys.path, so our folders cannot shadow installed packages.
-    os.environ["PYTHONSAFEPATH"] = "1"
-    os.environ[PREFLIGHT_ENV] = "1"
+    env = dict(os.environ, PYTHONSAFEPATH="1", **{PREFLIGHT_ENV: "1"})
     # torchrun leaves SIGTERM / SIGUSR1 to the ranks (see _supervise).
     cmd = [sys.executable, "-P", "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
            f"--max-restarts={args.max_restarts}", "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT"]
@@ -72,10 +71,10 @@ def _train(argv: list[str], console: bool = False) -> int:
                 f"--rdzv-endpoint={args.rdzv_endpoint}", f"--rdzv-id={args.rdzv_id}"]
     cmd += ["-m", "titanforge.launch.train", args.config, *args.overrides]
     print("+ " + " ".join(cmd), flush=True)
-    return _supervise(cmd)
+    return _supervise(cmd, env)
 
 
-def _supervise(cmd: list[str]) -> int:
+def _supervise(cmd: list[str], env: dict) -> int:
     """Run torchrun and hand preemption signals to the ranks ourselves.
 
     torchrun answers SIGTERM by killing the ranks and exiting 1 with a traceback, even when they
@@ -91,15 +90,18 @@ def _supervise(cmd: list[str]) -> int:
     import psutil
 
     preempt = (signal.SIGTERM, signal.SIGUSR1)
+    # torchrun's Popen; the preemption signal once one came (told again every second: a rank
+    # that does not listen yet, still starting, would miss it).
+    state: dict = {"proc": None, "signal": None}
+
     def ignore_preemption():
         for sig in preempt:
             signal.signal(sig, signal.SIG_IGN)
 
-    proc = subprocess.Popen(cmd, preexec_fn=ignore_preemption)
-
     def forward(signum, frame):
+        state["signal"] = signum
         try:
-            children = psutil.Process(proc.pid).children(recursive=True)
+            children = psutil.Process(state["proc"].pid).children(recursive=True) if state["proc"] else []
         except psutil.Error:
             return
         for p in children:
@@ -111,13 +113,22 @@ def _supervise(cmd: list[str]) -> int:
             except psutil.Error:
                 pass
 
-    for sig in preempt:
-        signal.signal(sig, forward)
-    while True:
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            continue  # torchrun got the SIGINT too: it stops the ranks; wait for it
+    # (Before torchrun starts: a signal in between must not end this process and orphan it.)
+    previous = {sig: signal.signal(sig, forward) for sig in preempt}
+    try:
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=ignore_preemption)
+        state["proc"] = proc
+        while True:
+            try:
+                return proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                if state["signal"] is not None:
+                    forward(state["signal"], None)
+            except KeyboardInterrupt:
+                continue  # torchrun got the SIGINT too: it stops the ranks; wait for it
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _prepare(argv: list[str]) -> int:

@@ -41,8 +41,10 @@ def format_line(step: int, m: dict[str, Any]) -> str:
 
 
 def _rewrite_jsonl(path: Path, keep_upto: int, marker: dict) -> list[dict]:
-    """Keep the rows of steps <= keep_upto, append `marker`, atomically; return the kept rows."""
-    rows = []
+    """Keep the rows of steps <= keep_upto, append `marker`, atomically; return the kept rows.
+    The rows taken out (steps about to be replayed, or a whole earlier run on a fresh start) go to
+    metrics.dropped.jsonl: nothing logged is lost."""
+    rows, dropped = [], []
     if path.exists():
         for line in path.read_text().splitlines():
             try:
@@ -51,6 +53,12 @@ def _rewrite_jsonl(path: Path, keep_upto: int, marker: dict) -> list[dict]:
                 continue  # the half line a killed process left
             if isinstance(row, dict) and row.get("step", 0) <= keep_upto:
                 rows.append(row)
+            elif isinstance(row, dict):
+                dropped.append(row)
+    if dropped:
+        with open(path.with_name("metrics.dropped.jsonl"), "a") as f:
+            for row in dropped:
+                f.write(json.dumps({**row, "dropped_at": marker["time"]}) + "\n")
     tmp = path.with_suffix(".jsonl.tmp")
     with open(tmp, "w") as f:
         for row in rows + [marker]:
