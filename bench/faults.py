@@ -7,8 +7,8 @@ with a run to the last step whose end state is compared with an uninterrupted ru
   on the same directory, a resume with a changed model, a flipped / truncated / deleted file of
   the newest checkpoint;
 - 2 processes (torchrun, gloo): SIGKILL of a random rank or of the whole job, SIGTERM;
-- a damaged data shard (flipped / truncated / deleted; skipped, counted) then kills, compared
-  with an uninterrupted run over the same damaged data;
+- damaged data shards (flipped / truncated: skipped, counted, named; then kills, compared with an
+  uninterrupted run over the same damaged data; deleted: refused before start, one line);
 - a full disk during a save (a size-limited tmpfs, where `unshare -rm` allows one).
 
 Counted: injected faults (a fault whose run ended before it could strike is not counted), bad
@@ -92,8 +92,9 @@ def main() -> int:
         return "enospc", [rec], verdict
 
     def shards(n: int, srng: random.Random):
-        # The first three shards the loader reads, damaged three ways; a reference over the same data.
-        hows = ("flip", "truncate", "delete")
+        # The first two shards the loader reads, bit-flipped and truncated (skipped, counted,
+        # named); a reference over the same damaged data; then kills and SIGTERM.
+        hows = ("flip", "truncate")
         bad_data = tmp / "data-damaged"
         names = F.shard_data(data, bad_data, srng, hows)
         ref = reference("damaged", bad_data)
@@ -101,10 +102,17 @@ def main() -> int:
         recs, verdict = F.run_sequence(sc, ref, ["kill", "kill_in_save", "sigterm"], srng)
         rows = [r for r in F.lu.metrics(sc.out) if "loss" in r]
         logs = "".join(p.read_text(errors="replace") for p in sc.root.glob("*.log"))
+        counted = bool(rows) and all(r.get("corrupt_shards", 0) == len(hows) for r in rows)
         for how, name in zip(hows, names):
-            counted = bool(rows) and all(r.get("corrupt_shards", 0) == len(hows) for r in rows)
             recs.insert(0, F.Record(f"shard_{how}", True, counted and name in logs,
                                     f"{name}: counted in metrics {counted}, named in the log {name in logs}"))
+        # A deleted shard: the manifest lists it, so the run refuses before start (exit 2, one line).
+        gone = tmp / "data-deleted"
+        name, = F.shard_data(data, gone, srng, ("delete",))
+        job = F.Job(F.Scenario(tmp / f"s{n}-deleted", gone), name="deleted-shard")
+        rc, text = job.wait(), job.text()
+        ok = rc == 2 and name in text and len(text.strip().splitlines()) == 1
+        recs.insert(0, F.Record("shard_delete", True, ok, f"{name}: exit {rc}: {text.strip()[:300]}"))
         return "damaged_shards", recs, verdict
 
     def one_process(n: int, srng: random.Random):
