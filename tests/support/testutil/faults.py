@@ -181,6 +181,19 @@ def fault_kill_in_save(sc: Scenario, rng, ref) -> Record:
     return Record("sigkill_inside_save", False, True, "the run ended first")
 
 
+def fault_kill_after_save(sc: Scenario, rng, ref) -> Record:
+    """SIGKILL once this run has committed a checkpoint of its own and printed a later step."""
+    job = Job(sc, name="kill-after-save")
+    before = {p.name for p in sc.complete()}
+    while job.proc.poll() is None:
+        new = [int(p.name[5:]) for p in sc.complete() if p.name not in before]
+        if new and job.last_step() > max(new):
+            job.kill()
+            return Record("sigkill_after_a_save", True, True, f"at step {job.last_step()}")
+        time.sleep(0.01)
+    return Record("sigkill_after_a_save", False, True, "the run ended first")
+
+
 def fault_kill_rank(sc: Scenario, rng, ref) -> Record:
     job = Job(sc, name="kill-rank")
     hit = _random_moment(job, rng, ref)
@@ -290,7 +303,7 @@ def fault_corrupt_checkpoint(sc: Scenario, rng, ref) -> Record:
     return Record("corrupt_checkpoint", True, ok, detail + ("" if ok else ": " + text[-600:]))
 
 
-FAULTS = {"kill": fault_kill, "kill_in_save": fault_kill_in_save, "kill_rank": fault_kill_rank,
+FAULTS = {"kill": fault_kill, "kill_after_save": fault_kill_after_save, "kill_in_save": fault_kill_in_save, "kill_rank": fault_kill_rank,
           "sigterm": fault_sigterm, "second_run": fault_second_run, "changed_model": fault_changed_model,
           "corrupt_checkpoint": fault_corrupt_checkpoint}
 
