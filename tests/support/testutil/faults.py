@@ -49,6 +49,9 @@ class Job:
 
     def __init__(self, sc: "Scenario", extra: dict | None = None, name: str = "run"):
         sc.runs += 1
+        done = sc.complete()
+        # Where this run resumes (the newest checkpoint, unless it turns out corrupt).
+        self.start_step = int(done[-1].name[5:]) if done else 0
         self.log = sc.root / f"{sc.runs:03d}-{name}.log"
         self.f = open(self.log, "w")
         cmd = lu.command(CONFIG, sc.overrides(**(extra or {})), nproc=sc.nproc)
@@ -147,12 +150,14 @@ def reference(root: Path, data: Path, nproc: int = 1, extra: dict | None = None)
 
 # -- faults ---------------------------------------------------------------------------------------
 def _random_moment(job: Job, rng: random.Random, ref: Reference) -> bool:
-    """Sleep to a random moment of the run; False if it ended before."""
-    deadline = job.t0 + rng.uniform(0.3, 1.0) * ref.seconds
-    while time.time() < deadline:
-        if job.proc.poll() is not None:
-            return False
-        time.sleep(0.02)
+    """Wait for a random moment of the run's remaining steps (once a randomly drawn step has been
+    printed, plus up to 0.3 s: inside that step's save, the next step's shard read or compute);
+    False if the run ended before."""
+    last = max(ref.losses)
+    target = rng.randint(job.start_step + 1, last - 1) if job.start_step + 1 <= last - 1 else last
+    if not job.wait_step(target, timeout=300):
+        return False
+    time.sleep(rng.uniform(0, 0.3))
     return job.proc.poll() is None
 
 
