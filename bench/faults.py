@@ -41,7 +41,7 @@ sys.path[:0] = [str(ROOT / "tests" / "support"), str(ROOT / "bench")]
 from machine_info import cpu_model  # noqa: E402
 from testutil import faults as F  # noqa: E402
 
-ONE_PROC = ["kill", "kill_in_save", "sigterm", "second_run", "changed_model", "corrupt_checkpoint"]
+ONE_PROC = ["kill", "kill_after_save", "kill_in_save", "sigterm", "second_run", "changed_model", "corrupt_checkpoint"]
 TWO_PROC = ["kill_rank", "kill_rank", "kill", "sigterm"]
 
 
