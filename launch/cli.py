@@ -146,6 +146,13 @@ def _slurm(argv: list[str]) -> int:
 COMMANDS = {"train": _train, "prepare": _prepare, "slurm": _slurm}
 
 
+def _ignore_preemption() -> None:
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _reexec_with_huge_pages() -> None:
     """Run the `titanforge` command again, once, with glibc's huge-page tunable in its environment
     (glibc reads it only at process start; torchrun and its ranks inherit it). Only from the
@@ -167,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         # may still hold a resumed run's id ("run ID is in use"); our runs start their own.
         os.environ.pop("WANDB_SERVICE", None)
     if argv is None and sys.argv[1:2] == ["train"]:
+        # Preemption signals are the run's to handle (trainer/signals.py, _supervise): until it
+        # listens, and once it has returned (a signal during interpreter teardown, where Python
+        # puts the default action back, would turn a finished run's exit status into -15), they
+        # are ignored. The setting survives the re-exec below.
+        _ignore_preemption()
         _reexec_with_huge_pages()
     console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -174,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     if argv[0] == "train":
-        return _train(argv[1:], console=console)
+        code = _train(argv[1:], console=console)
+        if console:
+            _ignore_preemption()
+        return code
     return COMMANDS[argv[0]](argv[1:])
 
 
