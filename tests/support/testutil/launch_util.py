@@ -84,7 +84,11 @@ def ranks(proc: subprocess.Popen) -> list:
     import psutil
 
     found = []
-    for p in psutil.Process(proc.pid).children(recursive=True):
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        return []  # the job has ended
+    for p in children:
         try:
             cmd = " ".join(p.cmdline())
         except psutil.Error:
