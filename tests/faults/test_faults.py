@@ -27,8 +27,7 @@ def ref(shakespeare64, tmp_path_factory):
     return F.reference(tmp_path_factory.mktemp("ref"), shakespeare64)
 
 
-def test_kills_corruption_and_a_changed_model_leave_the_run_as_if_uninterrupted(shakespeare64, ref,
-                                                                                     tmp_path):
+def test_kills_corruption_and_a_changed_model_leave_the_run_as_if_uninterrupted(shakespeare64, ref, tmp_path):
     """SIGKILL after saves and inside one, a damaged newest checkpoint (named, fallen back from), a
     resume with another model (refused, nothing touched), then a run to the end."""
     sc = F.Scenario(tmp_path, shakespeare64)
