@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Sequence
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
@@ -87,6 +89,14 @@ def _translate(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: {msg}")
 
 
+def _yaml_problem(e: Exception) -> str:
+    """'YAML syntax error at line L, column C: <problem>; fix the file', one line."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"YAML syntax error{where}: {problem}; fix the file (indentation, a missing ':' or quote)"
+
+
 def load_config(preset: str | Path | None = None, overrides: Sequence[str] = ()) -> JobConfig:
     """Schema <- YAML preset <- `key=value` overrides, then cross-field validation."""
     cfg = OmegaConf.structured(JobConfig)
@@ -98,6 +108,8 @@ def load_config(preset: str | Path | None = None, overrides: Sequence[str] = ())
             cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
         except OmegaConfBaseException as e:
             raise _translate(e, str(path)) from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: {_yaml_problem(e)}") from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=10)")
@@ -135,7 +147,9 @@ def validate(job: JobConfig, world_size: int | None = None) -> None:
                 errs += check_model_layout(job.model, dims, par)
         except LayoutError as e:
             errs.append(str(e))
-    if t.global_batch_size % (t.micro_batch_size * dp):
+    if t.micro_batch_size < 1 or dp < 1:
+        pass  # reported by _range_errors / above
+    elif t.global_batch_size % (t.micro_batch_size * dp):
         fit = t.micro_batch_size * dp
         errs.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                     f"train.micro_batch_size * dp = {t.micro_batch_size} * {dp}; use a multiple of {fit} "
@@ -174,8 +188,38 @@ def validate(job: JobConfig, world_size: int | None = None) -> None:
     if job.checkpoint.keep_last < 1:
         errs.append(f"checkpoint.keep_last={job.checkpoint.keep_last} must be >= 1")
     errs += _check_tasks(job)
+    errs += _range_errors(job)
     if errs:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+        # One line (a message per problem, '; ' between): what a log or a scheduler shows first.
+        raise ConfigError("invalid config: " + "; ".join(" ".join(e.split()) for e in errs))
+
+
+def _range_errors(job: JobConfig) -> list[str]:
+    """Values outside their meaningful range, caught here instead of as a late raw error."""
+    t, o, c = job.train, job.optim, job.checkpoint
+    checks = [
+        ("train.steps", t.steps, t.steps >= 1, ">= 1"),
+        ("train.global_batch_size", t.global_batch_size, t.global_batch_size >= 1, ">= 1"),
+        ("train.micro_batch_size", t.micro_batch_size, t.micro_batch_size >= 1, ">= 1"),
+        ("train.log_every", t.log_every, t.log_every >= 1, ">= 1"),
+        ("train.val_every", t.val_every, t.val_every >= 0, ">= 0 (0 disables validation)"),
+        ("train.val_batches", t.val_batches, t.val_batches >= 1, ">= 1"),
+        ("train.max_consecutive_nonfinite", t.max_consecutive_nonfinite, t.max_consecutive_nonfinite >= 1, ">= 1"),
+        ("train.seed", t.seed, t.seed >= 0, ">= 0"),
+        ("train.peak_tflops", t.peak_tflops, t.peak_tflops >= 0, ">= 0 (0 derives the peak)"),
+        ("optim.lr", o.lr, o.lr >= 0 and math.isfinite(o.lr), "a finite number >= 0 (e.g. optim.lr=3e-4)"),
+        ("optim.min_lr_ratio", o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
+        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+        ("optim.beta1", o.beta1, 0 <= o.beta1 < 1, "in [0, 1)"),
+        ("optim.beta2", o.beta2, 0 <= o.beta2 < 1, "in [0, 1)"),
+        ("optim.eps", o.eps, o.eps > 0, "> 0"),
+        ("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, ">= 0"),
+        ("optim.decay_fraction", o.decay_fraction, 0 <= o.decay_fraction <= 1, "in [0, 1]"),
+        ("optim.grad_clip", o.grad_clip, o.grad_clip >= 0, ">= 0 (0 disables clipping)"),
+        ("checkpoint.every", c.every, c.every >= 1, ">= 1 (to save less often, raise it; checkpoint.enabled=false "
+                                                   "saves nothing)"),
+    ]
+    return [f"{key}={value} must be {rule}" for key, value, ok, rule in checks if not ok]
 
 
 def _check_context(job: JobConfig) -> list[str]:
@@ -195,6 +239,8 @@ def _check_context(job: JobConfig) -> list[str]:
     except Exception:  # no prepared data yet: the trainer checks again once it has read it
         pass
     return errs + check_context(job.model, job.parallel.cp, seq_len)
+
+
 def _check_tasks(job: JobConfig) -> list[str]:
     """The task mixture and the evaluation suites: specs, sizes, and layouts they run on."""
     from titanforge.data.tasks import TASKS, TaskError, parse_spec

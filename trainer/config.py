@@ -35,6 +35,15 @@ class CheckpointConfig:
     async_save: bool = False
     # auto: resume from the newest complete checkpoint in output_dir, if any | never.
     resume: str = "auto"
+    # With checkpoints in output_dir of which none verifies, a run stops (exit 2) rather than start
+    # from step 0; true starts afresh anyway (the unusable checkpoints stay on disk).
+    allow_fresh_start: bool = False
+    # Resuming with other train.steps or optim schedule values (lr, schedule, warmup_steps,
+    # min_lr_ratio, decay_fraction) stops with the differences listed; true applies the new
+    # schedule from the resumed step on and prints what changed.
+    allow_schedule_change: bool = False
+    # Take over output_dir's run.lock even though its holder looks alive (trainer/runlock.py).
+    break_lock: bool = False
 
 
 @dataclass

@@ -23,13 +23,14 @@ import torch
 from titanforge.data import build_train_loader, build_val_loader, read_manifest
 from titanforge.models.registry import build_model
 from titanforge.parallel import LayoutError, ParallelDims, build_mesh
-from titanforge.trainer.checkpoint import Checkpointer
+from titanforge.trainer.checkpoint import CheckpointError, Checkpointer, resume_config_problem
 from titanforge.data.tasks.mixture import TaskMixture, build_tasks
 from titanforge.trainer.dist import DistInfo, all_reduce, broadcast_object, init_distributed
 from titanforge.trainer.evaluate import Evaluator
 from titanforge.trainer.optim import build_scheduler
 from titanforge.trainer.cpu_env import huge_pages_on
 from titanforge.trainer.perf import cpu_peak, keep_freed_memory, peak_flops, peak_memory_gib
+from titanforge.trainer.runlock import RunLock, RunLockError
 from titanforge.trainer.signals import PreemptionWatcher
 from titanforge.trainer.step import build_train_step
 from titanforge.trainer.tracking import Tracker, format_line
@@ -119,6 +120,41 @@ def _on_device(batch: dict, device):
 
 
 def _train(job, t, out: Path, info: DistInfo, config_yaml: str) -> TrainResult:
+    # One run per output directory: rank 0 takes the lock before anything is written there.
+    lock, problem = None, None
+    if info.is_main:
+        try:
+            lock = RunLock(out, job.checkpoint.break_lock)
+        except RunLockError as e:
+            problem = str(e)
+    problem = broadcast_object(problem)
+    if problem:
+        raise RunLockError(problem)
+    try:
+        return _run(job, t, out, info, config_yaml)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _apply_schedule_changes(scheduler, optimizer, cfg, changes: list[str], step: int) -> None:
+    """checkpoint.allow_schedule_change: the new lr / schedule / optimizer values hold from the
+    resumed step on (the loaded scheduler and optimizer state carry the saved ones)."""
+    # Decaying groups are those with weight decay (trainer/optim.param_groups puts them first).
+    decaying = [g for g in optimizer.param_groups if g["weight_decay"] != 0] or optimizer.param_groups[:1]
+    for g in optimizer.param_groups:
+        g["initial_lr"] = cfg.lr
+        g["betas"], g["eps"] = (cfg.beta1, cfg.beta2), cfg.eps
+    for g in decaying:
+        g["weight_decay"] = cfg.weight_decay
+    scheduler.base_lrs = [cfg.lr for _ in scheduler.base_lrs]
+    for g, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        g["lr"] = base * fn(scheduler.last_epoch)
+    print(f"[resume] schedule changed as allowed (checkpoint.allow_schedule_change=true): {'; '.join(changes)}; "
+          f"applied from step {step + 1} on (lr {optimizer.param_groups[0]['lr']:.3e})", flush=True)
+
+
+def _run(job, t, out: Path, info: DistInfo, config_yaml: str) -> TrainResult:
     dims = ParallelDims.from_config(job.parallel, info.world_size)
     mesh = build_mesh(dims, info.device.type)
     # Every tensor-parallel, context-parallel (and pipeline) rank of a data-parallel group reads the
@@ -147,10 +183,17 @@ def _train(job, t, out: Path, info: DistInfo, config_yaml: str) -> TrainResult:
     result = TrainResult(checkpoint_dir=str(out / "checkpoints"))
     step, skipped, run_id = 0, 0, None
     if job.checkpoint.enabled and job.checkpoint.resume == "auto":
-        latest = ckpt.latest_valid()
+        latest = ckpt.latest_valid(job.checkpoint.allow_fresh_start)
         if latest is not None:
+            problem, changes = (resume_config_problem(latest, config_yaml, job.checkpoint.allow_schedule_change)
+                                if info.is_main else (None, []))
+            problem, changes = broadcast_object((problem, changes))
+            if problem:
+                raise CheckpointError(problem)
             rank_state, meta = ckpt.load(latest, model, optimizer)
             scheduler.load_state_dict(rank_state["scheduler"])
+            if changes:
+                _apply_schedule_changes(scheduler, optimizer, job.optim, changes, meta["step"])
             loader.load_state_dict(rank_state["data"])
             if "rng" in rank_state:
                 _set_rng_state(rank_state["rng"])
@@ -160,7 +203,9 @@ def _train(job, t, out: Path, info: DistInfo, config_yaml: str) -> TrainResult:
                 print(f"[resume] from {latest} at step {step}", flush=True)
 
     tracker = Tracker(out, job.wandb, enabled=info.is_main, run_id=run_id,
-                      config=dataclasses.asdict(job) if dataclasses.is_dataclass(job) else {})
+                      config=dataclasses.asdict(job) if dataclasses.is_dataclass(job) else {},
+                      resume_step=step, resumed_from=result.resumed_from)
+    ckpt.on_commit = tracker.commit
     run_id = broadcast_object(tracker.run_id)
     result.wandb_dir, result.wandb_run_id = tracker.wandb_dir, run_id
     if info.is_main:
@@ -183,6 +228,7 @@ def _train(job, t, out: Path, info: DistInfo, config_yaml: str) -> TrainResult:
         ckpt.save(at_step, model, optimizer, rank_state,
                   {"wandb_run_id": run_id, "skipped_steps": skipped}, config_yaml)
 
+    ended = False
     try:
         while step < t.steps:
             t0 = time.perf_counter()
@@ -202,10 +248,15 @@ def _train(job, t, out: Path, info: DistInfo, config_yaml: str) -> TrainResult:
             step += 1
             dt = time.perf_counter() - t0
             tok_s = tokens_per_step / dt
+            # Data quality: shards skipped as corrupt and their samples (the most any rank saw).
+            data_bad = all_reduce(torch.tensor([loader.stats["corrupt_shards"], loader.stats["skipped_samples"]],
+                                               dtype=torch.int64, device=info.device),
+                                  op=torch.distributed.ReduceOp.MAX).tolist()
             metrics = {"loss": loss_mean.item(), "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tok_s,
                        "mfu": tok_s / info.world_size * flops_per_token / peak,
                        "peak_mem_gib": peak_memory_gib(info.device), "skipped": not finite,
-                       "skipped_total": skipped, **step_fn.metrics()}
+                       "skipped_total": skipped, "corrupt_shards": int(data_bad[0]),
+                       "skipped_samples": int(data_bad[1]), **step_fn.metrics()}
             result.losses[step] = metrics["loss"]
             result.last_step = step
             if info.is_main and (step % t.log_every == 0 or not finite):
@@ -214,9 +265,11 @@ def _train(job, t, out: Path, info: DistInfo, config_yaml: str) -> TrainResult:
             if consecutive_bad >= t.max_consecutive_nonfinite:
                 result.stop_reason = "nonfinite"
                 if info.is_main:
+                    fix = (f"lower optim.lr (now {job.optim.lr:g}; gradients are already clipped at "
+                           f"optim.grad_clip={job.optim.grad_clip:g}) or check the data"
+                           if job.optim.grad_clip > 0 else "lower optim.lr or enable optim.grad_clip (e.g. 1.0)")
                     print(f"[stop] {consecutive_bad} non-finite steps in a row at step {step}; no checkpoint "
-                          f"written (the last good one is kept). Lower optim.lr or enable optim.grad_clip.",
-                          flush=True)
+                          f"written (the last good one is kept). {fix[0].upper() + fix[1:]}.", flush=True)
                 break
             if t.val_every and step % t.val_every == 0:
                 val_loader = build_val_loader(job.data, micro_batch_size=t.micro_batch_size, dp_rank=dp_rank,
@@ -241,10 +294,15 @@ def _train(job, t, out: Path, info: DistInfo, config_yaml: str) -> TrainResult:
                 if info.is_main:
                     print(f"[stop] preemption signal: saved step {step}, exiting", flush=True)
                 break
-    finally:
         ckpt.close()
-        watcher.restore()
-        tracker.finish()
+        ended = True
+    finally:
+        try:
+            if not ended:
+                ckpt.close()
+        finally:
+            watcher.restore()
+            tracker.finish(clean=ended)
     if info.is_main:
         print(f"[done] step {step} ({result.stop_reason}); checkpoints: {result.checkpoint_dir}; "
               f"W&B run {run_id}: {result.wandb_dir or 'disabled'}", flush=True)

@@ -196,8 +196,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(shakespeare64, tmp_path,
     assert calls.count("scontrol requeue 4242") == 1 and "scontrol show hostnames localhost" in calls
 
     # The requeued job: the same script, the same output_dir, resumes and finishes (no second requeue).
-    again = subprocess.run(["bash", str(script), f"train.steps={last + 2}"], env={**fake_slurm,
-                           "SLURM_RESTART_COUNT": "1"}, cwd=lu.ROOT, capture_output=True, text=True, timeout=180)
+    # (A shorter train.steps than saved is a schedule change: applied explicitly, not silently.)
+    again = subprocess.run(["bash", str(script), f"train.steps={last + 2}", "checkpoint.allow_schedule_change=true"],
+                           env={**fake_slurm, "SLURM_RESTART_COUNT": "1"}, cwd=lu.ROOT, capture_output=True, text=True, timeout=180)
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"[resume] from {out / 'checkpoints' / saved[0]} at step {last}" in again.stdout
     assert max(lu.losses(out)) == last + 2

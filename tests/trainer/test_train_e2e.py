@@ -146,13 +146,10 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_without_saving(shakespea
 
 
 def test_preemption_signal_on_one_rank_saves_and_exits_cleanly(shakespeare64, tmp_path):
-    import psutil
-
     proc = lu.start(CONFIG, _overrides(shakespeare64, tmp_path, **{"train.steps": 200, "checkpoint.every": 1000}),
                     nproc=2)
     lu.wait_for_step(proc, tmp_path, 2)
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "titanforge.launch.train" in
-               " ".join(p.cmdline())]
+    workers = lu.ranks(proc)
     assert len(workers) == 2
     workers[1].send_signal(signal.SIGUSR1)  # only one rank is told; both must stop at the same step
     out, _ = proc.communicate(timeout=120)

@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[3]
 def env() -> dict:
     e = dict(os.environ)
     e.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    # A W&B service this test process started (an in-process run) is not the job's to share.
+    e.pop("WANDB_SERVICE", None)
     return e
 
 
@@ -74,3 +76,23 @@ def wait_for_step(proc: subprocess.Popen, output_dir: Path, step: int, timeout: 
 def kill_job(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def ranks(proc: subprocess.Popen) -> list:
+    """The training ranks of a job started with `start` (not torchrun, whose command line names
+    the module too)."""
+    import psutil
+
+    found = []
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        return []  # the job has ended
+    for p in children:
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if "titanforge.launch.train" in cmd and "torch.distributed.run" not in cmd:
+            found.append(p)
+    return found

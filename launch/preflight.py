@@ -1,0 +1,97 @@
+"""Checks of a job against the machine before any process group or model exists.
+
+`preflight(job)` raises ConfigError (one line: the problem and the fix) for: data.path without a
+prepared data set; an output_dir that cannot be written; a live run holding output_dir's lock;
+checkpoints of which none verifies; a resume whose saved config differs in the model or the
+schedule; less free space than the next checkpoint needs. Rank 0 of the run checks the lock and
+the checkpoints again (another run may have started in between); these run first so the common
+mistakes end here, with exit status 2, instead of inside torchrun.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tempfile
+import warnings
+from contextlib import redirect_stdout
+from pathlib import Path
+
+from titanforge.launch.config import ConfigError, JobConfig, to_yaml
+
+# Set by `titanforge train` for the ranks it starts: the checks ran already.
+PREFLIGHT_ENV = "TITANFORGE_PREFLIGHT_DONE"
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_output_dir(out: Path) -> Path:
+    """The folder output_dir is (or will be created) in, after a real write test there."""
+    base = _existing_ancestor(out)
+    if not base.is_dir():
+        raise ConfigError(f"output_dir={out} cannot be created: {base} is a file, not a folder; "
+                          f"choose another output_dir")
+    try:
+        with tempfile.NamedTemporaryFile(dir=base, prefix=".titanforge-write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"output_dir={out} is not writable ({e.strerror} in {base}); choose a folder you "
+                          f"can write to (output_dir=...) or fix its permissions") from None
+    return base
+
+
+def _checkpoint_bytes(job: JobConfig, newest: Path | None) -> int:
+    """What the next checkpoint needs: the newest one's size, or fp32 weights + two AdamW moments."""
+    if newest is not None:
+        return sum(p.stat().st_size for p in newest.rglob("*") if p.is_file())
+    from titanforge.models.registry import build_model
+
+    n = sum(p.numel() for p in build_model(job.model, device="meta").parameters())
+    return 12 * n + (1 << 20)
+
+
+def preflight(job: JobConfig) -> None:
+    from titanforge.data import read_manifest
+    from titanforge.trainer.checkpoint import (CheckpointError, Checkpointer, complete_checkpoints,
+                                               resume_config_problem)
+    from titanforge.trainer.dist import DistInfo
+    from titanforge.trainer.runlock import RunLockError, check
+
+    try:
+        read_manifest(job.data.path)
+    except Exception as e:  # noqa: BLE001 - DataError and OSError alike: reported in one line
+        raise ConfigError(" ".join(f"data.path={job.data.path}: {e}".split())) from None
+    out = Path(job.output_dir)
+    base = _check_output_dir(out)
+    try:
+        check(out, job.checkpoint.break_lock)
+    except RunLockError as e:
+        raise ConfigError(str(e)) from None
+    root, newest = out / "checkpoints", None
+    if job.checkpoint.enabled and job.checkpoint.resume == "auto" and complete_checkpoints(root):
+        import torch
+
+        info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+        # The run prints its own fallback warnings; here only the verdict matters.
+        with redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                newest = Checkpointer(root, job.checkpoint, info).latest_valid(job.checkpoint.allow_fresh_start)
+            except CheckpointError as e:
+                raise ConfigError(str(e)) from None
+        if newest is not None:
+            problem, _ = resume_config_problem(newest, to_yaml(job), job.checkpoint.allow_schedule_change)
+            if problem:
+                raise ConfigError(problem)
+    if job.checkpoint.enabled:
+        need = _checkpoint_bytes(job, newest)
+        free = shutil.disk_usage(base).free
+        if free < need:
+            raise ConfigError(f"output_dir={out} has {free / 2**20:.1f} MiB free and the next checkpoint needs about "
+                              f"{need / 2**20:.1f} MiB; free space, choose an output_dir on a larger disk, or "
+                              f"checkpoint.enabled=false")
