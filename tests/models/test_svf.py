@@ -160,3 +160,18 @@ def test_cem_finds_the_known_best_mixture():
     # With too few iterations it does not get there: the test can fail.
     rough = cem_search(lambda a: -float(((a - best) ** 2).sum()), k=3, iters=1, population=4, elite=2)
     assert not torch.allclose(rough, best, atol=2e-2)
+
+
+def test_lora_baseline_starts_at_base_and_trains_only_its_factors():
+    from titanforge.models.lora import apply_lora
+    torch.manual_seed(0)
+    base, model = build("jamba"), build("jamba")
+    apply_lora(model, rank=2)
+    inputs, targets = global_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs[:2]), base(inputs[:2]))
+    loss_fn(model, inputs[:2], targets[:2]).backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained and all(n.endswith(("lora_A", "lora_B")) for n in trained)
+    with pytest.raises(ValueError, match="rank=0"):
+        apply_lora(build("llama"), rank=0)
