@@ -28,7 +28,7 @@ from torch.distributed.tensor.parallel import parallelize_module
 from titanforge.models.config import ModelConfig
 from titanforge.parallel import tp_plans
 from titanforge.parallel.tp_loss import tp_cross_entropy, vocab_parallel_cross_entropy
-from titanforge.parallel.tp_styles import PlaceParams, finalize_grads, redistribute_output
+from titanforge.parallel.tp_styles import PlaceParams, finalize_grads, redistribute_output, svf_style
 
 __all__ = ["apply_tensor_parallel", "check_tp", "tp_cross_entropy", "vocab_parallel_cross_entropy"]
 
@@ -81,7 +81,7 @@ def _fit_plan_to_stage(model: nn.Module, plan: dict) -> dict:
             continue
         if mod is None:
             continue
-        out[name] = PlaceParams({"weight": Shard(0)}) if getattr(mod, "head_only", False) else style
+        out[name] = PlaceParams({"weight": Shard(0)}) if getattr(mod, "head_only", False) else svf_style(mod, style)
     return out
 
 
@@ -119,7 +119,12 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, family: str, *,
     for module in model.modules():
         if hasattr(module, "fuse_projections"):
             module.fuse_projections = False
+    # PyTorch's styles re-create parameters trainable: keep frozen ones (SVF's base weights) frozen.
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     parallelize_module(model, tp_mesh, plan)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            p.requires_grad_(False)
     # Mixers that read the whole sequence (and the LM head) get the gathered norm output.
     for name in gathered + ["norm"]:
         if name in plan:

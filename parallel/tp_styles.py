@@ -22,13 +22,17 @@ used in replicated-identical compute keeps a Replicate gradient.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Union
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, distribute_tensor
-from torch.distributed.tensor.parallel import ParallelStyle
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
+from torch.distributed.tensor.parallel.style import distribute_module
+
+from titanforge.models.svf import SVFLinear
 
 # A parameter's placement, or (placement, placement of its gradient on the local view).
 ParamSpec = Union[Placement, tuple]
@@ -74,6 +78,7 @@ class LocalRegion(ParallelStyle):
         self.use_local_output, self.output_grad = use_local_output, output_grad
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        self.params = expand_svf_specs(module, self.params)
         for name, (placement, _) in self.params.items():
             distribute_param(*_resolve(module, name), device_mesh, placement)
         saved: list[tuple[nn.Module, str, nn.Parameter]] = []
@@ -110,6 +115,74 @@ class LocalRegion(ParallelStyle):
         module.register_forward_pre_hook(pre_hook)
         module.register_forward_hook(post_hook, always_call=True)
         return module
+
+
+def _svf_placements(placement: Placement, grad: Placement) -> dict[str, tuple]:
+    """How the factors of W = U diag(s * z) V^T are placed when W would have `placement`: W's rows
+    are U's rows, its columns V^T's columns; s and z are replicated. A rank that computes with its
+    rows (or columns) only gets a partial gradient of z, summed over the ranks."""
+    rep = (Replicate(), Replicate())
+    # Shard or _StridedShard (not a Shard subclass): both split along `dim`.
+    dim = getattr(placement, "dim", None)
+    if dim in (0, -2):
+        return {"U": (placement, placement), "s": rep, "Vh": rep, "z": (Replicate(), Partial())}
+    if dim in (1, -1):
+        return {"U": rep, "s": rep, "Vh": (Shard(1), Shard(1)), "z": (Replicate(), Partial())}
+    if isinstance(placement, Replicate):
+        return {"U": rep, "s": rep, "Vh": rep, "z": (Replicate(), grad)}
+    raise ValueError(f"no SVF placement for a weight placed as {placement}")
+
+
+def expand_svf_specs(module: nn.Module, params: dict[str, tuple]) -> dict[str, tuple]:
+    """Parameter specs with every `<linear>.weight` of an SVFLinear replaced by its factors' specs."""
+    out: dict[str, tuple] = {}
+    for name, (placement, grad) in params.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if isinstance(owner, SVFLinear) and leaf == "weight":
+            prefix = f"{owner_name}." if owner_name else ""
+            out.update({prefix + k: v for k, v in _svf_placements(placement, grad).items()})
+        else:
+            out[name] = (placement, grad)
+    return out
+
+
+def _place_svf(module: SVFLinear, mesh: DeviceMesh, weight: Placement, bias: Placement) -> None:
+    for name, (placement, _) in _svf_placements(weight, Replicate()).items():
+        distribute_param(module, name, mesh, placement)
+    if module.bias is not None:
+        distribute_param(module, "bias", mesh, bias)
+
+
+class SVFColwiseParallel(ColwiseParallel):
+    """ColwiseParallel for an SVFLinear: U (W's rows) and the bias sharded, s, V^T, z replicated."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(
+            module, device_mesh, lambda n, m, mesh: _place_svf(m, mesh, Shard(0), Shard(0)) if m is module else None,
+            partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+            partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+
+
+class SVFRowwiseParallel(RowwiseParallel):
+    """RowwiseParallel for an SVFLinear: V^T (W's columns) sharded, U, s, z and the bias replicated."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        self.desired_input_layouts = (Shard(-1),)
+        return distribute_module(
+            module, device_mesh, lambda n, m, mesh: _place_svf(m, mesh, Shard(1), Replicate()) if m is module else None,
+            partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+            partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+
+
+def svf_style(module: nn.Module, style: ParallelStyle) -> ParallelStyle:
+    """The SVF form of a linear style when `module` is an SVFLinear (same layouts), else `style`."""
+    if not isinstance(module, SVFLinear) or type(style) not in (ColwiseParallel, RowwiseParallel):
+        return style
+    cls = SVFColwiseParallel if type(style) is ColwiseParallel else SVFRowwiseParallel
+    new = cls.__new__(cls)
+    new.__dict__.update(style.__dict__)
+    return new
 
 
 class PlaceParams(ParallelStyle):

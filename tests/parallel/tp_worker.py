@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor
 
 from titanforge.models.config import ModelConfig
 from titanforge.models.registry import build_model, collect_aux_losses
+from titanforge.models.svf import apply_svf
 from titanforge.parallel import ParallelDims, build_mesh, parallelize
 from titanforge.parallel.config import ParallelConfig
 from titanforge.parallel.tensor_parallel import apply_tensor_parallel, tp_cross_entropy
@@ -74,6 +75,9 @@ CASES = {
                                                     "jamba.moe.n_experts": 4, "jamba.moe.top_k": 2,
                                                     "jamba.moe.expert_hidden": 32, "jamba.moe.z_loss_coef": 1e-3}),
 }
+# The same models in their SVF form (Transformer², models/svf.py): only the z-vectors train; U / V^T
+# are split the way the weight they replace is.
+CASES.update({f"svf_{k}": CASES[k] for k in ("llama", "titans_mac", "ttt_linear", "jamba")})
 # Cases that run without sequence parallelism and gather the logits.
 NO_SP = {"llama_untied_nosp"}
 
@@ -123,6 +127,8 @@ def run_case(name: str, layout) -> dict:
     sp = name not in NO_SP
     torch.manual_seed(0)
     ref = build_model(cfg).double()
+    if name.startswith("svf_"):
+        apply_svf(ref)
     tp_mesh, dp, dp_rank, dp_group = layout["tp"], layout["dp"], layout["dp_rank"], layout["dp_group"]
     if dp == 1:
         model = apply_tensor_parallel(copy.deepcopy(ref), tp_mesh, cfg.family, sequence_parallel=sp,
@@ -144,6 +150,10 @@ def run_case(name: str, layout) -> dict:
     grads = {}
     for pname, p in ref.named_parameters():
         q = tp_params[pname]
+        if not p.requires_grad:
+            # Frozen (SVF): must stay frozen and without a gradient.
+            grads[pname] = 0.0 if (not q.requires_grad and q.grad is None) else "trained"
+            continue
         if q.grad is None:
             grads[pname] = "missing"
             continue
