@@ -87,6 +87,10 @@ def lm_loss(model, raw_model, tokens: torch.Tensor, autocast, fused: bool = Fals
 
 
 class TrainStep:
+    # No context parallelism unless __init__ says so (subclasses with their own __init__, such as
+    # DeepSpeedTrainStep, inherit val_loss and its _piece).
+    cp, cp_rank = 1, 0
+
     def __init__(self, job, dims, mesh, info):
         self.job, self.dims, self.info = job, dims, info
         self.autocast = autocast_for(info.device, job.train.dtype)
