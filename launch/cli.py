@@ -9,6 +9,7 @@
     titanforge export CHECKPOINT --out DIR                        checkpoint -> safetensors (HF for Llama/Jamba)
     titanforge plan CONFIG --gpus N --gpu-mem GB [--nodes M]      memory per rank and step time per layout
     titanforge compare RUN_DIR [RUN_DIR ...]                      validation losses of runs side by side
+    titanforge svf export CHECKPOINT --out FILE                   an SVF run's z-vectors (Transformer² expert)
 
 `train` with --nproc 1 on one node runs in this process; otherwise it validates the config for
 the whole world first (so a bad layout fails before anything starts), checks the job against
@@ -166,6 +167,12 @@ def _compare(argv: list[str]) -> int:
     return compare_main(argv)
 
 
+def _svf(argv: list[str]) -> int:
+    from titanforge.launch.svf import main as svf_main
+
+    return svf_main(argv)
+
+
 def _eval(argv: list[str]) -> int:
     from titanforge.launch.eval import main as eval_main
 
@@ -173,7 +180,7 @@ def _eval(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": _train, "prepare": _prepare, "slurm": _slurm, "export": _export, "plan": _plan,
-            "compare": _compare, "eval": _eval}
+            "compare": _compare, "eval": _eval, "svf": _svf}
 
 
 def _ignore_preemption() -> None:

@@ -25,7 +25,8 @@ from titanforge.parallel.mesh import LayoutError, ParallelDims, check_model_layo
 from titanforge.parallel.pipeline import check_pipeline_microbatches
 from titanforge.parallel.tensor_parallel import check_tp
 from titanforge.data.tasks.mixture import check_mixture
-from titanforge.trainer.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfig, WandbConfig
+from titanforge.trainer.config import (CheckpointConfig, EvalConfig, FinetuneConfig, OptimConfig, TrainConfig,
+                                       WandbConfig)
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,8 @@ class JobConfig:
     init: Dict[str, str] = field(default_factory=lambda: {"from": ""})
     # Long-context suites during training (trainer/evaluate.py).
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # finetune.method=svf|lora: train only z-vectors (Transformer²) or LoRA factors (trainer/svf.py).
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -189,9 +192,29 @@ def validate(job: JobConfig, world_size: int | None = None) -> None:
         errs.append(f"checkpoint.keep_last={job.checkpoint.keep_last} must be >= 1")
     errs += _check_tasks(job)
     errs += _range_errors(job)
+    errs += _check_finetune(job)
     if errs:
         # One line (a message per problem, '; ' between): what a log or a scheduler shows first.
         raise ConfigError("invalid config: " + "; ".join(" ".join(e.split()) for e in errs))
+
+
+def _check_finetune(job: JobConfig) -> list[str]:
+    ft, par = job.finetune, job.parallel
+    if ft.method not in ("none", "svf", "lora"):
+        return [f"finetune.method={ft.method!r} must be none | svf | lora"]
+    if ft.method == "none":
+        return []
+    errs = []
+    if par.pp > 1 or par.cp > 1 or par.ep > 1 or par.dp_backend == "deepspeed":
+        errs.append(f"finetune.method={ft.method} runs with data parallelism (DDP/FSDP2) and tensor parallelism; "
+                    f"set parallel.pp=1, parallel.cp=1, parallel.ep=1 and dp_backend ddp or fsdp")
+    if ft.method == "lora" and (par.tp > 1 or ft.lora_rank < 1):
+        errs.append(f"finetune.method=lora needs parallel.tp=1 and finetune.lora_rank >= 1 (got tp={par.tp}, "
+                    f"rank={ft.lora_rank})")
+    if ft.z_from and (ft.method != "svf" or not Path(ft.z_from).is_file()):
+        errs.append(f"finetune.z_from={ft.z_from} must be a z-vector file (titanforge svf export) with "
+                    f"finetune.method=svf")
+    return errs
 
 
 def _range_errors(job: JobConfig) -> list[str]:

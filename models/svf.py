@@ -48,7 +48,9 @@ class SVFConfig:
 def svd_factors(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U [out, r], s [r], V^T [r, in] of `weight` (computed in float64, returned in its dtype)."""
     U, s, Vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
-    return U.to(weight.dtype), s.to(weight.dtype), Vh.to(weight.dtype)
+    # LAPACK hands back column-major factors: make them row-major (collectives and safetensors
+    # move the storage as it lies).
+    return (U.to(weight.dtype).contiguous(), s.to(weight.dtype).contiguous(), Vh.to(weight.dtype).contiguous())
 
 
 class SVFLinear(nn.Module):

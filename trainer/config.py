@@ -109,3 +109,20 @@ class EvalConfig:
     batch_size: int = 4
     # Seed of the generated samples (the same samples at every evaluation).
     seed: int = 1234
+
+
+@dataclass
+class FinetuneConfig:
+    """Parameter-efficient fine-tuning of the (pretrained: init.from) model.
+
+    svf: Transformer²'s Singular Value Fine-tuning (models/svf.py): every matrix matching `targets`
+    becomes U diag(s * z) V^T and only the z-vectors train. lora: the LoRA baseline
+    (models/lora.py) on the same matrices. none: the whole model trains."""
+    method: str = "none"
+    # fnmatch patterns over nn.Linear names (default: every matrix inside the blocks).
+    targets: List[str] = field(default_factory=lambda: ["layers.*"])
+    exclude: List[str] = field(default_factory=list)
+    # svf: start from these z-vectors (a `titanforge svf export` file) instead of z = 1.
+    z_from: str = ""
+    lora_rank: int = 4
+    lora_alpha: float = 8.0

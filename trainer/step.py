@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
+import torch.distributed as dist
 
 from titanforge.models.registry import build_model, collect_aux_losses, collect_metrics
 from titanforge.parallel import clip_grad_norm, finish_grad_reduction, no_grad_sync, parallelize
@@ -60,6 +62,35 @@ def sharded_init_fn(job, device: torch.device):
     return functools.partial(materialize, model_cfg=job.model, seed=job.train.seed, device=device)
 
 
+def build_finetune_model(job, info) -> torch.nn.Module:
+    """The whole base model (init.from's weights, else the seed's), with finetune.method applied:
+    SVF (its SVD cached beside init.from's checkpoint, split over the ranks) or LoRA."""
+    model = build_model(job.model, device="meta")
+    sharded_init_fn(job, info.device)(model)
+    ft = job.finetune
+    if ft.method == "svf":
+        from pathlib import Path
+
+        from titanforge.models.svf import SVFConfig, load_z
+        from titanforge.trainer.svf import prepare_svf, read_z
+
+        source = (getattr(job, "init", None) or {}).get("from")
+        cache = Path(source) if source and Path(source).is_dir() and os.access(source, os.W_OK) else None
+        group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+        prepare_svf(model, SVFConfig(list(ft.targets), list(ft.exclude)), cache, info.rank, info.world_size, group)
+        if ft.z_from:
+            load_z(model, read_z(ft.z_from))
+    else:
+        from titanforge.models.lora import apply_lora
+
+        apply_lora(model, ft.lora_rank, ft.lora_alpha, ft.targets, ft.exclude)
+    if info.is_main:
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in model.parameters())
+        print(f"[finetune] {ft.method}: {n_train:,} trainable of {n_all:,} parameters", flush=True)
+    return model
+
+
 def lm_loss(model, raw_model, tokens: torch.Tensor, autocast, fused: bool = False,
             loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy, cross-entropy + auxiliary losses) of next-token prediction on `tokens`. `fused`
@@ -94,11 +125,18 @@ class TrainStep:
     def __init__(self, job, dims, mesh, info):
         self.job, self.dims, self.info = job, dims, info
         self.autocast = autocast_for(info.device, job.train.dtype)
-        # Sharded start: built on meta, each rank allocates and initialises only its shards.
-        self.raw_model = build_model(job.model, device="meta")
+        if job.finetune.method != "none":
+            # SVF / LoRA decompose or wrap the full base matrices: the plain model is built whole
+            # (init.from or the seed) and transformed before the layout is applied.
+            self.raw_model = build_finetune_model(job, info)
+            init_fn = None
+        else:
+            # Sharded start: built on meta, each rank allocates and initialises only its shards.
+            self.raw_model = build_model(job.model, device="meta")
+            init_fn = sharded_init_fn(job, info.device)
         self.model = parallelize(self.raw_model, job.model.family, dims, mesh, job.parallel, info.device,
                                  activation_checkpointing=job.train.activation_checkpointing,
-                                 compile=job.train.compile, init_fn=sharded_init_fn(job, info.device))
+                                 compile=job.train.compile, init_fn=init_fn)
         self.optimizer = build_optimizer(self.model, job.optim)
         # Context parallelism: every rank of a cp group reads the same batches and keeps its piece
         # of each sequence; its loss is the mean over its piece (pieces hold equal token counts).
