@@ -356,9 +356,19 @@ class Checkpointer:
                        for k, v in saved.items() if k.startswith("model.")}
         ours = {k: tuple(v.shape) for k, v in model_sd.items() if hasattr(v, "shape")}
         missing = sorted(set(ours) - set(saved_model))
-        extra = sorted(set(saved_model) - set(ours))
         shapes = [f"{k} saved {list(saved_model[k])} vs model {list(ours[k])}"
                   for k in sorted(set(ours) & set(saved_model)) if saved_model[k] != ours[k]]
+        held = set(ours)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # A pipeline stage holds only its layers: a saved entry is extra only if no rank holds
+            # it, and every rank takes the same decision (a lone raise would leave the others
+            # waiting inside DCP's collective load).
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (sorted(ours), missing, shapes))
+            held = set().union(*(set(g[0]) for g in gathered))
+            missing = sorted(set().union(*(set(g[1]) for g in gathered)))
+            shapes = sorted(set().union(*(set(g[2]) for g in gathered)))
+        extra = sorted(set(saved_model) - held)
         if missing or extra or shapes:
             def few(names: list[str]) -> str:
                 return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")

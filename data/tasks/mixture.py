@@ -77,6 +77,11 @@ class TaskMixture:
         self.p = w / w.sum()
         self.task_rows = 0
 
+    @property
+    def stats(self) -> dict:
+        """The wrapped loader's data-quality counters (corrupt shards, skipped samples)."""
+        return self.loader.stats
+
     def __iter__(self):
         return self
 
