@@ -214,7 +214,8 @@ class _OffsetCausalAttention(torch.autograd.Function):
         for j0 in range(0, min(S, offset + T), block):
             j1 = min(j0 + block, S)
             hidden = None
-            if j1 - 1 > offset:  # a key after the first query: the diagonal crosses this block
+            # A key after the first query's position: the diagonal crosses this block.
+            if j1 - 1 > offset:
                 hidden = torch.arange(j0, j1, device=q.device)[None, :] > pos
             yield j0, j1, hidden
 
@@ -266,7 +267,8 @@ class _OffsetCausalAttention(torch.autograd.Function):
             s = (qh @ kb.transpose(-1, -2)) * scale
             if hidden is not None:
                 s.masked_fill_(hidden, float("-inf"))
-            p = (s - lse.unsqueeze(-1)).exp()  # the softmax, exactly (lse is the full row's)
+            # The softmax itself: lse is the whole row's, from forward.
+            p = (s - lse.unsqueeze(-1)).exp()
             dv[:, :, j0:j1] = (p.transpose(-1, -2) @ do).sum(2)
             ds = p * (do @ vb.transpose(-1, -2) - delta) * scale
             dq += ds @ kb

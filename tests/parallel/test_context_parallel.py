@@ -90,7 +90,8 @@ def test_offset_causal_attention_matches_sdpa_on_the_whole_sequence(B, T, H, G, 
     from titanforge.models.common import attention
 
     g = torch.Generator().manual_seed(offset + block)
-    n = offset + T + 3  # keys after the piece's end exist in the reference and must get no gradient
+    # Keys after the piece's end exist in the reference and must get no gradient from its rows.
+    n = offset + T + 3
     q, k, v = (torch.randn(B, n, h, D, generator=g, dtype=torch.float64, requires_grad=True) for h in (H, G, G))
     w = torch.randn(B, T, H, D, generator=g, dtype=torch.float64)
     want = attention(q, k, v)[:, offset:offset + T]
