@@ -8,8 +8,9 @@ process group; their recurrent mixers expose an initial and a final state and th
 
 Per mixer (docs/design.md, "Context parallelism", says why):
 - full causal attention (Llama, Jamba's attention layers): keys and values all-gathered over the
-  group, each rank's queries attend to the keys up to its own end (backward: the key/value
-  gradients summed back to their owners);
+  group, each rank's queries attend to the keys up to its own end in key blocks with a running
+  log-sum-exp (`offset_causal_attention`: no [T/cp, T] score matrix is kept, so memory per rank is
+  linear in T/cp); backward: the key/value gradients summed back to their owners;
 - sliding-window attention (Titans MAG, MAL): the last window-1 keys/values go to the next rank;
 - recurrent mixers (Mamba-1/2 scan and conv, the TTT inner model and its convs, the Titans memory
   with its momentum and conv caches, MAC's whole segment loop): a state hand-off. Rank r waits for
@@ -37,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from titanforge.models.common import Attention, apply_rope, attention
+from titanforge.models.common import Attention, apply_rope
 from titanforge.models.common.mamba import Mamba2Mixer, MambaMixer
 
 # Tags per exchange site: forward messages use the first half, backward the second.
@@ -193,6 +194,95 @@ def shard_sequence(tokens: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     return tokens[:, rank * n:(rank + 1) * n + 1]
 
 
+# Keys per block of the offset causal attention: the scores it holds at once are [B, H, T/cp, block].
+KV_BLOCK = 512
+
+
+class _OffsetCausalAttention(torch.autograd.Function):
+    """Grouped-query causal attention of T queries at global positions offset..offset+T-1 over
+    S keys at positions 0..S-1 (query i sees key j iff j <= offset + i), in key blocks with a
+    running log-sum-exp (flash-attention's recurrence, in PyTorch). Saves q, k, v, the output and
+    the log-sum-exp ([B, H, T]); backward recomputes each block's scores. So no [T, S] matrix is
+    ever kept, which SDPA's CPU math path (the only one taking a mask) does for backward.
+    q [B, T, H, D], k/v [B, S, G, D] -> [B, T, H, D]."""
+
+    @staticmethod
+    def _blocks(q, offset, S, block):
+        """(j0, j1, mask or None) per key block that some query sees; mask True = hidden."""
+        T = q.shape[-2]
+        pos = torch.arange(T, device=q.device)[:, None] + offset
+        for j0 in range(0, min(S, offset + T), block):
+            j1 = min(j0 + block, S)
+            hidden = None
+            # A key after the first query's position: the diagonal crosses this block.
+            if j1 - 1 > offset:
+                hidden = torch.arange(j0, j1, device=q.device)[None, :] > pos
+            yield j0, j1, hidden
+
+    @staticmethod
+    def _heads(q, k, v):
+        B, T, H, D = q.shape
+        G = k.shape[2]
+        acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        # Query head h uses key/value head h // (H/G), as SDPA's enable_gqa does.
+        qh = q.reshape(B, T, G, H // G, D).permute(0, 2, 3, 1, 4).to(acc)  # [B, G, R, T, D]
+        kh, vh = (t.permute(0, 2, 1, 3).unsqueeze(2).to(acc) for t in (k, v))  # [B, G, 1, S, D]
+        return qh, kh, vh
+
+    @staticmethod
+    def forward(ctx, q, k, v, offset: int, block: int):
+        B, T, H, D = q.shape
+        scale = D ** -0.5
+        qh, kh, vh = _OffsetCausalAttention._heads(q, k, v)
+        out = torch.zeros_like(qh)
+        lse = torch.full(qh.shape[:-1], float("-inf"), dtype=qh.dtype, device=q.device)
+        # Key 0 is in the first block and every query sees it, so lse is finite after that block.
+        for j0, j1, hidden in _OffsetCausalAttention._blocks(qh, offset, k.shape[1], block):
+            s = (qh @ kh[..., j0:j1, :].transpose(-1, -2)) * scale  # [B, G, R, T, b]
+            if hidden is not None:
+                s.masked_fill_(hidden, float("-inf"))
+            new = torch.logaddexp(lse, torch.logsumexp(s, -1))
+            out = out * (lse - new).exp().unsqueeze(-1) + (s - new.unsqueeze(-1)).exp() @ vh[..., j0:j1, :]
+            lse = new
+        result = out.permute(0, 3, 1, 2, 4).reshape(B, T, H, D).to(q.dtype)
+        ctx.save_for_backward(q, k, v, result, lse)
+        ctx.offset, ctx.block = offset, block
+        return result
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q, k, v, result, lse = ctx.saved_tensors
+        B, T, H, D = q.shape
+        S, G = k.shape[1], k.shape[2]
+        scale = D ** -0.5
+        qh, kh, vh = _OffsetCausalAttention._heads(q, k, v)
+        do, o = (t.reshape(B, T, G, H // G, D).permute(0, 2, 3, 1, 4).to(qh.dtype) for t in (grad, result))
+        delta = (do * o).sum(-1, keepdim=True)  # [B, G, R, T, 1]
+        dq = torch.zeros_like(qh)
+        dk = qh.new_zeros(B, G, S, D)
+        dv = qh.new_zeros(B, G, S, D)
+        for j0, j1, hidden in _OffsetCausalAttention._blocks(qh, ctx.offset, S, ctx.block):
+            kb, vb = kh[..., j0:j1, :], vh[..., j0:j1, :]
+            s = (qh @ kb.transpose(-1, -2)) * scale
+            if hidden is not None:
+                s.masked_fill_(hidden, float("-inf"))
+            # The softmax itself: lse is the whole row's, from forward.
+            p = (s - lse.unsqueeze(-1)).exp()
+            dv[:, :, j0:j1] = (p.transpose(-1, -2) @ do).sum(2)
+            ds = p * (do @ vb.transpose(-1, -2) - delta) * scale
+            dq += ds @ kb
+            dk[:, :, j0:j1] = (ds.transpose(-1, -2) @ qh).sum(2)
+        dq = dq.permute(0, 3, 1, 2, 4).reshape(B, T, H, D).to(q.dtype)
+        dk, dv = (t.permute(0, 2, 1, 3).to(k.dtype) for t in (dk, dv))
+        return dq, dk, dv, None, None
+
+
+def offset_causal_attention(q, k, v, offset: int, block: int | None = None) -> torch.Tensor:
+    """Causal attention of queries at positions offset.. over keys at 0..; see _OffsetCausalAttention."""
+    return _OffsetCausalAttention.apply(q, k, v, offset, block or KV_BLOCK)
+
+
 # The forwards swapped in, one per kind of mixer. Each is bound to its module with functools.partial.
 
 def _full_attention_forward(cg: ContextGroup, self: Attention, x, freqs=None, *, attn_mask=None):
@@ -208,9 +298,9 @@ def _full_attention_forward(cg: ContextGroup, self: Attention, x, freqs=None, *,
     G = k.shape[2]
     kv = gather_sequence(cg, torch.cat([k, v], 2))[:, :(cg.rank + 1) * T]
     k, v = kv.split(G, 2)
-    q_pos = torch.arange(T, device=x.device)[:, None] + cg.rank * T
-    mask = torch.arange(kv.shape[1], device=x.device)[None, :] <= q_pos  # [T, (r+1) T]
-    out = attention(q, k, v, attn_mask=mask)
+    # Key blocks of this rank's piece length (at most KV_BLOCK): the earlier ranks' blocks need no
+    # mask, this rank's own is the causal triangle; memory per rank is linear in T/cp.
+    out = offset_causal_attention(q, k, v, cg.rank * T, min(T, KV_BLOCK))
     return self.wo(out.reshape(B, T, -1))
 
 

@@ -6,7 +6,8 @@ float64: the global loss equals the single-process loss to 1e-10 (relative), eve
 gradient to 1e-9 (max abs error over max abs value), and 3 AdamW steps' losses to 1e-9. Under
 cp=4 every state a rank receives (memory weights and momentum, conv caches, SSM states, TTT inner
 weights, sliding-window keys/values) equals the single-process model's state at that position to
-1e-12. The layout checks run in-process.
+1e-12. The layout checks and the blockwise attention that full attention uses under cp (against
+causal SDPA over the whole sequence) run in-process.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 from titanforge.models.config import ModelConfig
 from titanforge.parallel import LayoutError, ParallelDims
 from titanforge.parallel.config import ParallelConfig
-from titanforge.parallel.context import check_context, shard_sequence
+from titanforge.parallel.context import check_context, offset_causal_attention, shard_sequence
 
 WORKER = Path(__file__).with_name("cp_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,6 +77,32 @@ def test_pieces_overlap_by_one_token():
     assert all(p.shape == (2, 5) for p in pieces)
     assert torch.equal(torch.cat([p[:, :-1] for p in pieces], 1), tokens[:, :-1])
     assert torch.equal(torch.cat([p[:, 1:] for p in pieces], 1), tokens[:, 1:])
+
+
+@pytest.mark.parametrize("B,T,H,G,D,offset,block", [(2, 7, 6, 2, 5, 9, 4), (1, 5, 3, 3, 4, 0, 2),
+                                                     (2, 6, 4, 1, 3, 12, 6), (1, 9, 2, 2, 3, 11, 16)])
+def test_offset_causal_attention_matches_sdpa_on_the_whole_sequence(B, T, H, G, D, offset, block):
+    """The blockwise attention of one rank's queries (positions offset..offset+T-1) over the keys
+    up to its end equals those rows of causal SDPA over the whole sequence, output and gradients,
+    in float64; blocks misaligned with the diagonal, GQA and a single block included."""
+    import torch
+
+    from titanforge.models.common import attention
+
+    g = torch.Generator().manual_seed(offset + block)
+    # Keys after the piece's end exist in the reference and must get no gradient from its rows.
+    n = offset + T + 3
+    q, k, v = (torch.randn(B, n, h, D, generator=g, dtype=torch.float64, requires_grad=True) for h in (H, G, G))
+    w = torch.randn(B, T, H, D, generator=g, dtype=torch.float64)
+    want = attention(q, k, v)[:, offset:offset + T]
+    got = offset_causal_attention(q[:, offset:offset + T], k[:, :offset + T], v[:, :offset + T], offset, block)
+    assert rel(got, want) < 1e-13
+    for a, b in zip(torch.autograd.grad((got * w).sum(), (q, k, v)), torch.autograd.grad((want * w).sum(), (q, k, v))):
+        assert rel(a, b) < 1e-13
+
+
+def rel(a, b) -> float:
+    return float((a - b).detach().abs().max() / b.detach().abs().max())
 
 
 def _cfg(family, **kw):
