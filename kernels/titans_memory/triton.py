@@ -1,0 +1,207 @@
+"""The Titans memory's chunk chain (chunk.py's `ChunkMemoryFunction` state walk) as a Triton kernel.
+
+One program per (batch row, head) keeps the memory weights W_l and momentum S_l (depth 1 or 2,
+every width up to 128) on chip across all chunks of a call and runs, per chunk of b tokens, at the
+chunk-start weights (README.md):
+
+    key forward z_l = x_l W_l, x_{l+1} = act(z_l);  errors delta_L = 2 (z_L - v),
+    delta_l = (delta_{l+1} W_{l+1}^T) act'(z_l);  clip s_i = tau / max(|g_i|, tau) with
+    |g_i|^2 = sum_l |x_{i,l}|^2 |delta_{i,l}|^2;
+    W_l <- c_M0 W_l + c_S0_M S_l - x_l^T (s c_g_M delta_l),   S_l <- c_S0_S S_l - x_l^T (s c_g_S delta_l)
+
+and writes the state at every chunk start (what the per-token read and the backward restart from)
+and the final state. The gate coefficients come from chunk.py's `chunk_coefficients` (autograd).
+
+What is Triton and what is not (first version): the forward state walk above is the kernel. The
+backward of the walk is chunk.py's hand-written `_chain_backward` (PyTorch, reverse chunk walk from
+the saved chunk-start states), registered as the custom op's autograd; the reads (the per-token dual
+form, `token_read`, or the chunk-start read) stay batched PyTorch over all chunks on the kernel's
+chunk-start states. Arithmetic in float32 (`tl.dot` in IEEE float32).
+
+Axis glossary: BH batch x heads, N chunks, b chunk size (KB its tile), DK key dim, DH hidden width,
+DV value dim (BK, BHD, BV their power-of-two tiles).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Largest memory width the kernel holds on chip (every layer's d_in and d_out).
+MAX_DIM = 128
+MAX_LAYERS = 2
+_ACTS = {"silu": 0, "gelu": 1}
+
+
+@triton.jit
+def _act_and_grad(z, ACT: tl.constexpr):
+    """(act(z), act'(z)) for silu (ACT=0) or the exact gelu (ACT=1)."""
+    if ACT == 0:
+        s = tl.sigmoid(z)
+        return z * s, s * (1 + z * (1 - s))
+    else:
+        cdf = 0.5 * (1 + tl.math.erf(z * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
+        return z * cdf, cdf + z * pdf
+
+
+@triton.jit
+def _load_mat(P, base, o_r, o_c, n_r, n_c):
+    m = (o_r[:, None] < n_r) & (o_c[None, :] < n_c)
+    return tl.load(P + base + o_r[:, None] * n_c + o_c[None, :], mask=m, other=0.).to(tl.float32)
+
+
+@triton.jit
+def _store_mat(P, base, x, o_r, o_c, n_r, n_c):
+    m = (o_r[:, None] < n_r) & (o_c[None, :] < n_c)
+    tl.store(P + base + o_r[:, None] * n_c + o_c[None, :], x, mask=m)
+
+
+@triton.jit
+def titans_chain_fwd_kernel(K, V, CM0, CS0M, CS0S, CGM, CGS, W1, S1, W2, S2, W1ST, S1ST, W2ST, S2ST,
+                            W1T, S1T, W2T, S2T, N, b, DK, DH, DV, clip,
+                            L: tl.constexpr, ACT: tl.constexpr, CLIP: tl.constexpr, KB: tl.constexpr,
+                            BK: tl.constexpr, BHD: tl.constexpr, BV: tl.constexpr):
+    i_bh = tl.program_id(0).to(tl.int64)
+    o_i = tl.arange(0, KB)
+    o_k = tl.arange(0, BK)
+    o_h = tl.arange(0, BHD)
+    o_v = tl.arange(0, BV)
+    m_i = o_i < b
+    # Layer 1 maps DK -> D1 (DV for a depth-1 memory, DH for depth 2); layer 2 maps DH -> DV.
+    if L == 1:
+        D1 = DV
+    else:
+        D1 = DH
+    w1 = _load_mat(W1, i_bh * DK * D1, o_k, o_h, DK, D1)
+    s1 = _load_mat(S1, i_bh * DK * D1, o_k, o_h, DK, D1)
+    if L == 2:
+        w2 = _load_mat(W2, i_bh * DH * DV, o_h, o_v, DH, DV)
+        s2 = _load_mat(S2, i_bh * DH * DV, o_h, o_v, DH, DV)
+    for n in range(0, N):
+        i_c = i_bh * N + n
+        _store_mat(W1ST, i_c * DK * D1, w1, o_k, o_h, DK, D1)
+        _store_mat(S1ST, i_c * DK * D1, s1, o_k, o_h, DK, D1)
+        if L == 2:
+            _store_mat(W2ST, i_c * DH * DV, w2, o_h, o_v, DH, DV)
+            _store_mat(S2ST, i_c * DH * DV, s2, o_h, o_v, DH, DV)
+        k = _load_mat(K, i_c * b * DK, o_i, o_k, b, DK)
+        c_m0 = tl.load(CM0 + i_c).to(tl.float32)
+        c_s0m = tl.load(CS0M + i_c).to(tl.float32)
+        c_s0s = tl.load(CS0S + i_c).to(tl.float32)
+        c_gm = tl.load(CGM + i_c * b + o_i, mask=m_i, other=0.).to(tl.float32)
+        c_gs = tl.load(CGS + i_c * b + o_i, mask=m_i, other=0.).to(tl.float32)
+        if L == 1:
+            v = _load_mat(V, i_c * b * DV, o_i, o_h, b, DV)
+            z = tl.dot(k, w1, input_precision="ieee")
+            d1 = 2 * (z - v)  # padded rows and columns: 0 - 0
+            sq = tl.sum(k * k, axis=1) * tl.sum(d1 * d1, axis=1)
+        else:
+            v = _load_mat(V, i_c * b * DV, o_i, o_v, b, DV)
+            z1 = tl.dot(k, w1, input_precision="ieee")
+            x1, g1 = _act_and_grad(z1, ACT)  # act(0) = 0: padding stays 0
+            z2 = tl.dot(x1, w2, input_precision="ieee")
+            d2 = 2 * (z2 - v)
+            d1 = tl.dot(d2, tl.trans(w2), input_precision="ieee") * g1
+            sq = tl.sum(k * k, axis=1) * tl.sum(d1 * d1, axis=1) + tl.sum(x1 * x1, axis=1) * tl.sum(d2 * d2, axis=1)
+        if CLIP:
+            scale = clip / tl.sqrt(tl.maximum(sq, clip * clip))
+            c_gm = c_gm * scale
+            c_gs = c_gs * scale
+        kt = tl.trans(k)
+        w1_new = c_m0 * w1 + c_s0m * s1 - tl.dot(kt, c_gm[:, None] * d1, input_precision="ieee")
+        s1 = c_s0s * s1 - tl.dot(kt, c_gs[:, None] * d1, input_precision="ieee")
+        w1 = w1_new
+        if L == 2:
+            x1t = tl.trans(x1)
+            w2_new = c_m0 * w2 + c_s0m * s2 - tl.dot(x1t, c_gm[:, None] * d2, input_precision="ieee")
+            s2 = c_s0s * s2 - tl.dot(x1t, c_gs[:, None] * d2, input_precision="ieee")
+            w2 = w2_new
+    _store_mat(W1T, i_bh * DK * D1, w1, o_k, o_h, DK, D1)
+    _store_mat(S1T, i_bh * DK * D1, s1, o_k, o_h, DK, D1)
+    if L == 2:
+        _store_mat(W2T, i_bh * DH * DV, w2, o_h, o_v, DH, DV)
+        _store_mat(S2T, i_bh * DH * DV, s2, o_h, o_v, DH, DV)
+
+
+def _tile(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+@torch.library.custom_op("titanforge::titans_memory_chain", mutates_args=())
+def titans_memory_chain(k: torch.Tensor, v: torch.Tensor, c_M0: torch.Tensor, c_S0_M: torch.Tensor,
+                        c_S0_S: torch.Tensor, c_g_M: torch.Tensor, c_g_S: torch.Tensor, W: list[torch.Tensor],
+                        S: list[torch.Tensor], activation: str, clip: float) -> list[torch.Tensor]:
+    """k [BH, N, b, DK], v [BH, N, b, DV], c_M0/c_S0_M/c_S0_S [BH, N], c_g_M/c_g_S [BH, N, b]; W, S: per
+    layer [BH, d_in, d_out] (float32) -> [*W_final, *S_final, *W_starts, *S_starts [BH, N, d_in, d_out]]."""
+    BH, N, b, DK = k.shape
+    DV = v.shape[-1]
+    L = len(W)
+    DH = W[0].shape[-1] if L == 2 else DV
+    f32 = dict(device=k.device, dtype=torch.float32)
+    fin = [torch.empty(w.shape, **f32) for w in W + S]
+    st = [torch.empty(BH, N, *w.shape[-2:], **f32) for w in W + S]
+    if L == 1:
+        w1, s1, w2, s2 = W[0], S[0], W[0], S[0]  # layer-2 pointers unused
+        w1t, s1t, w2t, s2t = fin[0], fin[1], fin[0], fin[1]
+        w1st, s1st, w2st, s2st = st[0], st[1], st[0], st[1]
+    else:
+        w1, w2, s1, s2 = W[0], W[1], S[0], S[1]
+        w1t, w2t, s1t, s2t = fin
+        w1st, w2st, s1st, s2st = st
+    c = lambda t: t.contiguous()  # noqa: E731
+    titans_chain_fwd_kernel[(BH,)](
+        c(k), c(v), c(c_M0), c(c_S0_M), c(c_S0_S), c(c_g_M), c(c_g_S), c(w1), c(s1), c(w2), c(s2),
+        w1st, s1st, w2st, s2st, w1t, s1t, w2t, s2t, N, b, DK, DH, DV, float(clip),
+        L=L, ACT=_ACTS[activation], CLIP=bool(clip), KB=_tile(b), BK=_tile(DK), BHD=_tile(DH if L == 2 else DV),
+        BV=_tile(DV), num_warps=4)
+    return [*fin, *st]
+
+
+@titans_memory_chain.register_fake
+def _(k, v, c_M0, c_S0_M, c_S0_S, c_g_M, c_g_S, W, S, activation, clip):
+    BH, N = k.shape[:2]
+    f32 = dict(device=k.device, dtype=torch.float32)
+    return [*(torch.empty(w.shape, **f32) for w in W + S), *(torch.empty(BH, N, *w.shape[-2:], **f32) for w in W + S)]
+
+
+def _setup(ctx, inputs, output):
+    k, v, c_M0, c_S0_M, c_S0_S, c_g_M, c_g_S, W, S, activation, clip = inputs
+    L = len(W)
+    ctx.L, ctx.activation, ctx.clip = L, activation, clip
+    ctx.save_for_backward(k, v, c_M0, c_S0_M, c_S0_S, c_g_M, c_g_S, *output[2 * L:])
+
+
+def _backward(ctx, grads):
+    from titanforge.kernels.titans_memory.chunk import ACTIVATIONS, _chain_backward, _key_forward
+
+    k, v, c_M0, c_S0_M, c_S0_S, c_g_M, c_g_S, *st = ctx.saved_tensors
+    L = ctx.L
+    W_st, S_st = st[:L], st[L:]
+    g = [None if x is None else x.float() for x in grads]
+    dW = [torch.zeros_like(w[:, 0]) if x is None else x for x, w in zip(g[:L], W_st)]
+    dS = [torch.zeros_like(w[:, 0]) if x is None else x for x, w in zip(g[L:2 * L], W_st)]
+    dW_st = dS_st = None
+    if any(x is not None for x in g[2 * L:]):
+        dW_st = [torch.zeros_like(w) if x is None else x for x, w in zip(g[2 * L:3 * L], W_st)]
+        dS_st = [torch.zeros_like(w) if x is None else x for x, w in zip(g[3 * L:], W_st)]
+    act, act_grads = ACTIVATIONS[ctx.activation]
+    kf, vf = k.float(), v.float()
+    # The key path's activations, recomputed per chunk from the kernel's chunk-start states.
+    saved = [_key_forward([w[:, n] for w in W_st], kf[:, n], vf[:, n], act, act_grads) for n in range(k.shape[1])]
+    c = torch.stack([c_g_M, c_g_S], -1).float()
+    _, dk, dv, d_c_M0, d_c_S0_M, d_c_S0_S, d_c_g, dW0, dS0 = _chain_backward(
+        ctx.activation, ctx.clip, None, dW, dS, c_M0.float(), c_S0_M.float(), c_S0_S.float(), c, W_st, S_st, saved,
+        None, None, dW_st, dS_st)
+    return (dk.to(k.dtype), dv.to(v.dtype), d_c_M0, d_c_S0_M, d_c_S0_S, d_c_g[..., 0], d_c_g[..., 1], dW0, dS0,
+            None, None)
+
+
+titans_memory_chain.register_autograd(_backward, setup_context=_setup)
+
+
+def fits(k: torch.Tensor, weights: list[torch.Tensor], activation: str) -> bool:
+    """Whether the kernel takes this memory: depth 1 or 2, every width at most MAX_DIM, silu or gelu."""
+    return (len(weights) <= MAX_LAYERS and activation in _ACTS
+            and all(max(w.shape[-2:]) <= MAX_DIM for w in weights) and k.shape[-1] <= MAX_DIM)
