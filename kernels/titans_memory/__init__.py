@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from titanforge.kernels import dispatch
-from titanforge.kernels.native import check_backend
 from titanforge.kernels.titans_memory import fused_cpu
 from titanforge.kernels.titans_memory.chunk import ACTIVATIONS, chunk_titans_memory_fwd, mlp_apply
 from titanforge.kernels.titans_memory.inputs import titans_memory_inputs
@@ -100,8 +99,8 @@ def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta
     clip = float(inner_grad_clip or 0.0)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
-    if backend not in ("auto", "triton", "native", "torch"):
-        check_backend(backend)
+    if backend not in dispatch.BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {list(dispatch.BACKENDS)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
     _check_weights(weights, B, H, Dk, v.shape[-1])

@@ -208,10 +208,9 @@ def _chain_backward(activation, clip, do, dW, dS, c_M0, c_S0_M, c_S0_S, c, W_st,
     L = len(W_st)
     BH, N = c.shape[:2]
     # Read path, all chunks at once: its weight gradients enter the chain below chunk by chunk.
-    # do None: no chunk-start read (the Triton chain, whose reads run outside it).
-    dW_read = [torch.zeros_like(w) for w in W_st] if do is None else [None] * L
-    dZ, dX = do, None
-    for l in (range(L - 1, -1, -1) if do is not None else ()):
+    dW_read = [None] * L
+    dZ = do
+    for l in range(L - 1, -1, -1):
         dW_read[l] = xq[l].transpose(-1, -2) @ dZ
         dX = dZ @ W_st[l].transpose(-1, -2)
         if l:
