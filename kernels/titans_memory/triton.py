@@ -307,7 +307,7 @@ def titans_memory_chain(k: torch.Tensor, v: torch.Tensor, c_M0: torch.Tensor, c_
         c(k), c(v), c(c_M0), c(c_S0_M), c(c_S0_S), c(c_g_M), c(c_g_S), c(w1), c(s1), c(w2), c(s2),
         w1st, s1st, w2st, s2st, w1t, s1t, w2t, s2t, N, b, DK, DH, DV, float(clip),
         L=L, ACT=_ACTS[activation], CLIP=bool(clip), KB=_tile(b), BK=_tile(DK), BHD=_tile(DH if L == 2 else DV),
-        BV=_tile(DV), num_warps=4)
+        BV=_tile(DV), num_warps=8)
     return [*fin, *st]
 
 
@@ -356,7 +356,7 @@ def titans_memory_chain_bwd(k: torch.Tensor, v: torch.Tensor, c_M0: torch.Tensor
         c(k), c(v), c(c_M0), c(c_S0_M), c(c_S0_S), c(c_g_M), c(c_g_S), w1st, s1st, w2st, s2st, dw1, ds1, dw2, ds2,
         dw1st, ds1st, dw2st, ds2st, dk, dv, *dco, dw1_0, ds1_0, dw2_0, ds2_0, N, b, DK, DH, DV, float(clip),
         L=L, ACT=_ACTS[activation], CLIP=bool(clip), HAS_DST=has_dst, KB=_tile(b), BK=_tile(DK),
-        BHD=_tile(DH if L == 2 else DV), BV=_tile(DV), num_warps=4)
+        BHD=_tile(DH if L == 2 else DV), BV=_tile(DV), num_warps=8)
     return [dk, dv, *dco, *d0]
 
 
