@@ -122,3 +122,20 @@ def test_titans_memory_bf16_on_gpu():
                                             backend="torch")
     assert o.dtype == torch.bfloat16
     assert rel_rms(o.double(), o_ref) < 3e-2 and rel_rms(W[0].double(), W_ref[0]) < 3e-2
+
+
+def test_chain_compiles_without_graph_breaks():
+    """The kernels are torch.library ops with fake kernels and autograd: a fullgraph compile traces
+    through them (aot_eager: inductor's graph capture without code generation), same gradients."""
+    leaves = {k: v.float().requires_grad_() for k, v in make_inputs(1, 10, 2, 4, 3, [5]).items()}
+
+    def f(q, k, v, theta, eta, alpha, w0, w1, m0, m1):
+        o, (W, S) = chunk_titans_memory(q, k, v, theta, eta, alpha, weights=[w0, w1], momentum=[m0, m1],
+                                        chunk_size=4, inner_grad_clip=1.0, backend="triton")
+        return o.sum() + W[0].sum() + S[1].sum()
+
+    args = list(leaves.values())
+    want = torch.autograd.grad(f(*args), args)
+    got = torch.autograd.grad(torch.compile(f, backend="aot_eager", fullgraph=True)(*args), args)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
