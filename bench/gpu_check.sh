@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of issue #19, under 8 minutes on one H100: (1) the gpu-marked tests (bf16 kernels
-# against float64 references), (2) bench/kernels.py (each kernel vs its PyTorch path, fla and
+# against float64 references, the Titans memory chain among them), (2) bench/kernels.py (each
+# kernel, titans_memory included, vs its PyTorch path, fla and
 # mamba-ssm where installed, CUDA events, GB/s and TFLOP/s vs roofline), (3) bench/gpu_step.py (one
 # training step per family at ~350M, tokens/s and MFU). Writes bench/results/gpu_check.json naming
 # the GPU, with each part's results or its error, so a partial run still reports.

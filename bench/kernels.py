@@ -28,6 +28,7 @@ from titanforge.kernels.loss import linear_cross_entropy
 from titanforge.kernels.mamba import causal_conv1d_silu, chunk_selective_scan, chunk_ssd
 from titanforge.kernels.moe import permute, unpermute
 from titanforge.kernels.norms import rms_norm
+from titanforge.kernels.titans_memory import chunk_titans_memory
 from titanforge.kernels.ttt import chunk_ttt_linear, chunk_ttt_mlp
 from titanforge.trainer.perf import peak_flops
 
@@ -180,6 +181,18 @@ def cases(device: torch.device, dt: torch.dtype, small: bool):
     out.append(("ttt_mlp", {p: fwd_bwd(lambda p=p: chunk_ttt_mlp(q, kk, v, eta, tok, lw, lb, state1, backend=p)[0],
                                        [q, kk, v, eta, lw, lb]) for p in paths},
                 8 * Bsz * Tt * H * Dh * el, 3 * 4 * Bsz * Tt * H * Fh * (2 * Dh + bs)))
+
+    # Titans memory chain: 16 heads x 64, a depth-2 MLP memory of hidden width 64, chunks of 16, the
+    # per-token read (dual form), momentum and forgetting per token, carried state.
+    gates = [(torch.sigmoid(r(Bsz, Tt, H, grad=False)) * s).requires_grad_() for s in (0.1, 0.9, 0.1)]
+    mem = [(0.1 * torch.randn(H, Dh, Dh, device=device)).requires_grad_() for _ in range(2)]
+    out.append(("titans_memory",
+                {p: fwd_bwd(lambda p=p: chunk_titans_memory(q, kk, v, *gates, weights=mem, chunk_size=bs,
+                                                            backend=p)[0], [q, kk, v, *gates, *mem])
+                 for p in paths},
+                # q, k, v, o and their gradients; per token, head and layer ~10 D^2 + 4 b D forward
+                # (key pass, backprop, M and S updates, the dual-form read), x3 with the backward.
+                8 * Bsz * Tt * H * Dh * el, 3 * 2 * Bsz * Tt * H * (10 * Dh * Dh + 4 * bs * Dh)))
     return out
 
 

@@ -33,7 +33,7 @@ from titanforge.kernels import native
 BACKENDS = ("auto", "triton", "native", "torch")
 # Ops that consult this rule; an override naming anything else is a typo.
 OPS = ("rms_norm", "linear_cross_entropy", "causal_conv", "selective_scan", "ssd", "moe_permute", "ttt_linear",
-       "ttt_mlp")
+       "ttt_mlp", "titans_memory")
 
 _config_overrides: dict[str, str] = {}
 # (op, path) -> how many calls took it in this process: lets a test see which kernels ran.

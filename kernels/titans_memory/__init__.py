@@ -1,7 +1,8 @@
 """Titans neural long-term memory update (Behrouz et al. 2025): public API.
 
 `chunk_titans_memory` is the chunk-parallel op (its chunk chain a fused C loop on CPU, fused_cpu.py,
-else plain torch, chunk.py; a Triton kernel with the same signature is a later issue),
+a Triton kernel on CUDA, triton.py, else plain torch, chunk.py; kernels/dispatch.py's rule, op
+"titans_memory"),
 `naive_titans_memory` the token loop it is tested against, and `titans_memory_retrieve` the read
 y = M*(q) without an update. The math is in README.md.
 """
@@ -10,11 +11,17 @@ from __future__ import annotations
 
 import torch
 
-from titanforge.kernels.native import check_backend, use_native
+from titanforge.kernels import dispatch
 from titanforge.kernels.titans_memory import fused_cpu
 from titanforge.kernels.titans_memory.chunk import ACTIVATIONS, chunk_titans_memory_fwd, mlp_apply
 from titanforge.kernels.titans_memory.inputs import titans_memory_inputs
 from titanforge.kernels.titans_memory.naive import naive_titans_memory
+
+
+def titans_triton_fits(q: torch.Tensor, weights, activation: str) -> bool:
+    """Whether the Triton chain takes this memory (triton.py's `fits`, without importing triton)."""
+    return (len(weights) <= 2 and activation in ("silu", "gelu") and q.shape[-1] <= 128
+            and all(max(w.shape[-2:]) <= 128 for w in weights))
 
 State = tuple[list[torch.Tensor], list[torch.Tensor]]
 # Where a token reads the memory: its own per-token weights M_t, or its chunk's starting weights.
@@ -62,9 +69,11 @@ def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta
     the sequence exactly when the first piece's length is a multiple of chunk_size.
     Computes in float32 (float64 if given); o has q's dtype. compile=True runs the chunk chain's
     forward and backward through torch.compile (opt-in: a one-off compile of minutes on CPU).
-    backend: "auto" runs the chunk chain in the fused C loop (fused_cpu.py) for CPU float32/float64
-    inputs where it builds (and compile is off), else in PyTorch; "native" insists on the C loop,
-    "torch" on PyTorch.
+    backend (kernels/dispatch.py, op "titans_memory"): "auto" runs the chunk chain in the Triton kernel
+    (triton.py) for CUDA tensors of a memory it takes (depth <= 2, widths <= 128), in the fused C loop
+    (fused_cpu.py) for CPU float32/float64 inputs where it builds (and compile is off), else in
+    PyTorch; "triton" insists on the kernel (CPU tensors under TRITON_INTERPRET=1), "native" on the
+    C loop, "torch" on PyTorch.
     inner_grad_clip: tau > 0 scales each token's inner gradient (all layers together, per batch row
     and head) by min(1, tau / ||grad||) before it enters the momentum (titans-pytorch's
     max_grad_norm, a hard clip): the memory's update per token is bounded whatever the inputs and
@@ -90,7 +99,8 @@ def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta
     clip = float(inner_grad_clip or 0.0)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
-    check_backend(backend)
+    if backend not in dispatch.BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {list(dispatch.BACKENDS)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
     _check_weights(weights, B, H, Dk, v.shape[-1])
@@ -108,9 +118,17 @@ def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta
     qkv, gates = [t.to(dtype) for t in (q, k, v)], [g.to(dtype) for g in (theta, eta, alpha)]
     if backend == "native" and len(weights) > fused_cpu.MAX_LAYERS:
         raise ValueError(f"backend='native' runs memories of up to {fused_cpu.MAX_LAYERS} layers, got {len(weights)}")
-    if (not compile and len(weights) <= fused_cpu.MAX_LAYERS
-            and use_native(backend, qkv[0], fused_cpu.SOURCE, "Titans memory chunk chain", *qkv[1:],
-                           *gates, *ws, *(ms or ()), read_after)):
+    path = dispatch.pick("titans_memory", backend, *qkv, *gates, *ws, *(ms or ()), read_after,
+                         native_source=fused_cpu.SOURCE)
+    if path == "triton" and not titans_triton_fits(q, weights, activation):
+        if dispatch.resolve("titans_memory", backend) == "triton":
+            raise ValueError(f"titans_memory: backend='triton' runs memories of depth <= 2 with every width <= 128 "
+                             f"and silu/gelu, got depth {len(weights)}, widths "
+                             f"{[tuple(w.shape[-2:]) for w in weights]}, {activation}; use backend='auto'")
+        path = "torch"
+    if path == "native" and (compile or len(weights) > fused_cpu.MAX_LAYERS):
+        path = "torch"
+    if path == "native":
         o, state, after = fused_cpu.fused_chunk_titans_memory(
             *qkv, *gates, ws, ms, chunk_size, activation, None if read_after is None else read_after.to(dtype), clip,
             read)
@@ -118,7 +136,8 @@ def chunk_titans_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta
     # [B, H, T, D] so a chunk is a contiguous slice of the matmul batch.
     q_, k_, v_ = (t.transpose(1, 2) for t in qkv)
     th, et, al = (g.transpose(1, 2) for g in gates)
-    o, state = chunk_titans_memory_fwd(q_, k_, v_, th, et, al, ws, ms, chunk_size, activation, compile, clip, read)
+    o, state = chunk_titans_memory_fwd(q_, k_, v_, th, et, al, ws, ms, chunk_size, activation, compile, clip, read,
+                                       use_triton=path == "triton")
     o = o.transpose(1, 2).to(q.dtype)
     if read_after is None:
         return o, state

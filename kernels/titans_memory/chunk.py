@@ -341,8 +341,9 @@ class ChunkMemoryFunction(torch.autograd.Function):
 
 
 def chunk_titans_memory_fwd(q, k, v, theta, eta, alpha, weights, momentum, chunk_size, activation,
-                            compiled=False, clip=0.0, read="token"):
-    """Inputs already validated and laid out as [B, H, T, D] / gates [B, H, T]."""
+                            compiled=False, clip=0.0, read="token", use_triton=False):
+    """Inputs already validated and laid out as [B, H, T, D] / gates [B, H, T]. use_triton: the chunk
+    chain's state walk runs the Triton kernel (triton.py); the reads stay here."""
     B, H, T = q.shape[:3]
     W = [w.expand(B, H, *w.shape[-2:]) if w.dim() == 3 else w for w in weights]
     S = [torch.zeros_like(w) for w in W] if momentum is None else list(momentum)
@@ -360,10 +361,21 @@ def chunk_titans_memory_fwd(q, k, v, theta, eta, alpha, weights, momentum, chunk
         c_M0, c_S0_M, c_g_M, c_S0_S, c_g_S = chunk_coefficients(part(theta), part(eta), part(alpha))
         # B and H fold into one batch axis so every matmul is a plain strided bmm.
         bh = lambda t: t.flatten(0, 1)  # noqa: E731
-        out = ChunkMemoryFunction.apply(activation, L, compiled, clip, *(bh(part(t)) for t in (q, k, v)),
-                                        *(bh(t) for t in (c_M0, c_S0_M, c_S0_S, c_g_M, c_g_S)),
-                                        *(bh(t) for t in W), *(bh(t) for t in S))
-        o = out[0]
+        if use_triton:
+            from titanforge.kernels.titans_memory.triton import titans_memory_chain
+
+            chain = titans_memory_chain(*(bh(part(t)).contiguous() for t in (k, v)),
+                                        *(bh(t).contiguous() for t in (c_M0, c_S0_M, c_S0_S, c_g_M, c_g_S)),
+                                        [bh(t).contiguous() for t in W], [bh(t).contiguous() for t in S], activation,
+                                        float(clip))
+            if read == "chunk":
+                o = _read_forward(list(chain[2 * L:3 * L]), bh(part(q)), ACTIVATIONS[activation][0])[1][-1]
+            out = (None, *chain)
+        else:
+            out = ChunkMemoryFunction.apply(activation, L, compiled, clip, *(bh(part(t)) for t in (q, k, v)),
+                                            *(bh(t) for t in (c_M0, c_S0_M, c_S0_S, c_g_M, c_g_S)),
+                                            *(bh(t) for t in W), *(bh(t) for t in S))
+            o = out[0]
         if read == "token":
             o = token_read(*(bh(part(t)) for t in (q, k, v, theta, eta, alpha)), list(out[1 + 2 * L:1 + 3 * L]),
                            list(out[1 + 3 * L:]), activation, clip)

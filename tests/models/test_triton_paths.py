@@ -65,6 +65,8 @@ def test_family_trains_the_same_on_the_triton_path(family):
         dispatch.set_overrides({})
     ops = {op for (op, path) in dispatch.counts if path == "triton"}
     assert "rms_norm" in ops and all(path == "torch" for (_, path) in picked)
+    if family == "titans":
+        assert "titans_memory" in ops
     if family.startswith("ttt"):
         assert ("ttt_mlp" if family == "ttt_mlp" else "ttt_linear") in ops
     if family == "jamba":
