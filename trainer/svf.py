@@ -174,6 +174,39 @@ def cem_search(score: Callable[[torch.Tensor], float], k: int, iters: int = 20, 
     return best
 
 
+@torch.no_grad()
+def classify_task(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, tag_ids: List[int]) -> torch.Tensor:
+    """The first pass of the prompt and classifier strategies: [B] index into `tag_ids` of the tag
+    the model rates highest at the position `mask` [B, T-1] marks (one per row: the position
+    after the adaptation prompt, whose next token names the task). `tokens` [B, T]."""
+    if (mask.sum(1) != 1).any():
+        raise ValueError("classify_task: the mask must mark exactly one position per row (the tag's)")
+    logits = model(tokens[:, :-1])
+    rows = torch.arange(len(tokens))
+    at = logits[rows, mask.to(torch.long).argmax(1)]
+    return at[:, torch.as_tensor(tag_ids, device=at.device)].argmax(-1)
+
+
+def adapt_few_shot(model: nn.Module, experts: List[Dict[str, torch.Tensor]], score: Callable[[nn.Module], float],
+                   **cem_kw) -> torch.Tensor:
+    """The few-shot strategy: CEM over mixing weights alpha of `experts` (z-vector dicts), each
+    candidate scored as `score(model)` with the SVF model's z set to sum_k alpha_k z_k (on a
+    handful of examples of the target task). Returns the best alpha; the model's z-vectors are
+    left as they were."""
+    from titanforge.models.svf import load_z, mix_z, z_state_dict
+
+    saved = z_state_dict(model)
+
+    def evaluate(alpha: torch.Tensor) -> float:
+        load_z(model, mix_z(experts, alpha))
+        return float(score(model))
+
+    try:
+        return cem_search(evaluate, len(experts), **cem_kw)
+    finally:
+        load_z(model, saved)
+
+
 def save_z(path: str | Path, zs: Dict[str, torch.Tensor], meta: Dict[str, str] | None = None) -> None:
     """One expert's z-vectors as a small safetensors file (`titanforge svf export`)."""
     from safetensors.torch import save_file
@@ -195,6 +228,6 @@ def trainable_summary(model: nn.Module) -> tuple[int, int]:
     return n_train, n_all
 
 
-__all__ = ["SVFLinear", "base_policy", "cem_search", "compute_factors", "prepare_svf", "read_z",
+__all__ = ["SVFLinear", "adapt_few_shot", "base_policy", "cem_search", "classify_task", "compute_factors", "prepare_svf", "read_z",
            "reinforce_loss", "sample_answer", "save_z", "trainable_summary"]
 

@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
 from fsdp_cases import build, global_batch, loss_fn  # noqa: E402
 
 from titanforge.models.svf import SVFConfig, SVFLinear, apply_svf, load_z, mix_z, svf_modules, z_state_dict
-from titanforge.trainer.svf import base_policy, cem_search, prepare_svf, read_z, reinforce_loss, save_z
+from titanforge.trainer.svf import (adapt_few_shot, base_policy, cem_search, classify_task, prepare_svf, read_z,
+                                    reinforce_loss, save_z)
 
 FAMILIES = ("llama", "titans", "titans-mag", "titans-mal", "titans-lmm", "ttt", "ttt-mlp", "jamba")
 
@@ -175,3 +176,48 @@ def test_lora_baseline_starts_at_base_and_trains_only_its_factors():
     assert trained and all(n.endswith(("lora_A", "lora_B")) for n in trained)
     with pytest.raises(ValueError, match="rank=0"):
         apply_lora(build("llama"), rank=0)
+
+
+class _Lookup(nn.Module):
+    """Logits = a fixed table row per input token, through one SVF-able linear layer."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, vocab)
+        self.layers = nn.ModuleList([nn.Linear(vocab, vocab, bias=False)])
+
+    def forward(self, tokens):
+        return self.layers[0](self.emb(tokens))
+
+
+def test_classify_task_reads_the_marked_position_among_the_tags():
+    torch.manual_seed(0)
+    m = _Lookup(7)
+    tags = [5, 2, 6]
+    tokens = torch.randint(0, 7, (6, 9))
+    mask = torch.zeros(6, 8, dtype=torch.bool)
+    at = torch.tensor([0, 3, 7, 2, 5, 1])
+    mask[torch.arange(6), at] = True
+    got = classify_task(m, tokens, mask, tags)
+    logits = m(tokens[:, :-1])
+    want = torch.stack([logits[b, at[b], tags].argmax() for b in range(6)])
+    assert torch.equal(got, want) and got.max() < len(tags)
+    with pytest.raises(ValueError, match="exactly one position"):
+        classify_task(m, tokens, torch.ones(6, 8, dtype=torch.bool), tags)
+
+
+def test_few_shot_finds_the_mixture_of_experts_that_fits_and_restores_z():
+    torch.manual_seed(0)
+    m = _Lookup(6)
+    apply_svf(m)
+    experts = [{n: torch.rand_like(z) + 0.5 for n, z in z_state_dict(m).items()} for _ in range(3)]
+    target = mix_z(experts, [0.7, -0.2, 0.5])
+    x = torch.arange(6)[None]
+    load_z(m, target)
+    with torch.no_grad():
+        want = m(x)
+    load_z(m, {n: torch.ones_like(z) for n, z in target.items()})
+    alpha = adapt_few_shot(m, experts, lambda mod: -float((mod(x) - want).pow(2).mean()), iters=30,
+                           population=40, elite=8)
+    torch.testing.assert_close(alpha, torch.tensor([0.7, -0.2, 0.5], dtype=torch.float64), atol=0.05, rtol=0)
+    assert all(torch.equal(z, torch.ones_like(z)) for z in z_state_dict(m).values()), "z not restored"
