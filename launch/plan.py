@@ -41,13 +41,15 @@ def param_counts(model_cfg, model: nn.Module | None = None) -> tuple[int, int]:
 #     data-parallel engine shards it (FSDP2: all three; ZeRO-1: optimizer; ZeRO-2: + gradients;
 #     DDP: nothing, plus one gradient-sized bucket copy);
 #   FSDP2 working set: the largest block gathered twice (current + prefetched) and its full
-#     gradient once;
+#     gradient once; under pp with several micro-batches the whole stage's gathered parameters and
+#     unsharded gradients (torch's pipeline stages skip FSDP's reshard and reduce-scatter until the
+#     last micro-batch), the peak then following the first backward;
 #   activations: what autograd keeps per token per block, estimated from the block's modules
 #     (inputs and outputs of every Linear, the family's recurrent states: Titans' per-chunk memory
 #     weights, TTT's per-mini-batch inner weights, Mamba's scan states), times the micro-batch's
-#     tokens, the stage's blocks and, under 1F1B, the pp micro-batches in flight; divided by tp
-#     (sequence parallel); with activation checkpointing one block's worth plus every block's input;
-#   logits: three float32 copies of [micro, T, V / tp];
+#     tokens, the stage's blocks and, under 1F1B, the pp micro-batches in flight; not divided by
+#     tp (measured, see estimate()); with activation checkpointing one block's worth plus every block's input;
+#   logits: three float32 copies of [micro, T, V];
 #   a fixed runtime overhead (--overhead-gb: CUDA context and allocator slack on a GPU).
 # Step time: 6N-style FLOPs (the model's own flops_per_token) at --mfu of the device peak, plus
 #   communication at the interconnect's bandwidth (FSDP: gather params twice + reduce-scatter
@@ -103,11 +105,16 @@ class ModelStats:
 def _block_activation_per_token(block: nn.Module, cfg) -> float:
     """Bytes autograd keeps per token for one block (float32), estimated from its modules."""
     elems = 0.0
-    for m in block.modules():
+    # A Linear keeps its input (once for siblings reading the same tensor: q/k/v, w1/w3) and its
+    # output (read by the next op: attention, the gate's product, the scan); an RMSNorm its input.
+    inputs = {}
+    for name, m in block.named_modules():
         if isinstance(m, nn.Linear):
-            elems += m.in_features + m.out_features
+            inputs[(name.rpartition(".")[0], m.in_features)] = m.in_features
+            elems += m.out_features
         elif type(m).__name__ == "RMSNorm":
-            elems += 2 * m.weight.shape[0]
+            elems += m.weight.shape[0]
+    elems += sum(inputs.values())
     names = {n.rsplit(".", 1)[-1]: p for n, p in block.named_parameters()}
     for name, p in block.named_parameters():
         if ".experts." in name and p.ndim == 3:
@@ -124,7 +131,7 @@ def _block_activation_per_token(block: nn.Module, cfg) -> float:
         elems += 2 * inner / max(cfg.ttt.mini_batch_size, 1)
     elif fam == "jamba" and "A_log" in names:
         d_inner, d_state = names["A_log"].shape
-        elems += 2 * d_inner * d_state / max(cfg.jamba.chunk_size, 1) + 4 * d_inner
+        elems += 2 * d_inner * d_state / max(cfg.jamba.chunk_size, 1)
     return elems * F32
 
 
@@ -153,9 +160,10 @@ def estimate(stats: ModelStats, model_cfg, lay: Layout, *, micro: int, seq_len: 
     n_micro = max(global_batch // (micro * lay.dp), 1)
     dp_rep = lay.dp // lay.ep
     e = lay.engine
-    # Under sequence parallelism the column-parallel layers' inputs are gathered (full width kept
-    # for backward) and only their outputs are split: about half the saved activations divide by tp.
-    tp_act = (1 + 1 / lay.tp) / 2
+    # Activations and logits are not divided by tp: measured (tests/parallel/test_plan.py, CPU
+    # gloo), Llama at tp=2 x dp=2 peaks 6% above dp=4, though sequence parallelism and the
+    # vocabulary-sharded loss should save about a third (which tensors the DTensor path keeps
+    # instead is not traced yet); dividing by tp underestimated that peak by 26%.
 
     def stage_estimate(s: int):
         idx = stages[s]
@@ -167,6 +175,10 @@ def estimate(stats: ModelStats, model_cfg, lay: Layout, *, micro: int, seq_len: 
             shard = dense / lay.tp / lay.dp + expert / lay.ep / dp_rep
             params, grads, optim = shard, shard, 2 * shard
             working = 3 * max(stats.blocks[i][0] / lay.tp + stats.blocks[i][1] / lay.ep for i in idx)
+            if lay.pp > 1 and n_micro > 1:
+                # torch's pipeline stages keep FSDP's parameters gathered and accumulate unsharded
+                # gradients until the last micro-batch's backward (which reduce-scatters them).
+                grads, working = 0.0, 2 * local
         else:
             params = local / lay.dp if e == "zero3" else local
             grads = local / lay.dp if e in ("zero2", "zero3") else local
@@ -174,12 +186,15 @@ def estimate(stats: ModelStats, model_cfg, lay: Layout, *, micro: int, seq_len: 
             working = local if e == "ddp" else 0.0  # DDP's gradient buckets
         # 1F1B: stage s keeps the activations of pp - s micro-batches before its first backward.
         in_flight = min(lay.pp - s, n_micro)
+        if e == "fsdp" and lay.pp > 1 and n_micro > 1:
+            # The peak is then after the first backward: the other micro-batches' activations.
+            in_flight = max(in_flight - 1, 1)
         per_block = [stats.blocks[i][2] for i in idx]
         if lay.ac:
-            act = tokens * (len(idx) * model_cfg.d_model * F32 + max(per_block)) * tp_act
+            act = tokens * (len(idx) * model_cfg.d_model * F32 + max(per_block))
         else:
-            act = tokens * sum(per_block) * tp_act
-        logits = 3 * tokens * model_cfg.vocab_size / lay.tp * F32 if s == lay.pp - 1 else 0.0
+            act = tokens * sum(per_block)
+        logits = 3 * tokens * model_cfg.vocab_size * F32 if s == lay.pp - 1 else 0.0
         return params * F32, grads * F32, optim * F32, working * F32, act * in_flight, logits, local
 
     parts = max((stage_estimate(s) for s in range(lay.pp)), key=lambda r: sum(r[:6]))

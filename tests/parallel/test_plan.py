@@ -4,7 +4,10 @@ One 4-rank launch (tests/parallel/plan_worker.py) trains 2 AdamW steps per layou
 FSDP2 dp=4, tp=2 x dp=2 and pp=2 x dp=2 (FSDP2), Jamba under FSDP2 dp=4, DDP dp=4 and ep=2 (FSDP2),
 and reports each rank's peak memory. The planner's estimate for the same model, batch and layout
 (overhead 0: the measurement excludes the runtime, see the worker) is compared with the largest
-rank's peak: the aim of 20% is met for WITHIN_AIM cases, every case is within BOUND. The step-time estimate is not checked here (a CPU says nothing about a GPU's).
+rank's peak: every case within 20%. The step-time estimate is not checked here (a CPU says nothing
+about a GPU's). The launch's mmap threshold is 16 KiB: at 128 KiB the per-rank halves of
+activations under tp and pp stay in glibc's heap, fragment it, and RSS kept ~30 MiB above live
+memory between steps (a measurement artefact; the planner models live tensors).
 """
 
 from __future__ import annotations
@@ -22,10 +25,7 @@ import plan_worker as pw  # noqa: E402
 from test_sharded_init import _torchrun  # noqa: E402
 
 pytestmark = pytest.mark.slow
-# The aim is 20%; it is not met everywhere (docs/design.md has the measured errors): Llama's
-# layouts and Jamba's DDP are within it, Jamba under FSDP2 is overestimated by 25-50% (its Mamba
-# blocks keep less than the Linear-in/out count assumes).
-AIM, BOUND, WITHIN_AIM = 0.20, 0.60, 3
+AIM = 0.20
 LAYOUTS = {"fsdp": Layout(4, 1, 1, 1, "fsdp", False), "ddp": Layout(4, 1, 1, 1, "ddp", False),
            "tp2_fsdp": Layout(2, 2, 1, 1, "fsdp", False), "pp2_fsdp": Layout(2, 1, 2, 1, "fsdp", False),
            "ep2_fsdp": Layout(4, 1, 1, 2, "fsdp", False)}
@@ -34,7 +34,7 @@ LAYOUTS = {"fsdp": Layout(4, 1, 1, 1, "fsdp", False), "ddp": Layout(4, 1, 1, 1, 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("plan") / "plan.json"
-    _torchrun(4, "plan_worker.py", str(out))
+    _torchrun(4, "plan_worker.py", str(out), mmap_threshold=16384)
     return json.loads(out.read_text())
 
 
@@ -52,5 +52,4 @@ def test_plan_memory_matches_measured_peaks(measured):
                        for f, n, e, m, err in rows)
     print(report)
     assert len(rows) >= 6 and len({r[0] for r in rows}) == 2
-    assert all(abs(r[4]) <= BOUND for r in rows), report
-    assert sum(abs(r[4]) <= AIM for r in rows) >= WITHIN_AIM, report
+    assert all(abs(r[4]) <= AIM for r in rows), report

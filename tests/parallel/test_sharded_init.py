@@ -34,10 +34,10 @@ pytestmark = pytest.mark.slow
 BUDGET_MB = 265
 
 
-def _torchrun(nproc: int, script: str, *args: str) -> None:
+def _torchrun(nproc: int, script: str, *args: str, mmap_threshold: int = 131072) -> None:
     cmd = [sys.executable, "-P", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            str(HERE / script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MALLOC_MMAP_THRESHOLD_": str(mmap_threshold)}
     proc = subprocess.run(cmd, cwd=HERE.parents[1], env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
