@@ -95,3 +95,33 @@ def preflight(job: JobConfig) -> None:
             raise ConfigError(f"output_dir={out} has {free / 2**20:.1f} MiB free and the next checkpoint needs about "
                               f"{need / 2**20:.1f} MiB; free space, choose an output_dir on a larger disk, or "
                               f"checkpoint.enabled=false")
+
+
+def main(argv: list[str]) -> int:
+    """`python -P -m titanforge.launch.preflight [--world N] CONFIG [key=value ...]`: validate the
+    config for N ranks and run the machine checks; one line and exit 2 on a problem. The batch
+    script of `titanforge slurm` runs it on the head node before srun starts any rank."""
+    import argparse
+    import sys
+
+    from titanforge.launch.config import load_config, validate
+
+    p = argparse.ArgumentParser(prog="titanforge preflight")
+    p.add_argument("--world", type=int, default=1, help="ranks of the whole job")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    try:
+        job = load_config(args.config, args.overrides)
+        validate(job, world_size=args.world)
+        preflight(job)
+    except ConfigError as e:
+        print(f"titanforge: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

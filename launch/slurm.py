@@ -158,6 +158,13 @@ def render(args: argparse.Namespace, job) -> str:
              f"mkdir -p {q(str(out_dir))}",
              "# The job's directory never goes on the ranks' sys.path (torchrun starts them with -m).",
              "export PYTHONSAFEPATH=1",
+             "# Machine checks (data, output_dir, run lock, checkpoints, free space) before any rank starts:",
+             "# a problem is one line in the job's output and exit status 2 (launch/preflight.py).",
+             'if [ -z "${TITANFORGE_PREFLIGHT_DONE:-}" ]; then',
+             f'    "$PYTHON" -P -m titanforge.launch.preflight --world "$((SLURM_NNODES * {nproc}))" "$CONFIG" '
+             '"${OVERRIDES[@]}" || exit 2',
+             "fi",
+             "export TITANFORGE_PREFLIGHT_DONE=1",
              'echo "[slurm] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_NNODES nodes, '
              'head $HEAD:$PORT"',
              "",

@@ -110,7 +110,9 @@ def test_overrides_reach_the_trainer_quoted_as_given(tmp_path, fake_slurm):
     script = _write(tmp_path, "--nodes", "1", "--nproc-per-node", "2", "--port", "29999",
                     "--output-dir", str(tmp_path / "o p"), *tricky)
     args_file = tmp_path / "args.bin"
-    proc = subprocess.run(["bash", str(script), "train.seed=3"], env={**fake_slurm, "FAKE_SRUN_PRINT_ARGS": str(args_file)},
+    # No prepared data here: the stand-in srun only records its arguments, so the preflight is skipped.
+    proc = subprocess.run(["bash", str(script), "train.seed=3"], env={**fake_slurm, "FAKE_SRUN_PRINT_ARGS": str(args_file),
+                                                                     "TITANFORGE_PREFLIGHT_DONE": "1"},
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     args = args_file.read_text().split("\0")[:-1]
@@ -132,10 +134,23 @@ def test_ranks_start_with_huge_page_malloc(tmp_path, fake_slurm, env, expected):
     script = _write(tmp_path, "--nodes", "1", "--nproc-per-node", "2", "--port", "29999")
     out = tmp_path / "tunables.txt"
     base = {k: v for k, v in fake_slurm.items() if k not in ("GLIBC_TUNABLES", "TITANFORGE_HUGE_PAGES")}
-    proc = subprocess.run(["bash", str(script)], env={**base, **env, "FAKE_SRUN_PRINT_TUNABLES": str(out)},
+    proc = subprocess.run(["bash", str(script)], env={**base, **env, "FAKE_SRUN_PRINT_TUNABLES": str(out),
+                                                      "TITANFORGE_PREFLIGHT_DONE": "1"},
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert out.read_text().strip() == expected
+
+
+def test_batch_script_preflight_stops_bad_input_before_any_rank(tmp_path, fake_slurm):
+    """A job whose data is missing ends on the head node with one line and status 2; srun never runs."""
+    script = _write(tmp_path, "--nodes", "1", "--nproc-per-node", "2", "--port", "29999",
+                    f"data.path={tmp_path / 'no-data'}")
+    proc = subprocess.run(["bash", str(script)], env=fake_slurm, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("titanforge:")]
+    assert len(lines) == 1 and "data.path=" in lines[0] and "no-data" in lines[0], proc.stderr
+    log = Path(fake_slurm["FAKE_SLURM_LOG"])
+    assert not log.exists() or "srun" not in log.read_text()
 
 
 @pytest.mark.parametrize("args,message", [
