@@ -68,6 +68,7 @@
 #define SUF(name) name##_f32
 #define EXP(x) exp2_f32((x) * (float)LOG2E)
 #define ERF erff
+#include "small_matrix_impl.h"
 #include "chunk_memory_impl.h"
 #undef S
 #undef SUF
@@ -78,4 +79,5 @@
 #define SUF(name) name##_f64
 #define EXP(x) exp(x)
 #define ERF erf
+#include "small_matrix_impl.h"
 #include "chunk_memory_impl.h"
