@@ -125,6 +125,9 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "soak")
     ap.add_argument("--out", type=Path, default=RESULTS / "soak.json")
     ap.add_argument("--note", default="", help="how the runs were made, recorded in the results")
+    ap.add_argument("--merge", type=Path, default=None,
+                    help="an earlier results file: its presets not run now are kept in --out, each with the date, "
+                         "command and note of its own run (e.g. families soaked in different sessions)")
     ap.add_argument("--collect", action="store_true",
                     help="train nothing: summarise the runs already in --work (e.g. presets soaked in two batches)")
     args = ap.parse_args()
@@ -163,8 +166,21 @@ def main() -> int:
                   f"{r['wall_s']} s, {'PASS' if r['passed'] else 'FAIL'}", flush=True)
         time.sleep(1.0)
     ordered = [results[p] for p in args.presets]
+    run_info = {"date": None, "command": " ".join([Path(sys.executable).name, "bench/soak.py", *sys.argv[1:]]),
+                "note": args.note}
+    for r in ordered:
+        r["run"] = run_info
+    if args.merge is not None:
+        earlier = json.loads(args.merge.read_text())
+        for r in earlier["presets"]:
+            if r["preset"] not in results:
+                r.setdefault("run", {"date": earlier["date"], "command": earlier["command"], "note": earlier["note"]})
+                ordered.append(r)
+        order = sorted(p.name.removesuffix(".yaml") for p in (ROOT / "configs").glob("*-tiny.yaml"))
+        ordered.sort(key=lambda r: order.index(r["preset"]) if r["preset"] in order else len(order))
+    run_info["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     doc = {"benchmark": "soak: every preset trained on the default data (Shakespeare, GPT-2 BPE)",
-           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "date": run_info["date"],
            "command": " ".join([Path(sys.executable).name, "bench/soak.py", *sys.argv[1:]]),
            "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
                        "load_average_1min_at_end": round(os.getloadavg()[0], 1)},
