@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from titanforge.kernels.native import cpuinfo
+
 # Dense bf16 tensor-core peaks, TFLOP/s (vendor datasheets, SXM parts).
 _GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
 
@@ -38,19 +40,6 @@ class CpuPeak:
     def describe(self) -> str:
         return (f"peak {self.flops / 1e9:.0f} GFLOP/s = {self.threads} thread(s) x {self.flops_per_cycle} "
                 f"FLOP/cycle x {self.clock_ghz:.2f} GHz ({self.how})")
-
-
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    fields: dict[str, str] = {}
-    for line in text.split("\n\n", 1)[0].splitlines():
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
-    return fields
 
 
 def flops_per_cycle(flags: set[str], dtype: str = "float32") -> int:
@@ -142,7 +131,7 @@ def cpu_peak(threads: int | None = None, dtype: str = "float32", *, measure: boo
 
     The clock is the larger of the reported one and the one measured (a dependent-add chain on
     x86-64, else a GEMM at 64 FLOP/cycle): both can only read below the truth."""
-    info = _cpuinfo() if info is None else info
+    info = cpuinfo() if info is None else info
     flags = set(info.get("flags", "").split())
     threads = threads or torch.get_num_threads()
     fpc = flops_per_cycle(flags, dtype)

@@ -40,6 +40,27 @@ def test_kills_corruption_and_a_changed_model_leave_the_run_as_if_uninterrupted(
     assert F.good(verdict), verdict
 
 
+def test_truncated_checksums_falls_back_past_an_older_checkpoint_an_earlier_fault_damaged(shakespeare64, ref,
+                                                                                           tmp_path):
+    """bench/results/faults.json (seed 1): the newest checkpoint's checksums.json truncated while the
+    one before it was still damaged by an earlier fault. The run names the file in one warning line
+    and resumes two checkpoints back; the harness must expect that, not the one just before."""
+    import shutil
+
+    sc = F.Scenario(tmp_path, shakespeare64)
+    shutil.copytree(ref.out / "checkpoints", sc.ckpts)
+    step8, step10, step12 = sc.complete()
+    F.damage_checkpoint(sc, step10 / ".metadata", "truncate", random.Random(0))
+    record = F.fault_corrupt_checkpoint(sc, random.Random(1), ref, file="checksums.json", how="truncate")
+    assert record.injected and record.ok, record
+    text = (tmp_path / "001-after-corrupt.log").read_text()
+    warned = [ln for ln in text.splitlines() if ln.startswith("[checkpoint] WARNING:")]
+    assert len(warned) == 2, text
+    assert f"{step12}/checksums.json is not valid JSON" in warned[0] and "falling back" in warned[0], warned
+    assert f"{step10}/.metadata is corrupted" in warned[1], warned
+    assert f"[resume] from {step8} at step 8" in text
+
+
 def test_second_run_on_the_directory_is_refused_and_a_dead_holder_taken_over(shakespeare64, ref, tmp_path):
     sc = F.Scenario(tmp_path, shakespeare64)
     first = F.Job(sc, {"train.steps": 400}, name="holder")

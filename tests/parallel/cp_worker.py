@@ -15,10 +15,7 @@ the tokens a rank holds, so it is per piece (as it is per data-parallel micro-ba
 from __future__ import annotations
 
 import copy
-import json
-import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -187,14 +184,8 @@ def main() -> None:
         dims = ParallelDims.from_config(pcfg, world)
         layout = {"dims": dims, "mesh": build_mesh(dims, "cpu"), "cfg": pcfg, "record": lname == "cp4"}
         for name in names:
-            try:
-                results[f"{lname}/{name}"] = run_case(name, layout)
-            except Exception:  # recorded per case so one failure does not hide the others
-                results[f"{lname}/{name}"] = {"error": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+            cases.record(results, f"{lname}/{name}", run_case, name, layout)
+    cases.write_results(out_dir, results)
 
 
 if __name__ == "__main__":

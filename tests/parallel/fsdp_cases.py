@@ -12,6 +12,7 @@ is why the reference keeps the micro-batches rather than one forward over the wh
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import traceback
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from titanforge.models.common.moe import MoEConfig
@@ -50,6 +52,23 @@ def worker_main(main) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def record(results: dict, key: str, run, *args) -> None:
+    """results[key] = run(*args), or the traceback it raised: recorded per case so that one failure
+    does not hide the others (the pytest side reports each case's error)."""
+    try:
+        results[key] = run(*args)
+    except Exception:
+        results[key] = {"error": traceback.format_exc()}
+
+
+def write_results(out_dir: str, results: dict) -> None:
+    """This rank's results to OUT_DIR/rank<r>.json, then wait for all ranks and leave the group."""
+    with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def tiny_config(name: str) -> ModelConfig:

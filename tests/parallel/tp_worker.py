@@ -14,10 +14,8 @@ results to OUT_DIR/rank<r>.json; the test asserts on them, so one launch covers 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -245,7 +243,6 @@ def vocab_ce_case(mesh) -> dict:
 def main() -> None:
     out_dir, names = sys.argv[1], sys.argv[2:] or list(CASES)
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
     world = dist.get_world_size()
     if world == 2:
         mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
@@ -263,19 +260,13 @@ def main() -> None:
         raise SystemExit(f"tp_worker.py runs on 2 ranks (tp=2) or 4 ranks (dp=2 x tp=2), not {world}")
     results = {}
     for name in names + extra:
-        try:
-            if name == "vocab_ce":
-                results[name] = vocab_ce_case(mesh)
-            elif name == "checkpoint":
-                results[name] = checkpoint_case(layout, os.path.join(out_dir, "ckpt"))
-            else:
-                results[name] = run_case(name, layout)
-        except Exception:  # recorded per case so one failure does not hide the others
-            results[name] = {"error": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+        if name == "vocab_ce":
+            cases.record(results, name, vocab_ce_case, mesh)
+        elif name == "checkpoint":
+            cases.record(results, name, checkpoint_case, layout, os.path.join(out_dir, "ckpt"))
+        else:
+            cases.record(results, name, run_case, name, layout)
+    cases.write_results(out_dir, results)
 
 
 if __name__ == "__main__":

@@ -119,13 +119,30 @@ static void SUF(ln_l2_bwd)(int64_t K, int64_t D, const S *xh, const S *rstd, con
     }
 }
 
+/* One task's (batch row, head) mini-batch buffers, and where the task reads: its LayerNorm rows
+   g, be and the bases of q, k, v, eta with their 12 strides st (set by mb_head). */
 typedef struct {
     S *Qc, *Kc, *Tc, *xh, *gh, *G, *xh2, *Ke, *e, *el, *rstd, *rstd2, *Sm, *A;
+    const S *g, *be, *qb, *kb, *vb, *eb;
+    const int64_t *st;
 } SUF(mb);
 
+/* Points m at task (bi, h)'s inputs; st: (batch, time, head) strides of q, k, v, eta. */
+static void SUF(mb_head)(SUF(mb) *m, const S *q, const S *k, const S *v, const S *eta, const int64_t *st,
+                         const S *gamma, const S *beta, int64_t bi, int64_t h, int64_t D) {
+    m->g = gamma + h * D;
+    m->be = beta + h * D;
+    m->qb = q + bi * st[0] + h * st[2];
+    m->kb = k + bi * st[3] + h * st[5];
+    m->vb = v + bi * st[6] + h * st[8];
+    m->eb = eta + bi * st[9] + h * st[11];
+    m->st = st;
+}
+
 /* Loads the mini-batch [t0, t0 + K): Q, K, T = V - K, eta (e) and e_last (el). */
-static void SUF(mb_load)(SUF(mb) *m, const S *qb, const S *kb, const S *vb, const S *eb, const int64_t *st,
-                         int64_t t0, int64_t K, int64_t D, const S *tok) {
+static void SUF(mb_load)(SUF(mb) *m, int64_t t0, int64_t K, int64_t D, const S *tok) {
+    const S *qb = m->qb, *kb = m->kb, *vb = m->vb, *eb = m->eb;
+    const int64_t *st = m->st;
     for (int64_t i = 0; i < K; i++) {
         const S *qr = qb + (t0 + i) * st[1], *kr = kb + (t0 + i) * st[4], *vr = vb + (t0 + i) * st[7];
 #pragma omp simd
@@ -139,6 +156,43 @@ static void SUF(mb_load)(SUF(mb) *m, const S *qb, const S *kb, const S *vb, cons
     }
 }
 
+/* The output rows z = Q + gamma LN(Zbar) + beta of a formed mini-batch, to zr (rows at stride ldz). */
+static void SUF(mb_store_z)(const SUF(mb) *m, int64_t K, int64_t D, S *zr, int64_t ldz) {
+    for (int64_t i = 0; i < K; i++) {
+        S *o = zr + i * ldz;
+#pragma omp simd
+        for (int64_t d = 0; d < D; d++) o[d] = m->Qc[i * D + d] + m->xh2[i * D + d] * m->g[d] + m->be[d];
+    }
+}
+
+/* K rows of D from src (contiguous) to dst (rows at stride ld). */
+static void SUF(store_rows)(int64_t K, int64_t D, const S *src, S *dst, int64_t ld) {
+    for (int64_t i = 0; i < K; i++) memcpy(dst + i * ld, src + i * D, D * sizeof(S));
+}
+
+/* d eta (rows at stride ldeta) and d token_eta (dtk, accumulated) of a mini-batch through
+   A = tril(E * (S + 1)), E[i][j] = tok[i] e_j, given dA, S, and del[j], the gradient of e_j's
+   state-update terms (which add del[j] tok[K-1] to d eta_j); dA2, S2 a second such matrix with
+   the same E (TTT-MLP's A2) or NULL. */
+static void SUF(eta_bwd)(int64_t K, const S *tok, const S *e, const S *del, const S *dA, const S *Sm,
+                         const S *dA2, const S *S2, S *deta, int64_t ldeta, S *dtk) {
+    for (int64_t j = 0; j < K; j++) {
+        S de = tok[K - 1] * del[j];
+        for (int64_t i = j; i < K; i++) {
+            S a = dA[i * K + j] * (Sm[i * K + j] + 1);
+            if (dA2) a += dA2[i * K + j] * (S2[i * K + j] + 1);
+            de += a * tok[i];
+        }
+        deta[j * ldeta] = de;
+    }
+    for (int64_t i = 0; i < K; i++)
+        for (int64_t j = 0; j <= i; j++) {
+            S a = dA[i * K + j] * (Sm[i * K + j] + 1);
+            if (dA2) a += dA2[i * K + j] * (S2[i * K + j] + 1);
+            dtk[i] += a * e[j];
+        }
+}
+
 /* S = Q K^T and A = tril(E * (S + 1)) of a loaded mini-batch. */
 static void SUF(mb_scores)(SUF(mb) *m, int64_t K, int64_t D, const S *tok) {
     SUF(gemm_nt)(K, K, D, 1, m->Qc, D, m->Kc, D, 0, m->Sm, K);
@@ -149,17 +203,16 @@ static void SUF(mb_scores)(SUF(mb) *m, int64_t K, int64_t D, const S *tok) {
 
 /* The mini-batch [t0, t0 + K) at weights W, c: loads it (mb_load); forms xh/rstd of
    Z = K W + c, gh, G, S = Q K^T, A, and xh2/rstd2 of Zbar = Q W + c - A G. */
-static void SUF(mb_forward)(SUF(mb) *m, const S *qb, const S *kb, const S *vb, const S *eb, const int64_t *st,
-                            int64_t t0, int64_t K, int64_t D, const S *tok, const S *g, const S *be, S eps,
-                            const S *W, const S *c) {
-    SUF(mb_load)(m, qb, kb, vb, eb, st, t0, K, D, tok);
+static void SUF(mb_forward)(SUF(mb) *m, int64_t t0, int64_t K, int64_t D, const S *tok, S eps, const S *W,
+                            const S *c) {
+    SUF(mb_load)(m, t0, K, D, tok);
     for (int64_t i = 0; i < K; i++) {
         memcpy(m->xh + i * D, c, D * sizeof(S));
         memcpy(m->xh2 + i * D, c, D * sizeof(S));
     }
     SUF(gemm)(K, D, D, 1, m->Kc, D, 1, W, D, 1, m->xh, D);
     SUF(ln_rows)(K, D, m->xh, eps, m->xh, m->rstd);
-    SUF(ln_l2_fwd)(K, D, m->xh, m->rstd, m->Tc, g, be, m->gh, m->G);
+    SUF(ln_l2_fwd)(K, D, m->xh, m->rstd, m->Tc, m->g, m->be, m->gh, m->G);
     SUF(mb_scores)(m, K, D, tok);
     SUF(gemm)(K, D, D, 1, m->Qc, D, 1, W, D, 1, m->xh2, D);
     SUF(gemm)(K, D, K, -1, m->A, K, 1, m->G, D, 1, m->xh2, D);
@@ -179,6 +232,20 @@ static SUF(mb) SUF(mb_alloc)(S **p, int64_t D, int64_t bs) {
     return m;
 }
 
+/* A task's scratch block of n elements (the caller frees it), the mini-batch buffers at its start
+   (*m) and *p past them; NULL, with *failed set, where it cannot be allocated. */
+static S *SUF(task_begin)(int64_t n, int64_t D, int64_t bs, SUF(mb) *m, S **p, int *failed) {
+    S *block = malloc(n * sizeof(S));
+    if (!block) {
+#pragma omp atomic write
+        *failed = 1;
+        return NULL;
+    }
+    *p = block;
+    *m = SUF(mb_alloc)(p, D, bs);
+    return block;
+}
+
 /* Forward over all mini-batches; see ttt_linear.c for the argument layouts. st: 12 strides,
    (batch, time, head) of q, k, v, eta. Returns 0, or 1 if scratch could not be allocated. */
 int SUF(ttt_linear_fwd)(const S *q, const S *k, const S *v, const S *eta, const int64_t *st, const S *tok,
@@ -191,17 +258,10 @@ int SUF(ttt_linear_fwd)(const S *q, const S *k, const S *v, const S *eta, const 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t bh = 0; bh < B * H; bh++) {
         const int64_t bi = bh / H, h = bh % H;
-        S *block = malloc(SUF(scratch_size)(D, bs) * sizeof(S));
-        if (!block) {
-#pragma omp atomic write
-            failed = 1;
-            continue;
-        }
-        S *p = block;
-        SUF(mb) m = SUF(mb_alloc)(&p, D, bs);
-        const S *g = gamma + h * D, *be = beta + h * D;
-        const S *qb = q + bi * st[0] + h * st[2], *kb = k + bi * st[3] + h * st[5];
-        const S *vb = v + bi * st[6] + h * st[8], *eb = eta + bi * st[9] + h * st[11];
+        SUF(mb) m;
+        S *p, *block = SUF(task_begin)(SUF(scratch_size)(D, bs), D, bs, &m, &p, &failed);
+        if (!block) continue;
+        SUF(mb_head)(&m, q, k, v, eta, st, gamma, beta, bi, h, D);
         S *W = Wout + bh * D * D, *c = cout + bh * D;
         memcpy(W, W0 + bh * D * D, D * D * sizeof(S));
         memcpy(c, c0 + bh * D, D * sizeof(S));
@@ -209,12 +269,8 @@ int SUF(ttt_linear_fwd)(const S *q, const S *k, const S *v, const S *eta, const 
             const int64_t t0 = n * bs, K = T - t0 < bs ? T - t0 : bs;
             memcpy(Wst + (bh * N + n) * D * D, W, D * D * sizeof(S));
             memcpy(cst + (bh * N + n) * D, c, D * sizeof(S));
-            SUF(mb_forward)(&m, qb, kb, vb, eb, st, t0, K, D, tok, g, be, eps, W, c);
-            for (int64_t i = 0; i < K; i++) {
-                S *zr = z + ((bi * T + t0 + i) * H + h) * D;
-#pragma omp simd
-                for (int64_t d = 0; d < D; d++) zr[d] = m.Qc[i * D + d] + m.xh2[i * D + d] * g[d] + be[d];
-            }
+            SUF(mb_forward)(&m, t0, K, D, tok, eps, W, c);
+            SUF(mb_store_z)(&m, K, D, z + ((bi * T + t0) * H + h) * D, H * D);
             /* W -= (e K)^T G, c -= sum_j e_j G_j */
             for (int64_t j = 0; j < K; j++)
 #pragma omp simd
@@ -242,22 +298,15 @@ int SUF(ttt_linear_bwd)(const S *q, const S *k, const S *v, const S *eta, const 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t bh = 0; bh < B * H; bh++) {
         const int64_t bi = bh / H, h = bh % H;
-        S *block = malloc(SUF(scratch_size)(D, bs) * sizeof(S));
-        if (!block) {
-#pragma omp atomic write
-            failed = 1;
-            continue;
-        }
-        S *p = block;
-        SUF(mb) m = SUF(mb_alloc)(&p, D, bs);
+        SUF(mb) m;
+        S *p, *block = SUF(task_begin)(SUF(scratch_size)(D, bs), D, bs, &m, &p, &failed);
+        if (!block) continue;
         S *dZb = SUF(take)(&p, bs * D), *dG = SUF(take)(&p, bs * D);
         S *dQ = SUF(take)(&p, bs * D), *dK = SUF(take)(&p, bs * D), *dKe = SUF(take)(&p, bs * D);
         S *dZ = SUF(take)(&p, bs * D), *dxh = SUF(take)(&p, bs * D);
         S *WT = SUF(take)(&p, D * D), *dWT = SUF(take)(&p, D * D);
         S *dA = SUF(take)(&p, bs * bs), *dS = SUF(take)(&p, bs * bs), *del = SUF(take)(&p, bs);
-        const S *g = gamma + h * D, *be = beta + h * D;
-        const S *qb = q + bi * st[0] + h * st[2], *kb = k + bi * st[3] + h * st[5];
-        const S *vb = v + bi * st[6] + h * st[8], *eb = eta + bi * st[9] + h * st[11];
+        SUF(mb_head)(&m, q, k, v, eta, st, gamma, beta, bi, h, D);
         S *dW = dW0 + bh * D * D, *dc = dc0 + bh * D;
         S *dtk = dtok + bh * bs, *dga = dgamma + bh * D, *dbe = dbeta + bh * D;
         if (dWf) memcpy(dW, dWf + bh * D * D, D * D * sizeof(S)); else memset(dW, 0, D * D * sizeof(S));
@@ -268,10 +317,10 @@ int SUF(ttt_linear_bwd)(const S *q, const S *k, const S *v, const S *eta, const 
         for (int64_t n = N - 1; n >= 0; n--) {
             const int64_t t0 = n * bs, K = T - t0 < bs ? T - t0 : bs;
             const S *W = Wst + (bh * N + n) * D * D, *c = cst + (bh * N + n) * D;
-            SUF(mb_forward)(&m, qb, kb, vb, eb, st, t0, K, D, tok, g, be, eps, W, c);
+            SUF(mb_forward)(&m, t0, K, D, tok, eps, W, c);
             SUF(transpose)(W, D, D, WT);
             /* z = Q + LN(Zbar): dQ = dz, dZbar through the LayerNorm */
-            SUF(out_ln_bwd)(K, D, dz + ((bi * T + t0) * H + h) * D, H * D, m.xh2, m.rstd2, g, dQ, dga, dbe, dZb);
+            SUF(out_ln_bwd)(K, D, dz + ((bi * T + t0) * H + h) * D, H * D, m.xh2, m.rstd2, m.g, dQ, dga, dbe, dZb);
             /* Zbar = Q W + c - A G */
             SUF(gemm)(K, D, D, 1, dZb, D, 1, WT, D, 1, dQ, D);
             SUF(gemm_nt)(K, K, D, -1, dZb, D, m.G, D, 0, dA, K);
@@ -294,18 +343,10 @@ int SUF(ttt_linear_bwd)(const S *q, const S *k, const S *v, const S *eta, const 
                 del[j] = s;
                 dtk[K - 1] += m.e[j] * s;
             }
-            for (int64_t j = 0; j < K; j++) {
-                S de = tok[K - 1] * del[j];
-                /* A = tril(E * (S + 1)), E[i][j] = tok[i] e_j */
-                for (int64_t i = j; i < K; i++) de += dA[i * K + j] * (m.Sm[i * K + j] + 1) * tok[i];
-                deta[(bi * T + t0 + j) * H + h] = de;
-            }
+            SUF(eta_bwd)(K, tok, m.e, del, dA, m.Sm, NULL, NULL, deta + (bi * T + t0) * H + h, H, dtk);
+            /* A = tril(E * (S + 1)), E[i][j] = tok[i] e_j */
             for (int64_t i = 0; i < K; i++)
-                for (int64_t j = 0; j < K; j++) {
-                    const S a = j <= i ? dA[i * K + j] : 0;
-                    dtk[i] += a * (m.Sm[i * K + j] + 1) * m.e[j];
-                    dS[i * K + j] = a * tok[i] * m.e[j];
-                }
+                for (int64_t j = 0; j < K; j++) dS[i * K + j] = j <= i ? dA[i * K + j] * tok[i] * m.e[j] : 0;
             SUF(gemm)(K, D, K, 1, dS, K, 1, m.Kc, D, 1, dQ, D);
             SUF(gemm)(K, D, K, 1, dS, 1, K, m.Qc, D, 1, dK, D);
             /* the gradients of W, c through Zbar (after dW' was used above) */
@@ -314,17 +355,16 @@ int SUF(ttt_linear_bwd)(const S *q, const S *k, const S *v, const S *eta, const 
 #pragma omp simd
                 for (int64_t d = 0; d < D; d++) dc[d] += dZb[i * D + d];
             /* G = LN-L2 backward at Z (xh, rstd, gh): dG -> dZ, d target (= dV, -dK), dgamma, dbeta */
-            SUF(ln_l2_bwd)(K, D, m.xh, m.rstd, m.gh, m.G, m.Tc, g, be, dG, dxh, dga, dbe,
+            SUF(ln_l2_bwd)(K, D, m.xh, m.rstd, m.gh, m.G, m.Tc, m.g, m.be, dG, dxh, dga, dbe,
                            dv + ((bi * T + t0) * H + h) * D, H * D, dK, dZ);
             /* Z = K W + c */
             SUF(gemm)(K, D, D, 1, dZ, D, 1, WT, D, 1, dK, D);
             SUF(gemm)(D, D, K, 1, m.Kc, 1, D, dZ, D, 1, dW, D);
-            for (int64_t i = 0; i < K; i++) {
+            for (int64_t i = 0; i < K; i++)
 #pragma omp simd
                 for (int64_t d = 0; d < D; d++) dc[d] += dZ[i * D + d];
-                memcpy(dq + ((bi * T + t0 + i) * H + h) * D, dQ + i * D, D * sizeof(S));
-                memcpy(dk + ((bi * T + t0 + i) * H + h) * D, dK + i * D, D * sizeof(S));
-            }
+            SUF(store_rows)(K, D, dQ, dq + ((bi * T + t0) * H + h) * D, H * D);
+            SUF(store_rows)(K, D, dK, dk + ((bi * T + t0) * H + h) * D, H * D);
         }
         free(block);
     }

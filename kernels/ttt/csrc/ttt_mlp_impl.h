@@ -59,8 +59,8 @@ static void SUF(bias_rows)(int64_t K, int64_t n, const S *b, S *X) {
    Z1 = K W1 + b1, X2 = gelu(Z1), Z2 = X2 W2 + b2 (its xh/rstd in m), G2 = LN-L2 backward (m->G),
    P1 = G2 W2^T, G1 = P1 gelu'(Z1), S1, A1 (m->Sm, m->A), Z1b = Q W1 + b1 - A1 G1, X2b = gelu(Z1b),
    S2 = X2b X2^T, A2, Zbar = X2b W2 + b2 - A2 G2 (its xh2/rstd2 in m). */
-static void SUF(mlp_forward)(SUF(mb) *m, SUF(mlpb) *x, int64_t K, int64_t D, int64_t F, const S *tok, const S *g,
-                             const S *be, S eps, const S *W1, const S *b1, const S *W2, const S *b2) {
+static void SUF(mlp_forward)(SUF(mb) *m, SUF(mlpb) *x, int64_t K, int64_t D, int64_t F, const S *tok, S eps,
+                             const S *W1, const S *b1, const S *W2, const S *b2) {
     SUF(transpose)(W2, F, D, x->W2T);
     SUF(bias_rows)(K, F, b1, x->Z1);
     SUF(gemm)(K, F, D, 1, m->Kc, D, 1, W1, F, 1, x->Z1, F);
@@ -68,7 +68,7 @@ static void SUF(mlp_forward)(SUF(mb) *m, SUF(mlpb) *x, int64_t K, int64_t D, int
     SUF(bias_rows)(K, D, b2, m->xh);
     SUF(gemm)(K, D, F, 1, x->X2, F, 1, W2, D, 1, m->xh, D);
     SUF(ln_rows)(K, D, m->xh, eps, m->xh, m->rstd);
-    SUF(ln_l2_fwd)(K, D, m->xh, m->rstd, m->Tc, g, be, m->gh, m->G);
+    SUF(ln_l2_fwd)(K, D, m->xh, m->rstd, m->Tc, m->g, m->be, m->gh, m->G);
     SUF(gemm)(K, F, D, 1, m->G, D, 1, x->W2T, F, 0, x->P1, F);
     for (int64_t i = 0; i < K * F; i++) x->G1[i] = x->P1[i] * x->gp1[i];
     SUF(mb_scores)(m, K, D, tok);
@@ -99,18 +99,11 @@ int SUF(ttt_mlp_fwd)(const S *q, const S *k, const S *v, const S *eta, const int
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t bh = 0; bh < B * H; bh++) {
         const int64_t bi = bh / H, h = bh % H;
-        S *block = malloc(SUF(mlp_scratch_size)(D, F, bs) * sizeof(S));
-        if (!block) {
-#pragma omp atomic write
-            failed = 1;
-            continue;
-        }
-        S *p = block;
-        SUF(mb) m = SUF(mb_alloc)(&p, D, bs);
+        SUF(mb) m;
+        S *p, *block = SUF(task_begin)(SUF(mlp_scratch_size)(D, F, bs), D, bs, &m, &p, &failed);
+        if (!block) continue;
         SUF(mlpb) x = SUF(mlpb_alloc)(&p, D, F, bs);
-        const S *g = gamma + h * D, *be = beta + h * D;
-        const S *qb = q + bi * st[0] + h * st[2], *kb = k + bi * st[3] + h * st[5];
-        const S *vb = v + bi * st[6] + h * st[8], *eb = eta + bi * st[9] + h * st[11];
+        SUF(mb_head)(&m, q, k, v, eta, st, gamma, beta, bi, h, D);
         S *W[4];
         for (int l = 0; l < 4; l++) {
             W[l] = Wout[l] + bh * sz[l];
@@ -119,13 +112,9 @@ int SUF(ttt_mlp_fwd)(const S *q, const S *k, const S *v, const S *eta, const int
         for (int64_t n = 0; n < N; n++) {
             const int64_t t0 = n * bs, K = T - t0 < bs ? T - t0 : bs;
             for (int l = 0; l < 4; l++) memcpy(Wst[l] + (bh * N + n) * sz[l], W[l], sz[l] * sizeof(S));
-            SUF(mb_load)(&m, qb, kb, vb, eb, st, t0, K, D, tok);
-            SUF(mlp_forward)(&m, &x, K, D, F, tok, g, be, eps, W[0], W[1], W[2], W[3]);
-            for (int64_t i = 0; i < K; i++) {
-                S *zr = z + ((bi * T + t0 + i) * H + h) * D;
-#pragma omp simd
-                for (int64_t d = 0; d < D; d++) zr[d] = m.Qc[i * D + d] + m.xh2[i * D + d] * g[d] + be[d];
-            }
+            SUF(mb_load)(&m, t0, K, D, tok);
+            SUF(mlp_forward)(&m, &x, K, D, F, tok, eps, W[0], W[1], W[2], W[3]);
+            SUF(mb_store_z)(&m, K, D, z + ((bi * T + t0) * H + h) * D, H * D);
             /* W1 -= (e K)^T G1, b1 -= sum_j e_j G1_j, W2 -= (e X2)^T G2, b2 -= sum_j e_j G2_j */
             for (int64_t j = 0; j < K; j++) {
                 for (int64_t d = 0; d < D; d++) m.Ke[j * D + d] = m.el[j] * m.Kc[j * D + d];
@@ -157,14 +146,10 @@ int SUF(ttt_mlp_bwd)(const S *q, const S *k, const S *v, const S *eta, const int
     for (int64_t bh = 0; bh < B * H; bh++) {
         const int64_t bi = bh / H, h = bh % H;
         const int64_t KF = bs * F;
-        S *block = malloc((SUF(mlp_scratch_size)(D, F, bs) + 10 * ((KF + 15) / 16 * 16) + 3 * D * F + 64) * sizeof(S));
-        if (!block) {
-#pragma omp atomic write
-            failed = 1;
-            continue;
-        }
-        S *p = block;
-        SUF(mb) m = SUF(mb_alloc)(&p, D, bs);
+        const int64_t n = SUF(mlp_scratch_size)(D, F, bs) + 10 * ((KF + 15) / 16 * 16) + 3 * D * F + 64;
+        SUF(mb) m;
+        S *p, *block = SUF(task_begin)(n, D, bs, &m, &p, &failed);
+        if (!block) continue;
         SUF(mlpb) x = SUF(mlpb_alloc)(&p, D, F, bs);
         S *dZb = SUF(take)(&p, bs * D), *dG2 = SUF(take)(&p, bs * D), *dQ = SUF(take)(&p, bs * D);
         S *dK = SUF(take)(&p, bs * D), *dKe = SUF(take)(&p, bs * D), *dZ2 = SUF(take)(&p, bs * D);
@@ -175,9 +160,7 @@ int SUF(ttt_mlp_bwd)(const S *q, const S *k, const S *v, const S *eta, const int
         S *W1T = SUF(take)(&p, D * F), *dW1T = SUF(take)(&p, D * F), *dW2T = SUF(take)(&p, D * F);
         S *dA1 = SUF(take)(&p, bs * bs), *dA2 = SUF(take)(&p, bs * bs), *dS = SUF(take)(&p, bs * bs);
         S *del = SUF(take)(&p, bs);
-        const S *g = gamma + h * D, *be = beta + h * D;
-        const S *qb = q + bi * st[0] + h * st[2], *kb = k + bi * st[3] + h * st[5];
-        const S *vb = v + bi * st[6] + h * st[8], *eb = eta + bi * st[9] + h * st[11];
+        SUF(mb_head)(&m, q, k, v, eta, st, gamma, beta, bi, h, D);
         S *dW[4];
         for (int l = 0; l < 4; l++) {
             dW[l] = dW0[l] + bh * sz[l];
@@ -192,13 +175,13 @@ int SUF(ttt_mlp_bwd)(const S *q, const S *k, const S *v, const S *eta, const int
             const int64_t t0 = n * bs, K = T - t0 < bs ? T - t0 : bs;
             const S *W1 = Wst[0] + (bh * N + n) * sz[0], *b1 = Wst[1] + (bh * N + n) * sz[1];
             const S *W2 = Wst[2] + (bh * N + n) * sz[2], *b2 = Wst[3] + (bh * N + n) * sz[3];
-            SUF(mb_load)(&m, qb, kb, vb, eb, st, t0, K, D, tok);
-            SUF(mlp_forward)(&m, &x, K, D, F, tok, g, be, eps, W1, b1, W2, b2);
+            SUF(mb_load)(&m, t0, K, D, tok);
+            SUF(mlp_forward)(&m, &x, K, D, F, tok, eps, W1, b1, W2, b2);
             SUF(transpose)(W1, D, F, W1T);
             SUF(gelu)(x.Z1b, K * F, NULL, gpb, NULL);
             SUF(gelu)(x.Z1, K * F, NULL, NULL, gpp);
             /* z = Q + LN(Zbar) */
-            SUF(out_ln_bwd)(K, D, dz + ((bi * T + t0) * H + h) * D, H * D, m.xh2, m.rstd2, g, dQ, dga, dbe, dZb);
+            SUF(out_ln_bwd)(K, D, dz + ((bi * T + t0) * H + h) * D, H * D, m.xh2, m.rstd2, m.g, dQ, dga, dbe, dZb);
             /* Zbar = X2b W2 + b2 - A2 G2 */
             SUF(gemm)(K, F, D, 1, dZb, D, 1, x.W2T, F, 0, dX2b, F);
             SUF(gemm_nt)(K, K, D, -1, dZb, D, m.G, D, 0, dA2, K);
@@ -244,15 +227,7 @@ int SUF(ttt_mlp_bwd)(const S *q, const S *k, const S *v, const S *eta, const int
                 del[j] = s;
                 dtk[K - 1] += m.e[j] * s;
             }
-            for (int64_t j = 0; j < K; j++) {
-                S de = tok[K - 1] * del[j];
-                for (int64_t i = j; i < K; i++)
-                    de += (dA1[i * K + j] * (m.Sm[i * K + j] + 1) + dA2[i * K + j] * (x.S2[i * K + j] + 1)) * tok[i];
-                deta[(bi * T + t0 + j) * H + h] = de;
-            }
-            for (int64_t i = 0; i < K; i++)
-                for (int64_t j = 0; j <= i; j++)
-                    dtk[i] += (dA1[i * K + j] * (m.Sm[i * K + j] + 1) + dA2[i * K + j] * (x.S2[i * K + j] + 1)) * m.e[j];
+            SUF(eta_bwd)(K, tok, m.e, del, dA1, m.Sm, dA2, x.S2, deta + (bi * T + t0) * H + h, H, dtk);
             /* the gradients of W1, b1, W2, b2 through Z1b and Zbar (after dW was used above) */
             SUF(gemm)(F, D, K, 1, x.X2b, 1, F, dZb, D, 1, dW[2], D);
             SUF(gemm)(D, F, K, 1, m.Qc, 1, D, dZ1b, F, 1, dW[0], F);
@@ -268,7 +243,7 @@ int SUF(ttt_mlp_bwd)(const S *q, const S *k, const S *v, const S *eta, const int
             SUF(gemm)(K, D, F, 1, dX2e, F, 1, W2, D, 1, dG2, D);
             SUF(gemm)(F, D, K, 1, dX2e, 1, F, m.G, D, 1, dW[2], D);
             /* G2 = LN-L2 backward at Z2 */
-            SUF(ln_l2_bwd)(K, D, m.xh, m.rstd, m.gh, m.G, m.Tc, g, be, dG2, dxh, dga, dbe,
+            SUF(ln_l2_bwd)(K, D, m.xh, m.rstd, m.gh, m.G, m.Tc, m.g, m.be, dG2, dxh, dga, dbe,
                            dv + ((bi * T + t0) * H + h) * D, H * D, dK, dZ2);
             /* Z2 = X2 W2 + b2, X2 = gelu(Z1), Z1 = K W1 + b1 */
             SUF(gemm)(K, F, D, 1, dZ2, D, 1, x.W2T, F, 1, dX2, F);
@@ -279,9 +254,9 @@ int SUF(ttt_mlp_bwd)(const S *q, const S *k, const S *v, const S *eta, const int
             for (int64_t i = 0; i < K; i++) {
                 for (int64_t d = 0; d < D; d++) dW[3][d] += dZ2[i * D + d];
                 for (int64_t f = 0; f < F; f++) dW[1][f] += dZ1[i * F + f];
-                memcpy(dq + ((bi * T + t0 + i) * H + h) * D, dQ + i * D, D * sizeof(S));
-                memcpy(dk + ((bi * T + t0 + i) * H + h) * D, dK + i * D, D * sizeof(S));
             }
+            SUF(store_rows)(K, D, dQ, dq + ((bi * T + t0) * H + h) * D, H * D);
+            SUF(store_rows)(K, D, dK, dk + ((bi * T + t0) * H + h) * D, H * D);
         }
         free(block);
     }

@@ -110,6 +110,9 @@ class Scenario:
     nproc: int = 1
     extra: dict = field(default_factory=dict)
     runs: int = 0
+    # Files this sequence damaged -> their sha256 after the damage (None: deleted). A checkpoint
+    # stays damaged across faults until a later save at the same step replaces its folder.
+    damaged: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.root.mkdir(parents=True, exist_ok=True)
@@ -126,6 +129,11 @@ class Scenario:
         if not self.ckpts.exists():
             return []
         return sorted(p for p in self.ckpts.iterdir() if re.fullmatch(r"step_\d{8}", p.name))
+
+    def is_damaged(self, ckpt: Path) -> bool:
+        """True while a file this sequence damaged in `ckpt` is still in its damaged state."""
+        return any(ckpt in f.parents and (_sha(f) if f.exists() else None) == state
+                   for f, state in self.damaged.items())
 
 
 # -- the uninterrupted reference ----------------------------------------------------------------
@@ -287,30 +295,51 @@ def damage(path: Path, how: str, rng) -> None:
         path.write_bytes(bytes(data))
 
 
-def fault_corrupt_checkpoint(sc: Scenario, rng, ref) -> Record:
-    """Damage a file of the newest checkpoint; the next run must name it and fall back (or, with
-    no older checkpoint, refuse with exit 2 rather than start from step 0)."""
+def damage_checkpoint(sc: Scenario, victim: Path, how: str, rng) -> None:
+    """`damage` a file of a checkpoint and remember it, so later faults know that checkpoint is bad."""
+    damage(victim, how, rng)
+    sc.damaged[victim] = _sha(victim) if victim.exists() else None
+
+
+def fault_corrupt_checkpoint(sc: Scenario, rng, ref, file: str | None = None, how: str | None = None) -> Record:
+    """Damage a file of the newest checkpoint (`file` and `how`, else drawn at random); the next run
+    must name it in a warning line that says it falls back, and resume from the newest older
+    checkpoint that no earlier fault of this sequence left damaged (or, with none, refuse with
+    exit 2 rather than start from step 0)."""
     done = sc.complete()
     if not done:
         return Record("corrupt_checkpoint", False, True, "no checkpoint yet")
     newest = done[-1]
-    victim = rng.choice(sorted(p for p in newest.rglob("*") if p.is_file()))
-    how = rng.choice(("flip", "truncate", "delete"))
-    damage(victim, how, rng)
+    victim = newest / file if file else rng.choice(sorted(p for p in newest.rglob("*") if p.is_file()))
+    how = how or rng.choice(("flip", "truncate", "delete"))
+    damage_checkpoint(sc, victim, how, rng)
     detail = f"{how} {victim.relative_to(sc.out)}"
+    # Not done[-2]: an earlier fault may have damaged it (and a fallback run does not replace it
+    # unless it saves at the same step), so the run rightly goes further back.
+    intact = [c for c in done[:-1] if not sc.is_damaged(c)]
     job = Job(sc, name="after-corrupt")
-    if len(done) == 1:
+    if not intact:
         rc = job.wait()
         text = job.text()
         ok = rc == 2 and "verifies" in text and "checkpoint.allow_fresh_start=true" in text
-        shutil.rmtree(newest)  # what a user would do: drop the broken one (or allow_fresh_start)
-        return Record("corrupt_checkpoint", True, ok, detail + f", only checkpoint: exit {rc}")
-    ok = job.wait_step(int(done[-2].name[5:]) + 1)
+        # What a user would do: drop the broken ones (or allow_fresh_start).
+        for ckpt in done:
+            shutil.rmtree(ckpt)
+        return Record("corrupt_checkpoint", True, ok, detail + f", no intact older checkpoint: exit {rc}")
+    expected = intact[-1]
+    ok = job.wait_step(int(expected.name[5:]) + 1)
     text = job.text()
-    ok = ok and "WARNING" in text and victim.parent.name in text and f"[resume] from {done[-2]}" in text
+    # One line names the damaged checkpoint and the fallback (the trainer's path for the file, or
+    # for the checkpoint when checksums.json is gone; a flipped checksums.json names the file
+    # whose sum no longer matches).
+    warned = [ln for ln in text.splitlines()
+              if ln.startswith(f"[checkpoint] WARNING: {newest}") and "falling back to the previous checkpoint" in ln]
+    ok = ok and len(warned) == 1 and f"[resume] from {expected} at step" in text
     _random_moment(job, rng, ref)
     job.kill()
-    return Record("corrupt_checkpoint", True, ok, detail + ("" if ok else ": " + text[-600:]))
+    lines = [ln for ln in text.splitlines() if ln.startswith(("[checkpoint]", "[resume]"))]
+    return Record("corrupt_checkpoint", True, ok,
+                  detail + f", expected resume from {expected.name}" + ("" if ok else ": " + "\n".join(lines)[-800:]))
 
 
 FAULTS = {"kill": fault_kill, "kill_after_save": fault_kill_after_save, "kill_in_save": fault_kill_in_save, "kill_rank": fault_kill_rank,
