@@ -48,7 +48,7 @@ def test_cp2_matches_one_process_and_resumes_at_dp2(shakespeare64, tmp_path):
 
 def test_impossible_split_is_rejected_by_validate(shakespeare64, tmp_path):
     """The config's validate() reads the prepared data's sequence length (64): 32 tokens per rank
-    cannot hold a 64-token MAC segment; activation checkpointing does not compose with cp."""
+    cannot hold a 64-token MAC segment; activation checkpointing composes with cp (no error for it)."""
     from titanforge.launch.config import load_config, validate
 
     over = lu.overrides(shakespeare64, tmp_path, base=BASE, **{"parallel.cp": 2, "model.titans.segment_len": 64,
@@ -56,4 +56,4 @@ def test_impossible_split_is_rejected_by_validate(shakespeare64, tmp_path):
     with pytest.raises(ValueError) as err:  # ConfigError, from load_config's validate()
         validate(load_config(lu.ROOT / CONFIG, over), world_size=2)
     assert "model.titans.segment_len=64" in str(err.value) and "no cp > 1 fits" in str(err.value)
-    assert "activation_checkpointing" in str(err.value)
+    assert "activation_checkpointing" not in str(err.value)
