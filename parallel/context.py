@@ -27,7 +27,8 @@ Every exchange is point-to-point with a tag from a per-call counter that advance
 every rank, so forward and backward messages of different layers never pair up wrongly.
 
 Activation checkpointing (non-reentrant): the recompute in backward cannot receive a state again
-(the previous rank may be blocked in its own backward, waiting for this rank's gradient), so each
+(the previous rank may be blocked in its own backward, waiting for this rank's gradient: TTT,
+whose whole block is the mixer, deadlocks so), so each
 checkpointed call keeps the states it received and its recompute replays them and sends nothing
 (`ContextGroup.checkpoint_contexts`); the collectives of full attention run again, in the same
 order on every rank. Backward runs the original forward's send/receive nodes and tags.
