@@ -517,15 +517,20 @@ def _mac_forward(cg: ContextGroup, orig, h, freqs, initial_state=None):
 
 def _rope_offset_hooks(model: nn.Module, cg: ContextGroup) -> None:
     """Give this rank's tokens their global positions: the rotary table seen during a forward
-    starts at rank * T/cp (restored after, so init and checkpoints see the whole table)."""
-    full = model.freqs
+    starts at rank * T/cp (restored after, so init and checkpoints see the whole table). The table
+    is read at each call, not here: a model built on the meta device gets its real table when it
+    is materialised, after this runs (the trainer's sharded start)."""
+    held = {}
 
     def pre(module, args):
         T = args[0].shape[1]
-        module.freqs = full[cg.rank * T:(cg.rank + 1) * T]
+        # A forward that raised never restored the table: its slice is still in place.
+        if module.freqs is not held.get("piece"):
+            held["full"] = module.freqs
+        held["piece"] = module.freqs = held["full"][cg.rank * T:(cg.rank + 1) * T]
 
     def post(module, args, output):
-        module.freqs = full
+        module.freqs = held["full"]
 
     model.register_forward_pre_hook(pre)
     model.register_forward_hook(post)

@@ -57,3 +57,23 @@ def test_impossible_split_is_rejected_by_validate(shakespeare64, tmp_path):
         validate(load_config(lu.ROOT / CONFIG, over), world_size=2)
     assert "model.titans.segment_len=64" in str(err.value) and "no cp > 1 fits" in str(err.value)
     assert "activation_checkpointing" not in str(err.value)
+
+
+def test_llama_cp2_zigzag_with_activation_checkpointing_matches_one_process(shakespeare64, tmp_path):
+    """Llama through `titanforge train` at cp=2 with the default zig-zag attention split and
+    activation checkpointing (the recompute replays no state here: full attention's gathers and
+    exchanges run again) against one process, 3 steps, float32 (same tolerance as above)."""
+    base = {**lu.TINY_LLAMA, "train.steps": 3, "train.val_every": 0}
+
+    def run(out, nproc, **extra):
+        over = lu.overrides(shakespeare64, out, base=base, **{"checkpoint.enabled": False, **extra})
+        proc = lu.run("configs/llama-tiny.yaml", over, nproc=nproc)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return lu.losses(out)
+
+    one = run(tmp_path / "one", 1)
+    cp2 = run(tmp_path / "cp2", 2, **{"parallel.cp": 2, "parallel.cp_split": "zigzag",
+                                      "train.activation_checkpointing": True})
+    assert sorted(one) == sorted(cp2) == [1, 2, 3]
+    for step in one:
+        assert cp2[step] == pytest.approx(one[step], rel=1e-5, abs=1e-5), step
