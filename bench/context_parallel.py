@@ -62,11 +62,12 @@ def model_config(name: str, seq_len: int):
     return cfg
 
 
-def formula_bytes(cfg, seq_len: int, cp: int, elt: int = 4) -> dict:
+def formula_bytes(cfg, seq_len: int, cp: int, elt: int = 4, split: str = "zigzag") -> dict:
     """Bytes all ranks send per step, per layer kind (docs/design.md): a state hand-off sends the
     state S forward and its gradient back across each of the cp-1 boundaries, 2 (cp-1) S; full
     attention all-gathers K and V ((cp-1) KV forward, KV the bytes of the whole sequence's keys and
-    values) and all-reduces their gradient (ring: 2 (cp-1) KV), 3 (cp-1) KV."""
+    values) and all-reduces their gradient (ring: 2 (cp-1) KV), 3 (cp-1) KV; the zig-zag split
+    adds the queries' exchange."""
     B, C, H = 1, cfg.d_model, cfg.n_heads
     D = C // H
     if cp == 1:
@@ -78,12 +79,22 @@ def formula_bytes(cfg, seq_len: int, cp: int, elt: int = 4) -> dict:
         conv = B * (t.conv_kernel - 1) * (3 * C + C)  # y's q/k/v conv cache and the queries' cache
         S = (2 * weights + conv) * elt  # weights and momentum
         return {"mac_layer": 2 * (cp - 1) * S, "state_bytes": S}
+    G = cfg.kv_heads
+    KV = B * seq_len * 2 * G * D * elt
+    attention = 3 * (cp - 1) * KV
+    if split == "zigzag":
+        # The queries of the half-pieces whose zig-zag owner is another rank, their outputs, and
+        # both gradients: 4 M c B H D, c = T / 2cp tokens a half.
+        from titanforge.parallel.context import _contiguous_half, _zigzag_half
+
+        moved = sum(_contiguous_half(h, cp)[0] != _zigzag_half(h, cp)[0] for h in range(2 * cp))
+        attention += 4 * moved * (seq_len // (2 * cp)) * B * H * D * elt
+    if cfg.family == "llama":
+        return {"attention_layer": attention, "kv_bytes": KV}
     j = cfg.jamba
     inner = j.expand * C
     S = (B * inner * (j.d_conv - 1) + B * inner * j.d_state) * elt
-    G = cfg.kv_heads
-    KV = B * seq_len * 2 * G * D * elt
-    return {"mamba_layer": 2 * (cp - 1) * S, "attention_layer": 3 * (cp - 1) * KV, "state_bytes": S, "kv_bytes": KV}
+    return {"mamba_layer": 2 * (cp - 1) * S, "attention_layer": attention, "state_bytes": S, "kv_bytes": KV}
 
 
 def _peak_reset(device):
@@ -277,6 +288,8 @@ def main() -> None:
                     "attention_work_max_over_min": max(scores) / min(scores),
                     "attention_work_max_over_mean": max(scores) / statistics.mean(scores),
                     "bytes_sent_per_step": sum(p["bytes_sent"] for p in per),
+                    "bytes_sent_per_step_formula": model_config(name, args.balance_seq).n_layers * formula_bytes(
+                        model_config(name, args.balance_seq), args.balance_seq, cp, split=split)["attention_layer"],
                 }
         for name in args.models if not args.balance_only else ():
             cfg = model_config(name, args.seq_len)
@@ -295,6 +308,7 @@ def main() -> None:
             f = entry[name]["bytes_per_layer_formula"]
             if f:
                 specs = (["mac_layer"] * cfg.n_layers if cfg.family == "titans" else
+                         ["attention_layer"] * cfg.n_layers if cfg.family == "llama" else
                          [{"M": "mamba_layer", "A": "attention_layer"}[c] for c in cfg.jamba.layer_pattern
                           if c in "MA"] * (cfg.n_layers // 2))
                 entry[name]["bytes_sent_per_step_formula"] = sum(f[s] for s in specs)
@@ -313,7 +327,9 @@ def main() -> None:
         "context_parallel.json" if args.device == "cpu" else "context_parallel_cuda.json")
     split_doc = {"date": doc["date"], "command": doc["command"], "load_avg_1_5_15": list(os.getloadavg()),
                  "note": "full attention's zig-zag vs contiguous split (parallel.cp_split): per-rank step "
-                         "time, blockwise-attention forward time and score elements computed per step",
+                         "time, blockwise-attention forward time and score elements computed per step"
+                         + ("; the 'results' above are an earlier run's, measured with the contiguous split "
+                            "(before parallel.cp_split existed)" if args.balance_only else ""),
                  "results": balance}
     if args.balance_only:
         # Keep the earlier run's fields; only the split comparison is new.
