@@ -18,8 +18,13 @@ in the same invocation.
 - Bytes per layer per step: every rank's payload bytes (ContextGroup.bytes_sent, forward and
   backward, headers excluded) summed, against the formula of docs/design.md ("Context
   parallelism"), evaluated here from the model's shapes.
+- Split balance (`cp_split` in the results): for --balance-models (default Llama, attention only)
+  at each cp > 1, full attention's zig-zag against its contiguous split: every rank's step time,
+  its blockwise-attention forward time, and the score elements it computes per step (the work
+  count; zig-zag: equal on every rank, contiguous: r + 1 to 1). `--balance-only` runs just this
+  and merges it into the existing results file, keeping the other fields.
 On the 2-core CPU host the ranks share two cores, so cp > 2 cannot be faster there; the memory
-figures and bytes are what this benchmark is for on CPU.
+figures, bytes and work counts are what this benchmark is for on CPU.
 """
 
 from __future__ import annotations
@@ -50,16 +55,19 @@ def model_config(name: str, seq_len: int):
         cfg = ModelConfig(family="titans", n_layers=2, **common)
         cfg.titans.variant, cfg.titans.segment_len, cfg.titans.chunk_size = "mac", 64, 16
         return cfg
+    if name == "llama":
+        return ModelConfig(family="llama", n_layers=4, n_kv_heads=2, **common)
     cfg = ModelConfig(family="jamba", n_layers=4, n_kv_heads=2, **common)
     cfg.jamba.layer_pattern, cfg.jamba.d_state = "MD AD", 16
     return cfg
 
 
-def formula_bytes(cfg, seq_len: int, cp: int, elt: int = 4) -> dict:
+def formula_bytes(cfg, seq_len: int, cp: int, elt: int = 4, split: str = "zigzag") -> dict:
     """Bytes all ranks send per step, per layer kind (docs/design.md): a state hand-off sends the
     state S forward and its gradient back across each of the cp-1 boundaries, 2 (cp-1) S; full
     attention all-gathers K and V ((cp-1) KV forward, KV the bytes of the whole sequence's keys and
-    values) and all-reduces their gradient (ring: 2 (cp-1) KV), 3 (cp-1) KV."""
+    values) and all-reduces their gradient (ring: 2 (cp-1) KV), 3 (cp-1) KV; the zig-zag split
+    adds the queries' exchange."""
     B, C, H = 1, cfg.d_model, cfg.n_heads
     D = C // H
     if cp == 1:
@@ -71,12 +79,22 @@ def formula_bytes(cfg, seq_len: int, cp: int, elt: int = 4) -> dict:
         conv = B * (t.conv_kernel - 1) * (3 * C + C)  # y's q/k/v conv cache and the queries' cache
         S = (2 * weights + conv) * elt  # weights and momentum
         return {"mac_layer": 2 * (cp - 1) * S, "state_bytes": S}
+    G = cfg.kv_heads
+    KV = B * seq_len * 2 * G * D * elt
+    attention = 3 * (cp - 1) * KV
+    if split == "zigzag":
+        # The queries of the half-pieces whose zig-zag owner is another rank, their outputs, and
+        # both gradients: 4 M c B H D, c = T / 2cp tokens a half.
+        from titanforge.parallel.context import _contiguous_half, _zigzag_half
+
+        moved = sum(_contiguous_half(h, cp)[0] != _zigzag_half(h, cp)[0] for h in range(2 * cp))
+        attention += 4 * moved * (seq_len // (2 * cp)) * B * H * D * elt
+    if cfg.family == "llama":
+        return {"attention_layer": attention, "kv_bytes": KV}
     j = cfg.jamba
     inner = j.expand * C
     S = (B * inner * (j.d_conv - 1) + B * inner * j.d_state) * elt
-    G = cfg.kv_heads
-    KV = B * seq_len * 2 * G * D * elt
-    return {"mamba_layer": 2 * (cp - 1) * S, "attention_layer": 3 * (cp - 1) * KV, "state_bytes": S, "kv_bytes": KV}
+    return {"mamba_layer": 2 * (cp - 1) * S, "attention_layer": attention, "state_bytes": S, "kv_bytes": KV}
 
 
 def _peak_reset(device):
@@ -94,8 +112,30 @@ def _peak_read(device, base):
     return torch.cuda.max_memory_allocated() - base
 
 
-def _step_stats(name, seq_len, cp, device, repeats):
-    """(peak bytes, median step seconds, payload bytes per step) of this rank."""
+class _AttentionTimer:
+    """Wall time of this rank's blockwise-attention forwards (parallel/context.py calls the module's
+    `offset_causal_attention`, which this wraps for the benchmark's lifetime)."""
+
+    def __init__(self, device):
+        import titanforge.parallel.context as context
+
+        self.device, self.seconds, self.inner = device, 0.0, context.offset_causal_attention
+        context.offset_causal_attention = self
+
+    def __call__(self, *args, **kwargs):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = self.inner(*args, **kwargs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def _step_stats(name, seq_len, cp, device, repeats, split="zigzag", timer=None):
+    """(activation bytes, peak bytes, median step seconds, payload bytes per step, attention score
+    elements per step, attention forward seconds per step) of this rank."""
     import torch.nn.functional as F
 
     from titanforge.models.registry import build_model
@@ -106,7 +146,7 @@ def _step_stats(name, seq_len, cp, device, repeats):
     cfg = model_config(name, seq_len)
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
-    pcfg = ParallelConfig(cp=cp)
+    pcfg = ParallelConfig(cp=cp, cp_split=split)
     dims = ParallelDims.from_config(pcfg, dist.get_world_size())
     mesh = build_mesh(dims, device.type)
     model = parallelize(model, cfg.family, dims, mesh, pcfg, device)
@@ -136,6 +176,8 @@ def _step_stats(name, seq_len, cp, device, repeats):
     step()  # warm-up (kernel builds, allocator)
     times, peak, act = [], 0, 0
     sent0 = cg.bytes_sent if cg is not None else 0
+    scores0 = cg.attention_scores if cg is not None else 0
+    attn0 = timer.seconds if timer is not None else 0.0
     for _ in range(repeats):
         dist.barrier()
         base = _peak_reset(device)
@@ -146,8 +188,10 @@ def _step_stats(name, seq_len, cp, device, repeats):
         times.append(time.perf_counter() - t0)
         peak = max(peak, _peak_read(device, base))
     sent = ((cg.bytes_sent if cg is not None else 0) - sent0) / repeats
+    scores = ((cg.attention_scores if cg is not None else 0) - scores0) / repeats
+    attn = ((timer.seconds if timer is not None else 0.0) - attn0) / repeats
     del model, raw
-    return act, peak, statistics.median(times), sent
+    return act, peak, statistics.median(times), sent, scores, attn
 
 
 def _worker(rank, cp, port, args, out):
@@ -158,13 +202,14 @@ def _worker(rank, cp, port, args, out):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=cp,
                             device_id=device if device.type == "cuda" else None)
-    res = {"fixed": {}, "longest": {}}
-    for name in args.models:
-        act, peak, sec, sent = _step_stats(name, args.seq_len, cp, device, args.repeats)
+    res = {"fixed": {}, "longest": {}, "balance": {}}
+    timer = _AttentionTimer(device)
+    for name in args.models if not args.balance_only else ():
+        act, peak, sec, sent, _, _ = _step_stats(name, args.seq_len, cp, device, args.repeats)
         res["fixed"][name] = {"act_bytes": act, "peak_bytes": peak, "step_s": sec, "bytes_sent": sent}
         best, T = None, args.min_seq
         while T <= args.max_seq:
-            act, peak, sec, _ = _step_stats(name, T, cp, device, 1)
+            act, peak, sec, *_ = _step_stats(name, T, cp, device, 1)
             flag = torch.tensor([act > args.cap_mib * 2**20], dtype=torch.int32, device=device)
             dist.all_reduce(flag)
             if flag.item():
@@ -172,6 +217,17 @@ def _worker(rank, cp, port, args, out):
             best = {"seq_len": T, "act_bytes": act, "step_s": sec}
             T *= 2
         res["longest"][name] = best
+    for name in args.balance_models if cp > 1 else ():
+        # Two rounds, the splits alternating, the faster round kept per split: the first model a
+        # process runs is slower (allocator, gloo buffers) whichever split it has.
+        for _ in range(2):
+            for split in ("contiguous", "zigzag"):
+                _, _, sec, sent, scores, attn = _step_stats(name, args.balance_seq, cp, device, args.repeats, split,
+                                                            timer)
+                old = res["balance"].get(f"{name}/{split}")
+                if old is None or sec < old["step_s"]:
+                    res["balance"][f"{name}/{split}"] = {"step_s": sec, "attention_scores": scores,
+                                                         "attention_fwd_s": attn, "bytes_sent": sent}
     gathered = [None] * cp
     dist.all_gather_object(gathered, res)
     if rank == 0:
@@ -196,11 +252,21 @@ def main() -> None:
     ap.add_argument("--cap-mib", type=float, default=48.0)
     ap.add_argument("--min-seq", type=int, default=512)
     ap.add_argument("--max-seq", type=int, default=8192)
+    ap.add_argument("--balance-models", default="llama",
+                    help="models whose full-attention split (zigzag vs contiguous) is compared at each cp > 1")
+    ap.add_argument("--balance-seq", type=int, default=2048)
+    ap.add_argument("--balance-only", action="store_true",
+                    help="run only the split comparison and merge it into the existing results file")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but no CUDA device is visible; run on a GPU host or use --device cpu")
     args.models = args.models.split(",")
-    results = {}
+    args.balance_models = [m for m in args.balance_models.split(",") if m]
+    results, balance = {}, {}
     for cp in (int(c) for c in args.cps.split(",")):
+        if args.balance_only and cp == 1:
+            continue
         if args.device == "cuda" and cp > torch.cuda.device_count():
             print(f"cp={cp}: only {torch.cuda.device_count()} GPUs visible, skipped", flush=True)
             continue
@@ -210,7 +276,22 @@ def main() -> None:
         ranks = json.loads(out.read_text())
         out.unlink()
         entry = {}
-        for name in args.models:
+        for name in args.balance_models if cp > 1 else ():
+            for split in ("zigzag", "contiguous"):
+                per = [r["balance"][f"{name}/{split}"] for r in ranks]
+                scores = [p["attention_scores"] for p in per]
+                balance.setdefault(f"cp{cp}", {})[f"{name}/{split}"] = {
+                    "seq_len": args.balance_seq,
+                    "step_s_per_rank": [p["step_s"] for p in per],
+                    "attention_fwd_s_per_rank": [p["attention_fwd_s"] for p in per],
+                    "attention_scores_per_rank": scores,
+                    "attention_work_max_over_min": max(scores) / min(scores),
+                    "attention_work_max_over_mean": max(scores) / statistics.mean(scores),
+                    "bytes_sent_per_step": sum(p["bytes_sent"] for p in per),
+                    "bytes_sent_per_step_formula": model_config(name, args.balance_seq).n_layers * formula_bytes(
+                        model_config(name, args.balance_seq), args.balance_seq, cp, split=split)["attention_layer"],
+                }
+        for name in args.models if not args.balance_only else ():
             cfg = model_config(name, args.seq_len)
             fixed = [r["fixed"][name] for r in ranks]
             longest = ranks[0]["longest"][name]
@@ -227,11 +308,13 @@ def main() -> None:
             f = entry[name]["bytes_per_layer_formula"]
             if f:
                 specs = (["mac_layer"] * cfg.n_layers if cfg.family == "titans" else
+                         ["attention_layer"] * cfg.n_layers if cfg.family == "llama" else
                          [{"M": "mamba_layer", "A": "attention_layer"}[c] for c in cfg.jamba.layer_pattern
                           if c in "MA"] * (cfg.n_layers // 2))
                 entry[name]["bytes_sent_per_step_formula"] = sum(f[s] for s in specs)
         results[f"cp{cp}"] = entry
-        print(f"cp={cp} ({time.time() - t0:.0f} s): {json.dumps(entry)}", flush=True)
+        print(f"cp={cp} ({time.time() - t0:.0f} s): {json.dumps(entry)} {json.dumps(balance.get(f'cp{cp}'))}",
+              flush=True)
     from machine_info import cpu_model  # noqa: E402  (bench/ on sys.path when run as a script)
 
     doc = {"benchmark": "context_parallel", "device": args.device,
@@ -242,6 +325,16 @@ def main() -> None:
            "command": "python -P bench/context_parallel.py " + " ".join(sys.argv[1:]), "results": results}
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / (
         "context_parallel.json" if args.device == "cpu" else "context_parallel_cuda.json")
+    split_doc = {"date": doc["date"], "command": doc["command"], "load_avg_1_5_15": list(os.getloadavg()),
+                 "note": "full attention's zig-zag vs contiguous split (parallel.cp_split): per-rank step "
+                         "time, blockwise-attention forward time and score elements computed per step"
+                         + ("; the 'results' above are an earlier run's, measured with the contiguous split "
+                            "(before parallel.cp_split existed)" if args.balance_only else ""),
+                 "results": balance}
+    if args.balance_only:
+        # Keep the earlier run's fields; only the split comparison is new.
+        doc = json.loads(out.read_text()) if out.exists() else doc
+    doc["cp_split"] = split_doc
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {out}")
 

@@ -251,9 +251,6 @@ def _check_context(job: JobConfig) -> list[str]:
     from titanforge.parallel.context import check_context
 
     errs = []
-    if job.train.activation_checkpointing:
-        errs.append(f"train.activation_checkpointing=true with parallel.cp={job.parallel.cp} is not available (the "
-                    f"recompute would repeat the cross-rank exchanges); set train.activation_checkpointing=false")
     seq_len = None
     try:
         from titanforge.data import read_manifest
@@ -261,7 +258,7 @@ def _check_context(job: JobConfig) -> list[str]:
         seq_len = read_manifest(job.data.path)["seq_len"]
     except Exception:  # no prepared data yet: the trainer checks again once it has read it
         pass
-    return errs + check_context(job.model, job.parallel.cp, seq_len)
+    return errs + check_context(job.model, job.parallel.cp, seq_len, split=job.parallel.cp_split)
 
 
 def _check_tasks(job: JobConfig) -> list[str]:

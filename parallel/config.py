@@ -16,8 +16,13 @@ class ParallelConfig:
     pp_schedule: str = "1f1b"
     # Model chunks (virtual stages) per pipeline rank; interleaved_1f1b needs >= 2.
     pp_virtual_stages: int = 1
-    # Context parallel (reserved for the context-parallel issue).
+    # Context parallel: each sample's sequence split over cp ranks (parallel/context.py).
     cp: int = 1
+    # How full causal attention (Llama, Jamba's attention layers) divides its queries under cp:
+    # zigzag (load-balanced: rank r attends for half-pieces r and 2cp-1-r; needs T divisible by
+    # 2 cp) | contiguous. Every other layer keeps the contiguous pieces; no effect on models
+    # without full attention (Titans, TTT).
+    cp_split: str = "zigzag"
     # Expert parallel; experts are spread over ep ranks taken from the dp ranks.
     ep: int = 1
     # Data-parallel engine: ddp | fsdp | deepspeed.

@@ -8,9 +8,13 @@ process group; their recurrent mixers expose an initial and a final state and th
 
 Per mixer (docs/design.md, "Context parallelism", says why):
 - full causal attention (Llama, Jamba's attention layers): keys and values all-gathered over the
-  group, each rank's queries attend to the keys up to its own end in key blocks with a running
+  group; queries attend to the keys up to their own position in key blocks with a running
   log-sum-exp (`offset_causal_attention`: no [T/cp, T] score matrix is kept, so memory per rank is
-  linear in T/cp); backward: the key/value gradients summed back to their owners;
+  linear in T/cp), blocks after the diagonal skipped; backward: the key/value gradients summed
+  back to their owners. Split `zigzag` (default): the sequence is cut into 2 cp half-pieces and
+  rank r attends for the queries of halves r and 2cp-1-r (sent there point-to-point and the
+  outputs sent back), so every rank computes 2cp+1 half-blocks; `contiguous`: each rank attends
+  for its own piece, r+1 blocks, the last rank about 2cp-1 times the first's work;
 - sliding-window attention (Titans MAG, MAL): the last window-1 keys/values go to the next rank;
 - recurrent mixers (Mamba-1/2 scan and conv, the TTT inner model and its convs, the Titans memory
   with its momentum and conv caches, MAC's whole segment loop): a state hand-off. Rank r waits for
@@ -22,8 +26,15 @@ Per mixer (docs/design.md, "Context parallelism", says why):
 Every exchange is point-to-point with a tag from a per-call counter that advances identically on
 every rank, so forward and backward messages of different layers never pair up wrongly.
 
+Activation checkpointing (non-reentrant): the recompute in backward cannot receive a state again
+(the previous rank may be blocked in its own backward, waiting for this rank's gradient: TTT,
+whose whole block is the mixer, deadlocks so), so each
+checkpointed call keeps the states it received and its recompute replays them and sends nothing
+(`ContextGroup.checkpoint_contexts`); the collectives of full attention run again, in the same
+order on every rank. Backward runs the original forward's send/receive nodes and tags.
+
 Limits: splits must fall on the memory chunk grid (Titans chunk_size, TTT mini_batch_size) and on
-MAC segments; activation checkpointing would re-run the exchanges in backward and is refused.
+MAC segments; the zig-zag split needs T divisible by 2 cp.
 """
 
 from __future__ import annotations
@@ -51,9 +62,21 @@ _GROUPS: "weakref.WeakKeyDictionary[nn.Module, ContextGroup]" = weakref.WeakKeyD
 class ContextGroup:
     """A cp process group and this rank's neighbours in it; counts the bytes it sends."""
 
+    # How full causal attention divides its queries: "zigzag" or "contiguous" (apply_context_parallel).
+    split = "contiguous"
+    # Under activation checkpointing (checkpoint_contexts): the list the current checkpointed
+    # forward appends its received states to, and the iterator a recompute takes them back from.
+    _recording: list | None = None
+    _replay = None
+    # Score elements (query rows x keys) the blockwise attention computed in forward, this rank.
+    attention_scores = 0
+    # States a checkpoint recompute took from its forward's record instead of receiving them.
+    replayed = 0
+
     def __init__(self, group):
         self.group = group
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        self.ranks = [dist.get_global_rank(group, r) for r in range(self.size)]
         self.prev = dist.get_global_rank(group, self.rank - 1) if self.rank > 0 else None
         self.next = dist.get_global_rank(group, self.rank + 1) if self.rank + 1 < self.size else None
         self.nccl = dist.get_backend(group) == "nccl"
@@ -78,8 +101,10 @@ class ContextGroup:
     def send(self, tag: int, carrier: torch.Tensor, state) -> torch.Tensor:
         """Send `state` (a pytree of tensors) to the next rank; returns `carrier` unchanged. Its
         backward receives the state's gradient from the next rank, so `carrier` must be a tensor
-        the loss depends on and whose gradient arrives after the state's consumers on this rank."""
-        if self.next is None:
+        the loss depends on and whose gradient arrives after the state's consumers on this rank.
+        In a checkpoint recompute nothing is sent: the next rank replays what it received, and
+        the original forward's send node is the one backward runs."""
+        if self.next is None or self._replay is not None:
             return carrier
         leaves, spec = pytree.tree_flatten(state)
         if len(leaves) + 2 > _TAGS_PER_SITE // 2:
@@ -98,6 +123,15 @@ class ContextGroup:
         """The state the previous rank sent from the same site (None on the first rank)."""
         if self.prev is None:
             return None
+        if self._replay is not None:
+            # A checkpoint recompute: the state this forward received the first time (it cannot be
+            # received again: the previous rank may be waiting on this rank's backward). Fresh
+            # leaves that require grad as the originals did, so the recompute saves the same tensors.
+            spec, leaves = next(self._replay)
+            self.replayed += 1
+            grad = torch.is_grad_enabled()
+            return pytree.tree_unflatten([t.detach().requires_grad_(grad and t.is_floating_point())
+                                          for t in leaves], spec)
         length = torch.empty(1, dtype=torch.int64, device=device)
         dist.recv(length, self.prev, group=self.group, tag=tag)
         header = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
@@ -109,7 +143,32 @@ class ContextGroup:
         leaves = _RecvState.apply(self, tag, meta, anchor)
         if self.record is not None:
             self.record.append(pytree.tree_unflatten([t.detach().clone() for t in leaves], spec))
+        if self._recording is not None:
+            self._recording.append((spec, [t.detach() for t in leaves]))
         return pytree.tree_unflatten(list(leaves), spec)
+
+    def checkpoint_contexts(self):
+        """`context_fn` for non-reentrant activation checkpointing of one block call: the forward
+        keeps the states the block receives (small: a state, or a window of keys/values), the
+        recompute in backward takes them back instead of receiving. Collectives (the K/V gather,
+        the zig-zag exchange) are simply run again: every rank recomputes the same blocks in the
+        same order, and the tags come from the same counter."""
+        states: list = []
+        return _Swap(self, "_recording", states), _Swap(self, "_replay", states, iter)
+
+
+class _Swap:
+    """Context manager: sets cg.<name> (to make(value)) and restores the previous value."""
+
+    def __init__(self, cg, name, value, make=lambda v: v):
+        self.cg, self.name, self.value, self.make = cg, name, value, make
+
+    def __enter__(self):
+        self.prev = getattr(self.cg, self.name)
+        setattr(self.cg, self.name, self.make(self.value))
+
+    def __exit__(self, *exc):
+        setattr(self.cg, self.name, self.prev)
 
 
 class _SendState(torch.autograd.Function):
@@ -194,6 +253,8 @@ def shard_sequence(tokens: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     return tokens[:, rank * n:(rank + 1) * n + 1]
 
 
+SPLITS = ("zigzag", "contiguous")
+
 # Keys per block of the offset causal attention: the scores it holds at once are [B, H, T/cp, block].
 KV_BLOCK = 512
 
@@ -230,7 +291,7 @@ class _OffsetCausalAttention(torch.autograd.Function):
         return qh, kh, vh
 
     @staticmethod
-    def forward(ctx, q, k, v, offset: int, block: int):
+    def forward(ctx, q, k, v, offset: int, block: int, work):
         B, T, H, D = q.shape
         scale = D ** -0.5
         qh, kh, vh = _OffsetCausalAttention._heads(q, k, v)
@@ -239,6 +300,8 @@ class _OffsetCausalAttention(torch.autograd.Function):
         # Key 0 is in the first block and every query sees it, so lse is finite after that block.
         for j0, j1, hidden in _OffsetCausalAttention._blocks(qh, offset, k.shape[1], block):
             s = (qh @ kh[..., j0:j1, :].transpose(-1, -2)) * scale  # [B, G, R, T, b]
+            if work is not None:
+                work.attention_scores += T * (j1 - j0)
             if hidden is not None:
                 s.masked_fill_(hidden, float("-inf"))
             new = torch.logaddexp(lse, torch.logsumexp(s, -1))
@@ -275,12 +338,63 @@ class _OffsetCausalAttention(torch.autograd.Function):
             dk[:, :, j0:j1] = (ds.transpose(-1, -2) @ qh).sum(2)
         dq = dq.permute(0, 3, 1, 2, 4).reshape(B, T, H, D).to(q.dtype)
         dk, dv = (t.permute(0, 2, 1, 3).to(k.dtype) for t in (dk, dv))
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
-def offset_causal_attention(q, k, v, offset: int, block: int | None = None) -> torch.Tensor:
-    """Causal attention of queries at positions offset.. over keys at 0..; see _OffsetCausalAttention."""
-    return _OffsetCausalAttention.apply(q, k, v, offset, block or KV_BLOCK)
+def offset_causal_attention(q, k, v, offset: int, block: int | None = None, work=None) -> torch.Tensor:
+    """Causal attention of queries at positions offset.. over keys at 0..; see _OffsetCausalAttention.
+    `work`: an object whose `attention_scores` counts the score elements computed (a ContextGroup)."""
+    return _OffsetCausalAttention.apply(q, k, v, offset, block or KV_BLOCK, work)
+
+
+def _contiguous_half(h: int, n: int) -> tuple[int, int]:
+    """(rank, slot) holding half-piece h of 2n in the contiguous split: rank h // 2."""
+    return h // 2, h % 2
+
+
+def _zigzag_half(h: int, n: int) -> tuple[int, int]:
+    """(rank, slot) holding half-piece h of 2n in the zig-zag split: rank r holds r and 2n-1-r."""
+    return (h, 0) if h < n else (2 * n - 1 - h, 1)
+
+
+def _move_halves(cg: ContextGroup, x: torch.Tensor, src, dst, tag: int) -> torch.Tensor:
+    """x [B, 2c, ...]: this rank's two half-pieces in layout `src` -> its two in layout `dst`
+    (point-to-point; a half that stays on this rank is not sent)."""
+    parts = x.chunk(2, 1)
+    out: list = [None, None]
+    ops = []
+    for h in range(2 * cg.size):
+        (s_rank, s_slot), (d_rank, d_slot) = src(h, cg.size), dst(h, cg.size)
+        if s_rank == cg.rank and d_rank == cg.rank:
+            out[d_slot] = parts[s_slot]
+        elif s_rank == cg.rank:
+            t = parts[s_slot].contiguous()
+            cg.bytes_sent += t.numel() * t.element_size()
+            # At most two halves go from one rank to another per call: the source slot tells them apart.
+            ops.append(dist.P2POp(dist.isend, t, cg.ranks[d_rank], cg.group, tag + s_slot))
+        elif d_rank == cg.rank:
+            out[d_slot] = torch.empty_like(parts[0], memory_format=torch.contiguous_format)
+            ops.append(dist.P2POp(dist.irecv, out[d_slot], cg.ranks[s_rank], cg.group, tag + s_slot))
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+    return torch.cat(out, 1)
+
+
+class _Zigzag(torch.autograd.Function):
+    """Contiguous -> zig-zag order of this rank's half-pieces (inverse=True: back); the backward
+    moves the gradient the other way."""
+
+    @staticmethod
+    def forward(ctx, cg, x, inverse: bool):
+        src, dst = (_zigzag_half, _contiguous_half) if inverse else (_contiguous_half, _zigzag_half)
+        tag = cg.new_site()
+        ctx.cg, ctx.tag, ctx.src, ctx.dst = cg, tag, src, dst
+        return _move_halves(cg, x, src, dst, tag)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, _move_halves(ctx.cg, grad.contiguous(), ctx.dst, ctx.src, ctx.tag + _TAGS_PER_SITE // 2), None
 
 
 # The forwards swapped in, one per kind of mixer. Each is bound to its module with functools.partial.
@@ -294,13 +408,25 @@ def _full_attention_forward(cg: ContextGroup, self: Attention, x, freqs=None, *,
     v = self.wv(x).view(B, T, -1, self.head_dim)
     if freqs is not None:
         q, k = apply_rope(q, freqs), apply_rope(k, freqs)
-    # Keys and values in one gather: [B, T, 2G, D] -> [B, cp T, 2G, D], kept up to this rank's end.
+    # Keys and values in one gather: [B, T, 2G, D] -> [B, cp T, 2G, D].
     G = k.shape[2]
-    kv = gather_sequence(cg, torch.cat([k, v], 2))[:, :(cg.rank + 1) * T]
-    k, v = kv.split(G, 2)
-    # Key blocks of this rank's piece length (at most KV_BLOCK): the earlier ranks' blocks need no
-    # mask, this rank's own is the causal triangle; memory per rank is linear in T/cp.
-    out = offset_causal_attention(q, k, v, cg.rank * T, min(T, KV_BLOCK))
+    kv = gather_sequence(cg, torch.cat([k, v], 2))
+    if cg.split == "zigzag":
+        # Load balance: the queries of the sequence's half-pieces r and 2cp-1-r are attended here
+        # (2cp+1 key blocks on every rank, against r+1 double blocks under the contiguous split),
+        # then the outputs go back to the contiguous layout the rest of the model keeps.
+        c, r, n = T // 2, cg.rank, cg.size
+        q = _Zigzag.apply(cg, q, False)
+        k, v = kv[:, :(2 * n - r) * c].split(G, 2)
+        block = min(c, KV_BLOCK)
+        out = torch.cat([offset_causal_attention(q[:, :c], k[:, :(r + 1) * c], v[:, :(r + 1) * c], r * c, block, cg),
+                         offset_causal_attention(q[:, c:], k, v, (2 * n - 1 - r) * c, block, cg)], 1)
+        out = _Zigzag.apply(cg, out, True)
+    else:
+        k, v = kv[:, :(cg.rank + 1) * T].split(G, 2)
+        # Key blocks of this rank's piece length (at most KV_BLOCK): the earlier ranks' blocks need
+        # no mask, this rank's own is the causal triangle; memory per rank is linear in T/cp.
+        out = offset_causal_attention(q, k, v, cg.rank * T, min(T, KV_BLOCK), cg)
     return self.wo(out.reshape(B, T, -1))
 
 
@@ -391,15 +517,20 @@ def _mac_forward(cg: ContextGroup, orig, h, freqs, initial_state=None):
 
 def _rope_offset_hooks(model: nn.Module, cg: ContextGroup) -> None:
     """Give this rank's tokens their global positions: the rotary table seen during a forward
-    starts at rank * T/cp (restored after, so init and checkpoints see the whole table)."""
-    full = model.freqs
+    starts at rank * T/cp (restored after, so init and checkpoints see the whole table). The table
+    is read at each call, not here: a model built on the meta device gets its real table when it
+    is materialised, after this runs (the trainer's sharded start)."""
+    held = {}
 
     def pre(module, args):
         T = args[0].shape[1]
-        module.freqs = full[cg.rank * T:(cg.rank + 1) * T]
+        # A forward that raised never restored the table: its slice is still in place.
+        if module.freqs is not held.get("piece"):
+            held["full"] = module.freqs
+        held["piece"] = module.freqs = held["full"][cg.rank * T:(cg.rank + 1) * T]
 
     def post(module, args, output):
-        module.freqs = full
+        module.freqs = held["full"]
 
     model.register_forward_pre_hook(pre)
     model.register_forward_hook(post)
@@ -410,16 +541,21 @@ def context_group(model: nn.Module) -> ContextGroup | None:
     return _GROUPS.get(model)
 
 
-def apply_context_parallel(model: nn.Module, family: str, group) -> ContextGroup:
+def apply_context_parallel(model: nn.Module, family: str, group, split: str = "zigzag") -> ContextGroup:
     """Swap every sequence mixer of `model` for its context-parallel form over `group` (a process
-    group, a 1-D DeviceMesh, or a ready ContextGroup). Returns the ContextGroup (its byte counter
-    and state record)."""
+    group, a 1-D DeviceMesh, or a ready ContextGroup). `split`: how full causal attention divides
+    its queries over the ranks ("zigzag", load-balanced, or "contiguous"; the other mixers and
+    the layers outside them always keep the contiguous pieces). Returns the ContextGroup (its
+    byte counter and state record)."""
+    if split not in SPLITS:
+        raise ValueError(f"parallel.cp_split={split!r} must be one of {' | '.join(SPLITS)}")
     if isinstance(group, ContextGroup):
         cg = group
     else:
         cg = ContextGroup(group.get_group() if hasattr(group, "get_group") else group)
         if cg.size == 1:
             return cg
+    cg.split = split
     _GROUPS[model] = cg
     bind = lambda fn, module, *a: setattr(module, "forward", partial(fn, cg, *a, module))  # noqa: E731
     wrap = lambda fn, module: setattr(module, "forward", partial(fn, cg, module.forward))  # noqa: E731
@@ -451,11 +587,22 @@ def apply_context_parallel(model: nn.Module, family: str, group) -> ContextGroup
     return cg
 
 
-def check_context(model, cp: int, seq_len: int | None, tp: int = 1) -> list[str]:
+def uses_full_attention(model) -> bool:
+    """Whether a `ModelConfig` has full causal attention layers (the ones `cp_split` applies to)."""
+    return model.family == "llama" or (model.family == "jamba" and "A" in model.jamba.layer_pattern)
+
+
+def check_context(model, cp: int, seq_len: int | None, tp: int = 1, split: str = "zigzag") -> list[str]:
     """Problems of splitting `seq_len` tokens of a `ModelConfig` over cp ranks; empty when it fits."""
+    if split not in SPLITS:
+        return [f"parallel.cp_split={split!r} must be one of {' | '.join(SPLITS)}"]
     if cp == 1:
         return []
     errs = []
+    if split == "zigzag" and seq_len is not None and uses_full_attention(model) and seq_len % (2 * cp):
+        return [f"sequence length {seq_len} is not divisible by 2 x parallel.cp = {2 * cp} (the zig-zag split "
+                f"cuts it into 2 cp half-pieces); use a sequence length that is a multiple of {2 * cp} or "
+                f"parallel.cp_split=contiguous"]
     grid, what = 1, ""
     fam = model.family
     if fam == "titans":

@@ -13,10 +13,13 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.nn.parallel import DistributedDataParallel
 
 
-def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
-    """Recompute each block's activations in backward instead of storing them."""
+def apply_activation_checkpointing(model: nn.Module, context_fn=None) -> nn.Module:
+    """Recompute each block's activations in backward instead of storing them (non-reentrant
+    checkpointing). `context_fn`: torch.utils.checkpoint's pair of (forward, recompute) context
+    managers per call; context parallelism passes one that replays the received states."""
+    kwargs = {"context_fn": context_fn} if context_fn is not None else {}
     for name, block in list(model.layers.items()):
-        model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=True)
+        model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=True, **kwargs)
     return model
 
 

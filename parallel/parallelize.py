@@ -32,20 +32,19 @@ def parallelize(model: nn.Module, family: str, dims: ParallelDims, mesh: DeviceM
         from titanforge.parallel.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model, mesh["tp"], family, sequence_parallel=True, loss_parallel=True)
+    context_fn = None
     if dims.cp > 1:
         from titanforge.parallel.context import apply_context_parallel
 
-        if activation_checkpointing:
-            raise ValueError("train.activation_checkpointing with parallel.cp > 1 is not available (the recompute "
-                             "would repeat the cross-rank exchanges); set one of them off")
-
-        apply_context_parallel(model, family, mesh["cp"])
+        cg = apply_context_parallel(model, family, mesh["cp"], cfg.cp_split)
+        # The recompute replays the states each block received instead of receiving them again.
+        context_fn = cg.checkpoint_contexts
     if dims.ep > 1:
         from titanforge.parallel.expert_parallel import apply_expert_parallel
 
         apply_expert_parallel(model, mesh["ep"])
     if activation_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, context_fn)
     if compile:
         apply_compile(model)
     if dims.dp * dims.cp > 1:

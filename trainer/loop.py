@@ -166,7 +166,7 @@ def _run(job, t, out: Path, info: DistInfo, config_yaml: str) -> TrainResult:
     if dims.cp > 1:
         from titanforge.parallel.context import check_context
 
-        errs = check_context(job.model, dims.cp, seq_len)
+        errs = check_context(job.model, dims.cp, seq_len, split=job.parallel.cp_split)
         if errs:
             raise LayoutError(errs[0])
 

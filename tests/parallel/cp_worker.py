@@ -2,7 +2,9 @@
 
 One launch runs every family under three layouts of the trainer's own `parallelize`: cp=4,
 cp=2 x dp=2 (DDP over the four replicas) and cp=2 x tp=2 (tensor + sequence parallel inside,
-FSDP2 over the cp ranks). Each case builds a float64 model per rank with the same seed and keeps a
+FSDP2 over the cp ranks), full attention with its default zig-zag split; then Llama and Jamba
+with the contiguous split at cp=4 and cp=2 x dp=2, and activation checkpointing at cp=4 (every
+family) and cp=2 x dp=2 (Llama, Jamba). Each case builds a float64 model per rank with the same seed and keeps a
 single-process copy; the sharded copy takes its data-parallel micro-batch and its piece of the
 sequence. Compared: the global loss, every parameter's gradient, and the losses of STEPS AdamW
 steps. Under cp=4 every rank also records the states it receives in forward, and they are
@@ -60,8 +62,15 @@ CASES = {
                                                     "jamba.moe.expert_hidden": 32, "jamba.moe.load_balance_coef": 0.0,
                                                     "jamba.mamba2_headdim": 16}),
 }
-LAYOUTS = {"cp4": ParallelConfig(cp=4), "cp2_dp2": ParallelConfig(cp=2, dp=2),
-           "cp2_tp2": ParallelConfig(cp=2, tp=2, dp_backend="fsdp")}
+# name -> (config, activation checkpointing, the cases it runs (None: all)). Full attention uses the
+# default zig-zag split except in the *_contiguous layouts; *_ckpt recomputes every block in backward.
+ATTENTION = ("llama", "jamba")
+LAYOUTS = {"cp4": (ParallelConfig(cp=4), False, None), "cp2_dp2": (ParallelConfig(cp=2, dp=2), False, None),
+           "cp2_tp2": (ParallelConfig(cp=2, tp=2, dp_backend="fsdp"), False, None),
+           "cp4_contiguous": (ParallelConfig(cp=4, cp_split="contiguous"), False, ATTENTION),
+           "cp2_dp2_contiguous": (ParallelConfig(cp=2, dp=2, cp_split="contiguous"), False, ATTENTION),
+           "cp4_ckpt": (ParallelConfig(cp=4), True, None),
+           "cp2_dp2_ckpt": (ParallelConfig(cp=2, dp=2), True, ATTENTION)}
 
 
 def loss_of(model, tokens, tp_mesh=None):
@@ -118,7 +127,8 @@ def run_case(name: str, layout: dict) -> dict:
         cfg.n_layers, cfg.jamba.layer_pattern = 2, "MD AE"
     torch.manual_seed(0)
     ref = build_model(cfg).double()
-    model = parallelize(copy.deepcopy(ref), cfg.family, dims, pmesh, pcfg, torch.device("cpu"))
+    model = parallelize(copy.deepcopy(ref), cfg.family, dims, pmesh, pcfg, torch.device("cpu"),
+                        activation_checkpointing=layout["ckpt"])
     raw = model.module if hasattr(model, "module") else model
     cg = context_group(raw)
     tp_mesh = pmesh["tp"] if dims.tp > 1 else None
@@ -132,6 +142,8 @@ def run_case(name: str, layout: dict) -> dict:
     if layout["record"]:
         cg.record = []
     loss = loss_of(model, local[0], tp_mesh)
+    # Score elements the blockwise attention computed in this rank's first forward (balance test).
+    res["attention_scores"] = cg.attention_scores
     if layout["record"]:
         res["crossing"] = crossing_errors(ref, cfg, batches[0].chunk(dp)[dp_rank], cg.record, cp_rank,
                                           T // dims.cp)
@@ -145,7 +157,7 @@ def run_case(name: str, layout: dict) -> dict:
         return float(t) / dist.get_world_size()
 
     res["loss"], res["ref_loss"] = global_mean(loss), float(ref_loss)
-    params = dict(raw.named_parameters())
+    params = {n.replace("_checkpoint_wrapped_module.", ""): p for n, p in raw.named_parameters()}
     grads = {}
     for pname, p in ref.named_parameters():
         q = params.get(pname)
@@ -156,6 +168,7 @@ def run_case(name: str, layout: dict) -> dict:
         grads[pname] = rel(gq, p.grad)
     res["grad_rel"] = grads
     res["bytes_sent"] = cg.bytes_sent
+    res["replayed"] = cg.replayed
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     opt_ref.step()
@@ -180,10 +193,12 @@ def main() -> None:
     dist.init_process_group("gloo")
     world = dist.get_world_size()
     results = {}
-    for lname, pcfg in LAYOUTS.items():
+    for lname, (pcfg, ckpt, only) in LAYOUTS.items():
         dims = ParallelDims.from_config(pcfg, world)
-        layout = {"dims": dims, "mesh": build_mesh(dims, "cpu"), "cfg": pcfg, "record": lname == "cp4"}
+        layout = {"dims": dims, "mesh": build_mesh(dims, "cpu"), "cfg": pcfg, "record": lname == "cp4", "ckpt": ckpt}
         for name in names:
+            if only is not None and name not in only:
+                continue
             cases.record(results, f"{lname}/{name}", run_case, name, layout)
     cases.write_results(out_dir, results)
 

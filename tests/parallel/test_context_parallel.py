@@ -1,9 +1,13 @@
 """Context parallelism against one process, with real gloo processes (cp_worker.py).
 
 One 4-rank torchrun launch runs every family (Llama, Titans MAC/MAG/MAL/LMM, TTT-Linear/MLP,
-Jamba with Mamba-1, attention and Mamba-2 layers) under cp=4, cp=2 x dp=2 and cp=2 x tp=2, in
+Jamba with Mamba-1, attention and Mamba-2 layers) under cp=4, cp=2 x dp=2 and cp=2 x tp=2 (full
+attention zig-zag split), Llama and Jamba also with the contiguous split (cp=4, cp=2 x dp=2), and
+with activation checkpointing (cp=4 every family, cp=2 x dp=2 Llama and Jamba), in
 float64: the global loss equals the single-process loss to 1e-10 (relative), every parameter's
-gradient to 1e-9 (max abs error over max abs value), and 3 AdamW steps' losses to 1e-9. Under
+gradient to 1e-9 (max abs error over max abs value), and 3 AdamW steps' losses to 1e-9. The
+attention work per rank (score elements the blockwise attention computes) is equal on every rank
+under the zig-zag split and grows as r+1 under the contiguous one. Under
 cp=4 every state a rank receives (memory weights and momentum, conv caches, SSM states, TTT inner
 weights, sliding-window keys/values) equals the single-process model's state at that position to
 1e-12. The layout checks and the blockwise attention that full attention uses under cp (against
@@ -28,7 +32,9 @@ from titanforge.parallel.context import check_context, offset_causal_attention, 
 WORKER = Path(__file__).with_name("cp_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
 FAMILIES = ["llama", "titans_mac", "titans_mag", "titans_mal", "titans_lmm", "ttt_linear", "ttt_mlp", "jamba"]
-LAYOUTS = ["cp4", "cp2_dp2", "cp2_tp2"]
+LAYOUTS = ["cp4", "cp2_dp2", "cp2_tp2", "cp4_ckpt"]
+ATTENTION = ["llama", "jamba"]
+ATTENTION_LAYOUTS = ["cp4_contiguous", "cp2_dp2_contiguous", "cp2_dp2_ckpt"]
 LOSS_TOL, GRAD_TOL, STATE_TOL = 1e-10, 1e-9, 1e-12
 
 
@@ -43,8 +49,10 @@ def results(tmp_path_factory):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("family", FAMILIES)
+CASES = [(f, lay) for lay in LAYOUTS for f in FAMILIES] + [(f, lay) for lay in ATTENTION_LAYOUTS for f in ATTENTION]
+
+
+@pytest.mark.parametrize("family,layout", CASES)
 def test_context_parallel_matches_single_process(results, family, layout):
     name = f"{layout}/{family}"
     for r, res in enumerate(rank[name] for rank in results):
@@ -55,6 +63,34 @@ def test_context_parallel_matches_single_process(results, family, layout):
         assert len(res["losses"]) == 3
         for lo, ref in zip(res["losses"], res["ref_losses"], strict=True):
             assert abs(lo - ref) <= GRAD_TOL * abs(ref), (res["losses"], res["ref_losses"])
+
+
+def test_checkpoint_recompute_replays_the_received_states(results):
+    """Under activation checkpointing every rank that receives states takes them back from its
+    forward's record in the recompute (cp=4: one per hand-off site per layer, every family with a
+    hand-off; full attention none: its gathers are collectives that simply run again)."""
+    for family in FAMILIES:
+        replayed = [rank[f"cp4_ckpt/{family}"]["replayed"] for rank in results]
+        plain = [rank[f"cp4/{family}"]["replayed"] for rank in results]
+        sites = {"llama": 0, "titans_mag": 4, "titans_mal": 4, "jamba": 2}.get(family, 2)
+        assert plain == [0] * 4 and replayed == [0] + [sites] * 3, (family, replayed)
+
+
+@pytest.mark.parametrize("family", ATTENTION)
+def test_zigzag_split_balances_the_attention_work(results, family):
+    """Score elements computed per rank in one forward (T = 64, one micro-batch row per call):
+    zig-zag, 2 cp + 1 half-piece blocks of c x c (c = T / 2 cp) on every rank; contiguous, r + 1
+    blocks of (2c) x (2c), so the last rank does 2 cp - 1 ... (4 at cp = 4) times the first's."""
+    layers = {"llama": 2, "jamba": 1}[family]
+    for layout, cp in (("cp4", 4), ("cp2_dp2", 2), ("cp2_tp2", 2), ("cp4_ckpt", 4)):
+        work = [rank[f"{layout}/{family}"]["attention_scores"] for rank in results]
+        c = 64 // (2 * cp)
+        assert work == [layers * (2 * cp + 1) * c * c] * 4, (layout, work)
+    work = [rank[f"cp4_contiguous/{family}"]["attention_scores"] for rank in results]
+    assert work == [layers * (r + 1) * 16 * 16 for r in range(4)], work
+    work = [rank[f"cp2_dp2_contiguous/{family}"]["attention_scores"] for rank in results]
+    # Mesh dims (dp, cp), cp inner: global ranks 0 and 2 are cp rank 0, ranks 1 and 3 cp rank 1.
+    assert work == [layers * (r % 2 + 1) * 32 * 32 for r in range(4)], work
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -125,6 +161,12 @@ def test_impossible_splits_are_rejected_with_what_fits():
     assert len(errs) == 1 and "n_persistent=4" in errs[0] and "[0, 16, 32, 48]" in errs[0]
     assert check_context(_cfg("titans", variant="mal", chunk_size=16, n_persistent=16, window=16), 4, 128) == []
     assert check_context(ModelConfig(family="llama"), 3, 64) and not check_context(ModelConfig(family="llama"), 4, 64)
+    # The zig-zag split cuts the sequence into 2 cp half-pieces; the contiguous one needs cp only.
+    errs = check_context(ModelConfig(family="llama"), 4, 36)
+    assert len(errs) == 1 and "2 x parallel.cp = 8" in errs[0] and "cp_split=contiguous" in errs[0]
+    assert check_context(ModelConfig(family="llama"), 4, 36, split="contiguous") == []
+    errs = check_context(ModelConfig(family="llama"), 2, 64, split="ring")
+    assert len(errs) == 1 and "parallel.cp_split='ring'" in errs[0]
 
 
 def test_layouts_that_do_not_compose_are_rejected():
