@@ -6,9 +6,10 @@ export` writes). For each layout the trainer's step object is built with finetun
 init.from=that directory (meta model -> SVF on meta -> layout -> each rank fills its shards and
 the SVD factors), one step's forward and backward runs on a fixed global batch, and the loss and
 every z gradient (made full) are compared with one process: the plain base model read from the
-same file, `prepare_svf`, the same batch. The layouts, in order: fsdp (dp=2; the SVD cache beside
-init.from is written), tp (tp=2; the cache is read), fsdp_seed (no init.from: the base is the
-seed's, drawn matrix by matrix). Each rank also reports which whole base matrices it read and the
+same file, `prepare_svf`, the same batch. The layouts, in order: Llama under fsdp (dp=2; the SVD
+cache beside init.from is written) and tp (tp=2; the cache is read), then Llama, Titans MAC,
+TTT-Linear and Jamba under fsdp and tp with no init.from (the base is the seed's, drawn matrix by
+matrix). Each rank also reports which whole base matrices it read and the
 bytes of the parameters it holds.
 
 argv: OUT_DIR. Writes OUT_DIR/rank<r>.json.
@@ -36,24 +37,32 @@ from titanforge.trainer.dist import DistInfo
 from titanforge.trainer.step import build_plain_model, build_train_step, lm_loss
 from titanforge.trainer.svf import prepare_svf
 
-LAYOUTS = [("fsdp", dict(dp_backend="fsdp"), True), ("tp", dict(tp=2, dp_backend="fsdp"), True),
-           ("fsdp_seed", dict(dp_backend="fsdp"), False)]
+FSDP, TP = dict(dp_backend="fsdp"), dict(tp=2, dp_backend="fsdp")
+# (name, family, layout, start from the saved base): Llama from init.from (the cache is written,
+# then read), every family from the seed (no init.from: nothing cached).
+LAYOUTS = [("fsdp", "llama", FSDP, True), ("tp", "llama", TP, True)] + [
+    (f"{layout}_seed_{family}", family, pcfg, False) for family in ("llama", "titans", "ttt", "jamba")
+    for layout, pcfg in (("fsdp", FSDP), ("tp", TP))]
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def reference(cfg, state: dict | None, seed: int, tokens: torch.Tensor) -> tuple[float, dict]:
-    """Loss and z gradients of the whole SVF model in this one process."""
+def reference(cfg, state: dict | None, seed: int, tokens: torch.Tensor, dp: int) -> tuple[float, dict]:
+    """Loss and z gradients of the whole SVF model in this one process, the global batch taken as
+    `dp` accumulated micro-batches as the layout does (MoE auxiliary losses are per micro-batch)."""
     job = JobConfig(model=cfg, train=TrainConfig(seed=seed))
     model = build_plain_model(job, torch.device("cpu"))
     if state is not None:
         model.load_state_dict(state, strict=False)
     prepare_svf(model, SVFConfig())
-    loss, _ = lm_loss(model, model, tokens, torch.autocast("cpu", enabled=False))
-    loss.backward()
-    return loss.item(), {n: m.z.grad.clone() for n, m in svf_modules(model).items()}
+    losses = []
+    for part in tokens.chunk(dp):
+        loss, total = lm_loss(model, model, part, torch.autocast("cpu", enabled=False))
+        (total / dp).backward()
+        losses.append(loss.item())
+    return sum(losses) / dp, {n: m.z.grad.clone() for n, m in svf_modules(model).items()}
 
 
 def main() -> None:
@@ -63,7 +72,10 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     out_dir = sys.argv[1]
     info = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
-    cfg = dataclasses.replace(tiny_config("llama"), vocab_size=98, n_kv_heads=2)
+    # Even vocabulary and kv heads so tp=2 fits every family.
+    configs = {f: dataclasses.replace(tiny_config(f), vocab_size=98, n_kv_heads=2)
+               for f in ("llama", "titans", "ttt", "jamba")}
+    cfg = configs["llama"]
     src = os.path.join(out_dir, "base")
     if rank == 0:
         os.makedirs(src)
@@ -73,12 +85,13 @@ def main() -> None:
     dist.barrier()
     state = load_file(os.path.join(src, "model.safetensors"))
     tokens = torch.randint(0, cfg.vocab_size, (4, 17), generator=torch.Generator().manual_seed(5))
-    whole = build_model(cfg, device="meta")
-    apply_svf(whole)
-    # What one process holds: the SVF model (U and V^T together are larger than the matrix they replace).
-    whole_bytes = sum(p.numel() * p.element_size() for p in model_tensors(whole).values())
     results = {}
-    for layout, pcfg, from_file in LAYOUTS:
+    for layout, family, pcfg, from_file in LAYOUTS:
+        cfg = configs[family]
+        whole = build_model(cfg, device="meta")
+        apply_svf(whole)
+        # What one process holds: the SVF model (U and V^T together outweigh the matrix they replace).
+        whole_bytes = sum(p.numel() * p.element_size() for p in model_tensors(whole).values())
         job = JobConfig(model=cfg, parallel=ParallelConfig(**pcfg), train=TrainConfig(seed=7),
                         finetune=FinetuneConfig(method="svf"), init={"from": src if from_file else ""})
         dims = ParallelDims.from_config(job.parallel, world)
@@ -88,7 +101,7 @@ def main() -> None:
         mods = svf_modules(step.model)
         grads = {n: _full(m.z.grad) for n, m in mods.items()}
         trainable = sorted(n for n, p in step.model.named_parameters() if p.requires_grad)
-        ref_loss, ref_grads = reference(cfg, state if from_file else None, 3 if from_file else 7, tokens)
+        ref_loss, ref_grads = reference(cfg, state if from_file else None, 3 if from_file else 7, tokens, dims.dp)
         scale = max(g.abs().max().item() for g in ref_grads.values())
         results[layout] = {
             "loss": loss, "ref_loss": ref_loss, "n_z": len(grads), "n_ref": len(ref_grads),

@@ -2,7 +2,8 @@
 against one process: one 2-rank launch of tests/parallel/svf_start_worker.py.
 
 Checked per layout: the loss of one step's forward and every z gradient equal the single-process
-SVF model's (float32: loss to 1e-5 relative, z gradients to 1e-5 of the largest; measured
+SVF model's (Llama from init.from; Llama, Titans MAC, TTT-Linear and Jamba from the seed; float32:
+loss to 1e-5 relative, z gradients to 1e-5 of the largest; measured
 ~1e-7, summation order); only z is trainable; the decomposition was split (each rank read only
 its round-robin share of the whole base matrices, one at a time, never the others) and the SVD
 cache beside init.from was written by the first layout and read by the second (which reads one
@@ -34,7 +35,8 @@ def results(tmp_path_factory):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)], out
 
 
-@pytest.mark.parametrize("layout", ["fsdp", "tp", "fsdp_seed"])
+@pytest.mark.parametrize("layout", ["fsdp", "tp"] + [f"{layout}_seed_{family}" for family in
+                                                      ("llama", "titans", "ttt", "jamba") for layout in ("fsdp", "tp")])
 def test_sharded_svf_start_matches_one_process(results, layout):
     for rank, res in enumerate(results[0]):
         r = res[layout]
@@ -56,6 +58,7 @@ def test_decomposition_is_split_and_cached_once(results):
         # Cache hit: one whole matrix, to check the cache reproduces the base.
         assert res["tp"]["cache_hit"] is True and res["tp"]["matrices_read"] == names[:1], rank
         # No init.from: nothing to cache beside; still split.
-        assert res["fsdp_seed"]["cache_hit"] is False and res["fsdp_seed"]["matrices_read"] == names[rank::2]
+        seed = res["fsdp_seed_llama"]
+        assert seed["cache_hit"] is False and seed["matrices_read"] == names[rank::2]
     caches = list((out / "base").glob("svd-*/index.json"))
     assert len(caches) == 1 and len(list(caches[0].parent.glob("*.safetensors"))) == len(names)
