@@ -146,6 +146,22 @@ def test_from_a_hugging_face_llama_with_export_and_z_from(shakespeare64, tmp_pat
         torch.testing.assert_close(z, zs[f"{name}.z"])
 
 
+def test_lora_baseline_from_our_checkpoint_under_fsdp(ours, shakespeare64, tmp_path):
+    """finetune.method=lora (the baseline, whole base per rank): only the LoRA factors change."""
+    o = lu.overrides(shakespeare64, tmp_path / "lora", **{
+        "train.steps": 2, "init.from": ours["src"], "finetune.method": "lora", "parallel.dp_backend": "fsdp",
+        "optim.lr": 5e-2, "checkpoint.every": 2, "train.val_every": 0, "wandb.mode": "disabled"})
+    r = lu.run("configs/llama-tiny.yaml", o, nproc=2)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "[finetune] lora:" in r.stdout
+    base, tuned = _weights(ours["src"]), _weights(tmp_path / "lora" / "checkpoints" / "step_00000002")
+    bs = {k: v for k, v in tuned.items() if k.endswith(".lora_B")}
+    assert bs and all(v.abs().max() > 0 for v in bs.values()), "lora_B did not train from zero"
+    for k, v in tuned.items():
+        if not k.endswith((".lora_A", ".lora_B")):
+            assert torch.equal(v, base[k]), k
+
+
 def test_bad_finetune_settings_are_refused(shakespeare64, tmp_path):
     r = lu.run("configs/llama-tiny.yaml", lu.overrides(shakespeare64, tmp_path / "x", **{
         "finetune.method": "svd"}))
