@@ -7,7 +7,7 @@ init.from=that directory (meta model -> SVF on meta -> layout -> each rank fills
 the SVD factors), one step's forward and backward runs on a fixed global batch, and the loss and
 every z gradient (made full) are compared with one process: the plain base model read from the
 same file, `prepare_svf`, the same batch. The layouts, in order: Llama under fsdp (dp=2; the SVD
-cache beside init.from is written) and tp (tp=2; the cache is read), then Llama, Titans MAC,
+cache beside init.from is written), tp (tp=2; the cache is read) and DDP (dp=2), then Llama, Titans MAC,
 TTT-Linear and Jamba under fsdp and tp with no init.from (the base is the seed's, drawn matrix by
 matrix). Each rank also reports which whole base matrices it read and the
 bytes of the parameters it holds.
@@ -40,7 +40,7 @@ from titanforge.trainer.svf import prepare_svf
 FSDP, TP = dict(dp_backend="fsdp"), dict(tp=2, dp_backend="fsdp")
 # (name, family, layout, start from the saved base): Llama from init.from (the cache is written,
 # then read), every family from the seed (no init.from: nothing cached).
-LAYOUTS = [("fsdp", "llama", FSDP, True), ("tp", "llama", TP, True)] + [
+LAYOUTS = [("fsdp", "llama", FSDP, True), ("tp", "llama", TP, True), ("ddp", "llama", dict(dp_backend="ddp"), True)] + [
     (f"{layout}_seed_{family}", family, pcfg, False) for family in ("llama", "titans", "ttt", "jamba")
     for layout, pcfg in (("fsdp", FSDP), ("tp", TP))]
 
@@ -98,7 +98,7 @@ def main() -> None:
         step = build_train_step(job, dims, build_mesh(dims, "cpu"), info)
         mine = tokens.chunk(dims.dp)[rank % dims.dp] if dims.dp > 1 else tokens
         loss = step.forward_backward([mine]).item()
-        mods = svf_modules(step.model)
+        mods = svf_modules(step.raw_model)
         grads = {n: _full(m.z.grad) for n, m in mods.items()}
         trainable = sorted(n for n, p in step.model.named_parameters() if p.requires_grad)
         ref_loss, ref_grads = reference(cfg, state if from_file else None, 3 if from_file else 7, tokens, dims.dp)
