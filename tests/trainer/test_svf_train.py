@@ -169,3 +169,11 @@ def test_bad_finetune_settings_are_refused(shakespeare64, tmp_path):
     r = lu.run("configs/llama-tiny.yaml", lu.overrides(shakespeare64, tmp_path / "y", **{
         "finetune.method": "svf", "parallel.pp": 2}), nproc=2)
     assert r.returncode == 2 and "parallel.pp=1" in r.stderr
+    # z-vectors of another model (one matrix, wrong length): one line, before any rank starts.
+    from titanforge.trainer.svf import save_z
+
+    save_z(tmp_path / "other.safetensors", {"layers.0.attention.wq": torch.ones(5)})
+    r = lu.run("configs/llama-tiny.yaml", lu.overrides(shakespeare64, tmp_path / "z", **{
+        "finetune.method": "svf", "finetune.z_from": tmp_path / "other.safetensors"}), nproc=2)
+    assert r.returncode == 2 and "does not fit this model's SVF matrices" in r.stderr, r.stderr[-2000:]
+    assert "other length ['layers.0.attention.wq']" in r.stderr and "Traceback" not in r.stderr
