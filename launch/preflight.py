@@ -55,6 +55,33 @@ def _checkpoint_bytes(job: JobConfig, newest: Path | None) -> int:
     return 12 * n + (1 << 20)
 
 
+def _check_z_from(job: JobConfig) -> None:
+    """finetune.z_from must hold one z-vector of the right length per matrix the run decomposes
+    (checked on a meta model, before any rank reads a weight)."""
+    from titanforge.models.registry import build_model
+    from titanforge.models.svf import SVFConfig, apply_svf, svf_modules
+    from titanforge.trainer.svf import read_z
+
+    ft = job.finetune
+    try:
+        zs = read_z(ft.z_from)
+    except ValueError as e:
+        raise ConfigError(f"finetune.z_from: {e}") from None
+    model = build_model(job.model, device="meta")
+    try:
+        apply_svf(model, SVFConfig(list(ft.targets), list(ft.exclude)))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    want = {n: m.z.shape[0] for n, m in svf_modules(model).items()}
+    got = {n: z.shape[0] if z.ndim == 1 else -1 for n, z in zs.items()}
+    if got != want:
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        bad = sorted(n for n in set(want) & set(got) if want[n] != got[n])
+        raise ConfigError(f"finetune.z_from={ft.z_from} does not fit this model's SVF matrices (missing {missing[:3]}, "
+                          f"unexpected {extra[:3]}, other length {bad[:3]}); export it from a run of the same model.* "
+                          f"and finetune.targets")
+
+
 def preflight(job: JobConfig) -> None:
     from titanforge.data import read_manifest
     from titanforge.trainer.checkpoint import (CheckpointError, Checkpointer, complete_checkpoints,
@@ -88,6 +115,8 @@ def preflight(job: JobConfig) -> None:
             problem, _ = resume_config_problem(newest, to_yaml(job), job.checkpoint.allow_schedule_change)
             if problem:
                 raise ConfigError(problem)
+    if job.finetune.method == "svf" and job.finetune.z_from:
+        _check_z_from(job)
     if job.checkpoint.enabled:
         need = _checkpoint_bytes(job, newest)
         free = shutil.disk_usage(base).free

@@ -75,6 +75,9 @@ class SVFLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, factors=None) -> "SVFLinear":
         w = linear.weight
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, device=w.device, dtype=w.dtype)
+        if w.is_meta:
+            # Sharded start: the factors are filled per rank after the layout (trainer/svf.py).
+            return m
         U, s, Vh = factors if factors is not None else svd_factors(w)
         with torch.no_grad():
             m.U.copy_(U)
@@ -115,7 +118,8 @@ def apply_svf(model: nn.Module, cfg: SVFConfig | None = None,
               factors: Dict[str, tuple] | None = None) -> List[str]:
     """Replace the selected nn.Linear modules of `model` by SVFLinear (in place) and freeze every
     parameter but the z-vectors. `factors` maps a module name to precomputed (U, s, V^T) (e.g. a
-    cache); the rest are decomposed here. Returns the names replaced."""
+    cache); the rest are decomposed here, except on a meta-built model, whose SVFLinears are left
+    empty for a sharded start to fill. Returns the names replaced."""
     cfg = cfg or SVFConfig()
     names = svf_targets(model, cfg)
     if not names:

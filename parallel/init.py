@@ -118,12 +118,12 @@ def init_units(template: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def init_model_weights(model: nn.Module, model_cfg, seed: int) -> None:
+def init_model_weights(model: nn.Module, model_cfg, seed: int, exempt: frozenset[str] = frozenset()) -> None:
     """Fill every parameter and buffer of `model` (a CausalLM, a pipeline stage of one, or either
     parallelised, all materialised with `to_empty`) with its seed- and name-determined value.
 
     Raises if a tensor of `model` is not covered, so a new family or buffer cannot start silently
-    uninitialised."""
+    uninitialised; `exempt` names tensors the caller fills itself (SVF's factors, trainer/svf.py)."""
     targets = model_tensors(model)
     done: set[str] = set()
     std = model_cfg.init_std
@@ -153,10 +153,39 @@ def init_model_weights(model: nn.Module, model_cfg, seed: int) -> None:
                 fill_from_full(targets[name], full)
                 done.add(name)
         module.to_empty(device="meta")  # drop the unit's memory before the next one
-    missing = sorted(set(targets) - done)
+    missing = sorted(set(targets) - done - exempt)
     if missing:
         raise RuntimeError(f"init_model_weights: no initial value for {missing[:5]}; every tensor must belong to "
                            f"tok_embeddings, output, freqs or a unit of parallel/init.py:init_units")
+
+
+def seed_source(model_cfg, seed: int):
+    """name -> the full tensor `init_model_weights` gives that parameter (CPU), one tensor at a
+    time: the unit it belongs to is materialised once and kept until a name of another unit is
+    asked for (ask in module order). For code that needs whole matrices of a seed-initialised
+    model without holding the model (SVF's decomposition, trainer/svf.py)."""
+    template = build_model(model_cfg, device="meta")
+    units = init_units(template)
+    held: dict = {"unit": None, "tensors": {}}
+
+    def source(name: str) -> torch.Tensor | None:
+        if name in ("tok_embeddings.weight", "output.weight"):
+            p = template.get_parameter(name)
+            dist = "normal" if name.startswith("tok_") else "trunc_normal"
+            return _draw_rows(name, seed, 0, p.shape[0], p.shape[1], dist, model_cfg.init_std, p.dtype)
+        unit = next((u for u in units if name.startswith(u + ".")), None)
+        if unit is None:
+            return None
+        if held["unit"] != unit:
+            module = build_model(model_cfg, device="meta").get_submodule(unit).to_empty(device="cpu")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(unit_seed(seed, unit))
+                module.init_weights()
+            held["unit"], held["tensors"] = unit, dict(list(module.named_parameters()) + list(module.named_buffers()))
+        t = held["tensors"].get(name[len(unit) + 1:])
+        return None if t is None else t.detach()
+
+    return source
 
 
 def materialize(model: nn.Module, model_cfg, seed: int, device: torch.device) -> nn.Module:

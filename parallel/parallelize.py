@@ -77,9 +77,12 @@ def parallelize(model: nn.Module, family: str, dims: ParallelDims, mesh: DeviceM
 def no_grad_sync(model: nn.Module, backend: str):
     """Skip the gradient reduction for a non-final micro-batch of an accumulated step."""
     if backend == "fsdp":
+        from torch.distributed.fsdp import FSDPModule
+
         from titanforge.parallel.fsdp import no_gradient_sync
 
-        return no_gradient_sync(model)
+        # dp = 1 (tensor parallelism alone) leaves the model unsharded: nothing to hold back.
+        return no_gradient_sync(model) if isinstance(model, FSDPModule) else contextlib.nullcontext()
     if hasattr(model, "no_sync"):
         return model.no_sync()
     return contextlib.nullcontext()

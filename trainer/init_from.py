@@ -179,14 +179,15 @@ def weight_source(path: str | Path, model_cfg) -> Source:
 
 
 @torch.no_grad()
-def load_model_weights(model: torch.nn.Module, source: Source, path) -> None:
-    """Overwrite every parameter of `model` (plain, stage or parallelised) with its part of the source's."""
+def load_model_weights(model: torch.nn.Module, source: Source, path, skip: frozenset[str] = frozenset()) -> None:
+    """Overwrite every parameter of `model` (plain, stage or parallelised) with its part of the source's,
+    but those named in `skip` (SVF's factors, which trainer/svf.py derives from the source's weights)."""
     names = {n for n, _ in model.named_parameters()}
     from titanforge.parallel.init import plain_name
 
     params = {plain_name(n) for n in names}
     for name, target in model_tensors(model).items():
-        if name not in params:
+        if name not in params or name in skip:
             continue  # buffers (rotary tables) are derived from the config
         full = source(name)
         if full is None:

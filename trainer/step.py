@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import torch
 import torch.distributed as dist
@@ -63,32 +62,21 @@ def sharded_init_fn(job, device: torch.device):
 
 
 def build_finetune_model(job, info) -> torch.nn.Module:
-    """The whole base model (init.from's weights, else the seed's), with finetune.method applied:
-    SVF (its SVD cached beside init.from's checkpoint, split over the ranks) or LoRA."""
+    """finetune.method=lora: the whole base model (init.from's weights, else the seed's) with LoRA
+    applied. (SVF starts sharded instead: trainer/svf.py:SVFStart.)"""
+    from titanforge.models.lora import apply_lora
+
     model = build_model(job.model, device="meta")
     sharded_init_fn(job, info.device)(model)
     ft = job.finetune
-    if ft.method == "svf":
-        from pathlib import Path
-
-        from titanforge.models.svf import SVFConfig, load_z
-        from titanforge.trainer.svf import prepare_svf, read_z
-
-        source = (getattr(job, "init", None) or {}).get("from")
-        cache = Path(source) if source and Path(source).is_dir() and os.access(source, os.W_OK) else None
-        group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
-        prepare_svf(model, SVFConfig(list(ft.targets), list(ft.exclude)), cache, info.rank, info.world_size, group)
-        if ft.z_from:
-            load_z(model, read_z(ft.z_from))
-    else:
-        from titanforge.models.lora import apply_lora
-
-        apply_lora(model, ft.lora_rank, ft.lora_alpha, ft.targets, ft.exclude)
-    if info.is_main:
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        n_all = sum(p.numel() for p in model.parameters())
-        print(f"[finetune] {ft.method}: {n_train:,} trainable of {n_all:,} parameters", flush=True)
+    apply_lora(model, ft.lora_rank, ft.lora_alpha, ft.targets, ft.exclude)
     return model
+
+
+def _print_trainable(model, method: str) -> None:
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    print(f"[finetune] {method}: {n_train:,} trainable of {n_all:,} parameters", flush=True)
 
 
 def lm_loss(model, raw_model, tokens: torch.Tensor, autocast, fused: bool = False,
@@ -125,9 +113,21 @@ class TrainStep:
     def __init__(self, job, dims, mesh, info):
         self.job, self.dims, self.info = job, dims, info
         self.autocast = autocast_for(info.device, job.train.dtype)
-        if job.finetune.method != "none":
-            # SVF / LoRA decompose or wrap the full base matrices: the plain model is built whole
-            # (init.from or the seed) and transformed before the layout is applied.
+        self.svf_start = None
+        if job.finetune.method == "svf":
+            # Sharded start of the SVF model: built on meta with SVFLinears in place of the selected
+            # matrices; after the layout each rank fills its shards and the SVD factors (its share
+            # decomposed from whole base matrices read one at a time, trainer/svf.py).
+            from titanforge.models.svf import SVFConfig, apply_svf
+            from titanforge.trainer.svf import SVFStart
+
+            self.raw_model = build_model(job.model, device="meta")
+            apply_svf(self.raw_model, SVFConfig(list(job.finetune.targets), list(job.finetune.exclude)))
+            group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+            init_fn = self.svf_start = SVFStart(job, info.device, info.rank, info.world_size, group, info.is_main)
+        elif job.finetune.method == "lora":
+            # LoRA wraps the full base matrices: the plain model is built whole (init.from or the
+            # seed) and transformed before the layout is applied.
             self.raw_model = build_finetune_model(job, info)
             init_fn = None
         else:
@@ -137,6 +137,8 @@ class TrainStep:
         self.model = parallelize(self.raw_model, job.model.family, dims, mesh, job.parallel, info.device,
                                  activation_checkpointing=job.train.activation_checkpointing,
                                  compile=job.train.compile, init_fn=init_fn)
+        if job.finetune.method != "none" and info.is_main:
+            _print_trainable(self.raw_model, job.finetune.method)
         self.optimizer = build_optimizer(self.model, job.optim)
         # Context parallelism: every rank of a cp group reads the same batches and keeps its piece
         # of each sequence; its loss is the mean over its piece (pieces hold equal token counts).

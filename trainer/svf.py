@@ -4,10 +4,13 @@ with a KL penalty, z-vector files, and few-shot adaptation by the cross-entropy 
 Sun, Cetin, Tang 2025 (arXiv 2501.06252). The SVF transform itself is `models/svf.py`.
 
 - SVD cache: the decomposition of every selected matrix is computed once, in float64, and saved
-  as `svd-<hash>.safetensors` beside the checkpoint it came from (the hash covers the target
-  patterns and the weights' names and shapes); a later run with the same base reads it. Across
-  ranks the matrices are divided round-robin, each rank decomposes its share and the factors are
-  broadcast from their owners, so the work is split and every rank ends with identical factors.
+  in `svd-<hash>/` beside the checkpoint it came from, one file per matrix (the hash covers the
+  target patterns and the weights' names and shapes); a later run with the same base reads it.
+  Across ranks the matrices are divided round-robin, each rank decomposes its share and the
+  factors are broadcast from their owners, so the work is split and every rank ends with
+  identical factors.
+- Sharded start (`SVFStart`): a training run builds the SVF model on meta, applies the layout,
+  and each rank fills only its shards; only an owner reads a whole base matrix, one at a time.
 - REINFORCE (the paper's objective where an answer can be checked): for a prompt, sample an
   answer from the adapted model, reward r = +1 if it matches exactly, -1 otherwise, and minimise
   -r * log p(answer) + kl_coef * KL(p_adapted || p_base) over the answer positions, the base
@@ -32,67 +35,211 @@ from torch import nn
 from titanforge.models.svf import SVFConfig, SVFLinear, apply_svf, svd_factors, svf_modules, svf_targets
 
 
-def _cache_key(model: nn.Module, cfg: SVFConfig, names: List[str]) -> str:
-    shapes = {n: list(model.get_submodule(n).weight.shape) for n in names}
-    blob = json.dumps({"targets": cfg.targets, "exclude": cfg.exclude, "shapes": shapes}, sort_keys=True)
+def _cache_key(shapes: Dict[str, tuple], cfg: SVFConfig) -> str:
+    blob = json.dumps({"targets": cfg.targets, "exclude": cfg.exclude, "shapes": {n: list(v) for n, v in shapes.items()}},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class SVDCache:
+    """The factors of one base checkpoint: directory `svd-<key>/` beside it, one safetensors file
+    per matrix (written by the rank that decomposed it, so no rank ever holds all the factors) and
+    `index.json`, written last by rank 0 once every file is there: a directory without it is an
+    interrupted run's and is recomputed. Every rank must see the directory (as it sees init.from)."""
+
+    def __init__(self, cache_dir: Path | None, key: str):
+        self.dir = Path(cache_dir) / f"svd-{key}" if cache_dir is not None else None
+
+    def complete(self, names: List[str]) -> bool:
+        if self.dir is None or not (self.dir / "index.json").exists():
+            return False
+        return json.loads((self.dir / "index.json").read_text()).get("names") == names
+
+    def read(self, name: str) -> tuple:
+        from safetensors import safe_open
+
+        with safe_open(str(self.dir / f"{name}.safetensors"), framework="pt") as f:
+            try:
+                return f.get_tensor("U"), f.get_tensor("s"), f.get_tensor("Vh")
+            except Exception:
+                raise ValueError(f"SVD cache {self.dir} holds no factors for {name}; delete it to recompute") from None
+
+    def write(self, name: str, factors: tuple) -> None:
+        from safetensors.torch import save_file
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f"{name}.tmp"
+        save_file({k: t.detach().contiguous().cpu() for k, t in zip(("U", "s", "Vh"), factors)}, str(tmp))
+        tmp.replace(self.dir / f"{name}.safetensors")
+
+    def finish(self, names: List[str]) -> None:
+        tmp = self.dir / "index.tmp"
+        tmp.write_text(json.dumps({"names": names}))
+        tmp.replace(self.dir / "index.json")
+
+
+def _check_factors(cache: SVDCache, name: str, factors: tuple, weight: torch.Tensor) -> None:
+    """The cache belongs to one set of base weights: its first matrix must reproduce the base's."""
+    U, s, Vh = (t.double() for t in factors)
+    w = weight.detach().double().cpu()
+    err = ((U.cpu() * s.cpu()) @ Vh.cpu() - w).norm() / w.norm().clamp_min(1e-30)
+    if err > 1e-4:
+        raise ValueError(f"SVD cache {cache.dir} does not reproduce the base weight {name} "
+                         f"(relative error {err:.2e}); delete it to recompute")
+
+
+def iter_factors(names: List[str], shapes: Dict[str, tuple], weight_of: Callable[[str], torch.Tensor],
+                 cache: SVDCache, rank: int = 0, world: int = 1, group=None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """Yield (name, (U, s, V^T)) for each matrix in order, one at a time, identical on every rank.
+
+    From the cache when it is complete (every rank reads it); otherwise rank i decomposes
+    names[i::world], asking `weight_of(name)` for that whole matrix only, writes it to the cache
+    and broadcasts it from there. A rank holds at most one matrix and its factors at a time.
+    Sets `cache.hit` to whether the cache was read."""
+    cache.hit = cache.complete(names)
+    if cache.hit:
+        for i, n in enumerate(names):
+            factors = cache.read(n)
+            if i == 0:
+                _check_factors(cache, n, factors, weight_of(n))
+            yield n, tuple(t.to(device=device, dtype=dtype) for t in factors)
+        return
+    import torch.distributed as dist
+
+    for i, n in enumerate(names):
+        owner = i % world
+        if owner == rank:
+            factors = svd_factors(weight_of(n).to(device=device, dtype=dtype))
+            if cache.dir is not None:
+                cache.write(n, factors)
+        else:
+            out, inp = shapes[n]
+            r = min(out, inp)
+            factors = tuple(torch.empty(sh, dtype=dtype, device=device) for sh in ((out, r), (r,), (r, inp)))
+        if world > 1:
+            src = dist.get_global_rank(group, owner) if group is not None else owner
+            for t in factors:
+                dist.broadcast(t, src=src, group=group)
+        yield n, factors
+    if cache.dir is not None:
+        if world > 1:
+            dist.barrier(group=group)
+        if rank == 0:
+            cache.finish(names)
+
+
+def _shapes(model: nn.Module, names: List[str]) -> Dict[str, tuple]:
+    return {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in names}
 
 
 def compute_factors(model: nn.Module, names: List[str], rank: int = 0, world: int = 1,
                     group=None) -> Dict[str, tuple]:
     """(U, s, V^T) for each named nn.Linear: rank i decomposes names[i::world], then each result
     is broadcast from its owner (with world > 1 a process group must be initialised)."""
-    out: Dict[str, tuple] = {}
-    for i, n in enumerate(names):
-        w = model.get_submodule(n).weight
-        owner = i % world
-        if owner == rank:
-            U, s, Vh = svd_factors(w)
-        else:
-            r = min(w.shape)
-            U, s, Vh = (w.new_empty(w.shape[0], r), w.new_empty(r), w.new_empty(r, w.shape[1]))
-        if world > 1:
-            import torch.distributed as dist
-            for t in (U, s, Vh):
-                dist.broadcast(t, src=dist.get_global_rank(group, owner) if group is not None else owner, group=group)
-        out[n] = (U, s, Vh)
-    return out
+    w0 = model.get_submodule(names[0]).weight
+    return dict(iter_factors(names, _shapes(model, names), lambda n: model.get_submodule(n).weight,
+                             SVDCache(None, ""), rank, world, group, w0.dtype, w0.device))
 
 
 def prepare_svf(model: nn.Module, cfg: SVFConfig, cache_dir: Path | None = None,
                 rank: int = 0, world: int = 1, group=None) -> List[str]:
-    """Decompose the selected matrices (reading or writing the SVD cache in `cache_dir`) and turn
-    `model` into its SVF form in place. Returns the decomposed names."""
-    from safetensors.torch import load_file, save_file
-
+    """Decompose the selected matrices of a whole (not sharded) model, reading or writing the SVD
+    cache in `cache_dir`, and turn `model` into its SVF form in place. Returns the decomposed
+    names. A training run uses the sharded start instead (`svf_init_fn`); both share the cache."""
     names = svf_targets(model, cfg)
     if not names:
         apply_svf(model, cfg)  # raises with the names that exist
-    path = Path(cache_dir) / f"svd-{_cache_key(model, cfg, names)}.safetensors" if cache_dir else None
-    factors: Dict[str, tuple] | None = None
-    if path is not None and path.exists():
-        flat = load_file(str(path))
-        try:
-            factors = {n: (flat[f"{n}.U"], flat[f"{n}.s"], flat[f"{n}.Vh"]) for n in names}
-        except KeyError as e:
-            raise ValueError(f"SVD cache {path} lacks {e}; delete it to recompute") from None
-        # The cache belongs to one set of base weights: check it reproduces them.
-        for n in names[:1]:
-            U, s, Vh = factors[n]
-            w = model.get_submodule(n).weight.detach().to(torch.float64)
-            err = ((U.double() * s.double()) @ Vh.double() - w).norm() / w.norm().clamp_min(1e-30)
-            if err > 1e-4:
-                raise ValueError(f"SVD cache {path} does not reproduce the base weight {n} "
-                                 f"(relative error {err:.2e}); delete it to recompute")
-    if factors is None:
-        factors = compute_factors(model, names, rank, world, group)
-        if path is not None and rank == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({f"{n}.{k}": t.contiguous() for n, f in factors.items() for k, t in zip(("U", "s", "Vh"), f)},
-                      str(tmp))
-            tmp.replace(path)
+    shapes = _shapes(model, names)
+    cache = SVDCache(cache_dir, _cache_key(shapes, cfg))
+    w0 = model.get_submodule(names[0]).weight
+    factors = dict(iter_factors(names, shapes, lambda n: model.get_submodule(n).weight, cache, rank, world, group,
+                                w0.dtype, w0.device))
     return apply_svf(model, cfg, factors)
+
+
+class SVFStart:
+    """`parallelize(..., init_fn=SVFStart(...))` for an SVF model built on meta (`apply_svf` on a
+    meta model): the sharded start of fine-tuning. After the layout is applied it
+
+    1. allocates this rank's shards and fills every tensor but the SVF factors as a sharded start
+       does (parallel/init.py), then overwrites the parameters with init.from's (trainer/init_from.py);
+    2. fills U, s, V^T matrix by matrix from `iter_factors`: the owner of a matrix reads that one
+       whole base matrix from init.from (or draws it from the seed), decomposes it, caches and
+       broadcasts its factors; each rank keeps only its part (`fill_from_full`). Peak memory is
+       the shards plus one matrix and its factors, never the model;
+    3. sets z to 1, or to finetune.z_from's vectors.
+
+    After the call: `names` (the decomposed matrices), `matrices_read` (the whole base matrices this
+    rank read: its share of the decomposition, or on a cache hit the one that checks the cache),
+    `cache_hit`, `cache_dir`."""
+
+    def __init__(self, job, device: torch.device, rank: int = 0, world: int = 1, group=None, log: bool = False):
+        import os
+
+        from titanforge.parallel.init import seed_source
+        from titanforge.trainer.init_from import weight_source
+
+        self.job, self.device, self.rank, self.world, self.group, self.log = job, device, rank, world, group, log
+        self.src = (getattr(job, "init", None) or {}).get("from")
+        self.source = weight_source(self.src, job.model) if self.src else seed_source(job.model, job.train.seed)
+        self.cache_dir = Path(self.src) if self.src and Path(self.src).is_dir() and os.access(self.src, os.W_OK) else None
+        self.z_init = read_z(job.finetune.z_from) if job.finetune.z_from else None
+        self.names: List[str] = []
+        self.matrices_read: List[str] = []
+        self.cache_hit = False
+
+    def _base_weight(self, name: str) -> torch.Tensor:
+        w = self.source(f"{name}.weight")
+        if w is None:
+            raise ValueError(f"init.from={self.src} has no tensor for {name}.weight, which finetune.svf.targets "
+                             f"selects; is it a checkpoint of this model?")
+        self.matrices_read.append(name)
+        return w
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> nn.Module:
+        import time
+
+        from titanforge.parallel.init import fill_from_full, init_model_weights, plain_name
+        from titanforge.trainer.init_from import load_model_weights
+
+        svf = {plain_name(n): m for n, m in model.named_modules() if isinstance(m, SVFLinear)}
+        own = frozenset(f"{n}.{k}" for n in svf for k in ("U", "s", "Vh", "z"))
+        if self.z_init is not None and set(self.z_init) != set(svf):
+            raise ValueError(f"finetune.z_from={self.job.finetune.z_from}: its z-vectors do not match the model's SVF "
+                             f"matrices (missing {sorted(set(svf) - set(self.z_init))[:3]}, unexpected "
+                             f"{sorted(set(self.z_init) - set(svf))[:3]}); were they trained with the same "
+                             f"finetune.targets?")
+        model.to_empty(device=self.device)
+        init_model_weights(model, self.job.model, self.job.train.seed, exempt=own)
+        if self.src:
+            load_model_weights(model, self.source, self.src, skip=own)
+        self.names = list(svf)
+        shapes = {n: (m.out_features, m.in_features) for n, m in svf.items()}
+        ft = self.job.finetune
+        cache = SVDCache(self.cache_dir, _cache_key(shapes, SVFConfig(list(ft.targets), list(ft.exclude))))
+        dtype = next(iter(svf.values())).z.dtype
+        t0 = time.perf_counter()
+        for name, (U, s, Vh) in iter_factors(self.names, shapes, self._base_weight, cache, self.rank, self.world,
+                                             self.group, dtype, self.device):
+            m = svf[name]
+            for target, full in ((m.U, U), (m.s, s), (m.Vh, Vh)):
+                fill_from_full(target, full)
+            z = self.z_init[name] if self.z_init is not None else torch.ones(m.z.shape)
+            if tuple(z.shape) != tuple(m.z.shape):
+                raise ValueError(f"finetune.z_from: z-vector {name} has shape {tuple(z.shape)}, the model's is "
+                                 f"{tuple(m.z.shape)}")
+            fill_from_full(m.z, z.to(device=self.device, dtype=dtype))
+        self.cache_hit = cache.hit
+        if self.log:
+            where = f"cached in {cache.dir}" if cache.dir is not None else "not cached (init.from is not a writable directory)"
+            if cache.hit:
+                print(f"[svf] SVD of {len(self.names)} matrices read from the cache {cache.dir}", flush=True)
+            else:
+                print(f"[svf] SVD of {len(self.names)} matrices computed over {self.world} ranks in "
+                      f"{time.perf_counter() - t0:.1f} s, {where}", flush=True)
+        return model
 
 
 @contextlib.contextmanager
@@ -228,6 +375,6 @@ def trainable_summary(model: nn.Module) -> tuple[int, int]:
     return n_train, n_all
 
 
-__all__ = ["SVFLinear", "adapt_few_shot", "base_policy", "cem_search", "classify_task", "compute_factors", "prepare_svf", "read_z",
+__all__ = ["SVDCache", "SVFLinear", "SVFStart", "adapt_few_shot", "base_policy", "cem_search", "classify_task", "compute_factors", "iter_factors", "prepare_svf", "read_z",
            "reinforce_loss", "sample_answer", "save_z", "trainable_summary"]
 

@@ -111,7 +111,7 @@ def test_targets_that_match_nothing_are_named():
 def test_svd_cache_is_written_reused_and_checked(tmp_path):
     m1 = build("llama")
     names = prepare_svf(m1, SVFConfig(), tmp_path)
-    files = list(tmp_path.glob("svd-*.safetensors"))
+    files = list(tmp_path.glob("svd-*/index.json"))
     assert len(files) == 1
     m2 = build("llama")
     assert prepare_svf(m2, SVFConfig(), tmp_path) == names
