@@ -136,18 +136,23 @@ static void SUF(chunk_forward)(int64_t L, const int64_t *w, int64_t n, int act, 
 
 /* Per-token clip of the inner gradient (clip > 0): g_i = sum_l x_{i,l}^T delta_{i,l} has
    |g_i|^2 = sum_l |x_{i,l}|^2 |delta_{i,l}|^2 (outer products); sq[i] receives it and sc[i] the
-   scale clip / max(|g_i|, clip). X[l] holds the query rows first, so the key rows start at n w_l. */
-static void SUF(clip_scale)(int64_t L, const int64_t *w, int64_t n, S clip, S *const *X, S *const *delta, S *sq,
-                            S *sc) {
+   scale clip / max(|g_i|, clip). X[l] holds the query rows first, so the key rows start at n w_l.
+   xn, dn [L][b] receive the per-layer squared norms |x_{i,l}|^2, |delta_{i,l}|^2 (the backward
+   reuses them). The norms are vector reductions (omp simd): their summation order is not the
+   sequential one, the same rounding-level freedom as any blocked dot product. */
+static void SUF(clip_scale)(int64_t L, const int64_t *w, int64_t n, int64_t b, S clip, S *const *X,
+                            S *const *delta, S *xn, S *dn, S *sq, S *sc) {
     for (int64_t i = 0; i < n; i++) sq[i] = 0;
     for (int64_t l = 0; l < L; l++) {
-        const int64_t d = w[l + 1];
-        const S *xk = X[l] + n * w[l];
+        const int64_t d = w[l + 1], wl = w[l];
+        const S *xk = X[l] + n * wl, *dl = delta[l];
         for (int64_t i = 0; i < n; i++) {
-            S xn = 0, dn = 0;
-            for (int64_t j = 0; j < w[l]; j++) xn += xk[i * w[l] + j] * xk[i * w[l] + j];
-            for (int64_t j = 0; j < d; j++) dn += delta[l][i * d + j] * delta[l][i * d + j];
-            sq[i] += xn * dn;
+            S x2 = 0, d2 = 0;
+            _Pragma("omp simd reduction(+:x2)") for (int64_t j = 0; j < wl; j++) x2 += xk[i * wl + j] * xk[i * wl + j];
+            _Pragma("omp simd reduction(+:d2)") for (int64_t j = 0; j < d; j++) d2 += dl[i * d + j] * dl[i * d + j];
+            xn[l * b + i] = x2;
+            dn[l * b + i] = d2;
+            sq[i] += x2 * d2;
         }
     }
     for (int64_t i = 0; i < n; i++) sc[i] = sq[i] > clip * clip ? clip / sqrt(sq[i]) : (S)1;
@@ -360,7 +365,8 @@ void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *th, cons
     for (int64_t l = 0; l <= L; l++) wmax = w[l] > wmax ? w[l] : wmax;
     for (int64_t l = 0; l < L; l++) sz[l] = w[l] * w[l + 1];
     const int64_t N = (T + b - 1) / b;
-    const int64_t scratch = 8 * (L + 2) * (2 * b * wmax + 16) + wmax * wmax + 16 * b + 256 + TREAD_SCRATCH(L, b, wmax);
+    const int64_t scratch = 8 * (L + 2) * (2 * b * wmax + 16) + wmax * wmax + 16 * b + 256 + TREAD_SCRATCH(L, b, wmax)
+                            + 2 * (L * b + 16);
     _Pragma("omp parallel for num_threads(nthreads) schedule(static)")
     for (int64_t task = 0; task < B * H; task++) {
         const int64_t bi = task / H, h = task % H;
@@ -379,6 +385,7 @@ void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *th, cons
         S *gth = SUF(take)(&a, b), *get = SUF(take)(&a, b), *gal = SUF(take)(&a, b);
         S *u = SUF(take)(&a, b), *uw = SUF(take)(&a, b), *cM = SUF(take)(&a, b), *cS = SUF(take)(&a, b);
         S *csq = SUF(take)(&a, b), *csc = SUF(take)(&a, b);
+        S *cxn = SUF(take)(&a, L * b), *cdn = SUF(take)(&a, L * b);
         SUF(tread) r;
         SUF(tread_init)(&r, &a, L, w, b, wmax);
         for (int64_t i = 0; i < b; i++) csc[i] = 1;
@@ -396,7 +403,7 @@ void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *th, cons
             SUF(coefficients)(n, gth, get, gal, u, uw, cM, cS, &am, &bm, &bs);
             SUF(chunk_forward)(L, w, n, act, vb, Wc, X, Z, delta, P, WTs, read);
             if (clip > 0) {
-                SUF(clip_scale)(L, w, n, (S)clip, X, delta, csq, csc);
+                SUF(clip_scale)(L, w, n, b, (S)clip, X, delta, cxn, cdn, csq, csc);
                 for (int64_t i = 0; i < n; i++) { cM[i] *= csc[i]; cS[i] *= csc[i]; }
             }
             if (read) {  /* y_t = M_t(q_t) from the chunk-start state, before the update below */
@@ -468,7 +475,7 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
     const int64_t N = (T + b - 1) / b;
     const int64_t scratch = 16 * (L + 2) * (2 * b * wmax + 16) + 4 * szsum + (L + 2) * (wmax * wmax + 16)
                             + 24 * (b + 16) + 64 + TREAD_SCRATCH(L, b, wmax) + 4 * b * (wmax + 16) + 3 * b * (b + 16)
-                            + wmax * wmax + 8 * (b + 16) + 256;
+                            + wmax * wmax + 8 * (b + 16) + 256 + 2 * (L * b + 16);
     _Pragma("omp parallel for num_threads(nthreads) schedule(static)")
     for (int64_t task = 0; task < B * H; task++) {
         const int64_t bi = task / H, h = task % H;
@@ -498,6 +505,7 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
         S *du = SUF(take)(&a, b), *dw = SUF(take)(&a, b), *gdth = SUF(take)(&a, b), *gdet = SUF(take)(&a, b);
         S *gdal = SUF(take)(&a, b);
         S *csq = SUF(take)(&a, b), *csc = SUF(take)(&a, b), *cM0 = SUF(take)(&a, b), *cS0 = SUF(take)(&a, b);
+        S *cxn = SUF(take)(&a, L * b), *cdn = SUF(take)(&a, L * b);
         SUF(tread) r;
         SUF(tread_init)(&r, &a, L, w, b, wmax);
         S *rdz = SUF(take)(&a, b * wmax), *raz = SUF(take)(&a, b * wmax), *rbz = SUF(take)(&a, b * wmax);
@@ -547,7 +555,7 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
             SUF(transpose)(W[0], w[0], w[1], WT[0]);
             for (int64_t i = 0; i < n; i++) du[i] = dw[i] = gdth[i] = rdsc[i] = 0;
             if (clip > 0) {  /* the update used c' = c s (clip_scale); keep c for the scale's gradient */
-                SUF(clip_scale)(L, w, n, (S)clip, X, delta, csq, csc);
+                SUF(clip_scale)(L, w, n, b, (S)clip, X, delta, cxn, cdn, csq, csc);
                 for (int64_t i = 0; i < n; i++) {
                     cM0[i] = cM[i]; cS0[i] = cS[i];
                     cM[i] *= csc[i]; cS[i] *= csc[i];
@@ -592,11 +600,16 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
                 /* dA = -(c_M delta) dW'^T - (c_S delta) dS'^T, formed transposed (dA^T = -dW' (c_M
                    delta)^T - ...: the [n x d] factors are transposed, not the [w_l x d] states) */
                 S *cdMT = cd, *cdST = cd + n * d;
-                for (int64_t i = 0; i < n; i++)
-                    for (int64_t j = 0; j < d; j++) {
-                        cdMT[j * n + i] = cM[i] * delta[l][i * d + j];
-                        cdST[j * n + i] = cS[i] * delta[l][i * d + j];
+                /* delta^T through the register transpose, then each row scaled by c (contiguous) */
+                SUF(transpose)(delta[l], n, d, cdST);
+                for (int64_t j = 0; j < d; j++) {
+                    S *rm = cdMT + j * n, *rs = cdST + j * n;
+                    _Pragma("omp simd") for (int64_t i = 0; i < n; i++) {
+                        const S x = rs[i];
+                        rm[i] = cM[i] * x;
+                        rs[i] = cS[i] * x;
                     }
+                }
                 SUF(gemm)(w[l], n, d, -1, dWc[l], d, 1, cdMT, n, 0, dAT, n);
                 SUF(gemm)(w[l], n, d, -1, dSc[l], d, 1, cdST, n, 1, dAT, n);
                 SUF(transpose)(dAT, w[l], n, dA[l]);
@@ -628,11 +641,12 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
                     const S *xk = X[l] + n * w[l];
                     for (int64_t i = 0; i < n; i++) {
                         if (csq[i] == 0) continue;
-                        S xn = 0, dn = 0;
-                        for (int64_t j = 0; j < w[l]; j++) xn += xk[i * w[l] + j] * xk[i * w[l] + j];
-                        for (int64_t j = 0; j < d; j++) dn += delta[l][i * d + j] * delta[l][i * d + j];
-                        for (int64_t j = 0; j < d; j++) ddelta[l][i * d + j] += csq[i] * xn * delta[l][i * d + j];
-                        for (int64_t j = 0; j < w[l]; j++) dA[l][i * w[l] + j] += csq[i] * dn * xk[i * w[l] + j];
+                        /* the norms clip_scale left (xn, dn of this layer and row) */
+                        const S fx = csq[i] * cxn[l * b + i], fd = csq[i] * cdn[l * b + i];
+                        S *ddl = ddelta[l] + i * d, *dal_ = dA[l] + i * w[l];
+                        const S *dl = delta[l] + i * d, *xr = xk + i * w[l];
+                        _Pragma("omp simd") for (int64_t j = 0; j < d; j++) ddl[j] += fx * dl[j];
+                        _Pragma("omp simd") for (int64_t j = 0; j < w[l]; j++) dal_[j] += fd * xr[j];
                     }
                 }
                 for (int64_t i = 0; i < n; i++) { cM[i] = cM0[i]; cS[i] = cS0[i]; }
