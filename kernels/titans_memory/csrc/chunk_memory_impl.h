@@ -47,6 +47,23 @@ static void SUF(activation)(int act, const S *z, int64_t n, S *f, S *d1, S *d2) 
 #undef GELU_S
 }
 
+/* *s1 = <x, y1>, *s2 = <x, y2> over d elements, in vector accumulators (gcc leaves a scalar
+   reduction loop scalar without -ffast-math, even under omp simd when the loop also stores). */
+static inline void SUF(dot2)(int64_t d, const S *x, const S *y1, const S *y2, S *s1, S *s2) {
+    VEC a1 = {0}, a2 = {0};
+    int64_t j = 0;
+    for (; j + NV <= d; j += NV) {
+        const VEC xv = *(const UVEC *)(x + j);
+        a1 += xv * *(const UVEC *)(y1 + j);
+        a2 += xv * *(const UVEC *)(y2 + j);
+    }
+    S r1 = 0, r2 = 0;
+    for (int64_t e = 0; e < NV; e++) { r1 += a1[e]; r2 += a2[e]; }
+    for (; j < d; j++) { r1 += x[j] * y1[j]; r2 += x[j] * y2[j]; }
+    *s1 = r1;
+    *s2 = r2;
+}
+
 /* Per-task scratch: a bump allocator over one block. */
 typedef struct { S *p; } SUF(arena);
 static S *SUF(take)(SUF(arena) *a, int64_t n) { S *r = a->p; a->p += (n + 15) / 16 * 16; return r; }
@@ -278,13 +295,13 @@ static void SUF(token_read_bwd)(SUF(tread) *r, int64_t L, const int64_t *w, int6
         const int64_t d = w[l + 1];
         const S *H = r->Hq[l], *xk = X[l] + n * w[l];
         for (int64_t t = 0; t < n; t++) {
-            S sa = 0, sb = 0;
+            S sa, sb;
+            const S *g = dz + t * d, at = r->a[t], bt = r->bS[t];
+            SUF(dot2)(d, g, r->Z1[l] + t * d, r->Z2[l] + t * d, &sa, &sb);
+            S *azt = az + t * d, *bzt = bz + t * d;
             for (int64_t j = 0; j < d; j++) {
-                const S g = dz[t * d + j];
-                sa += g * r->Z1[l][t * d + j];
-                sb += g * r->Z2[l][t * d + j];
-                az[t * d + j] = r->a[t] * g;
-                bz[t * d + j] = r->bS[t] * g;
+                azt[j] = at * g[j];
+                bzt[j] = bt * g[j];
             }
             da[t] += sa;
             dbS[t] += sb;
@@ -585,15 +602,11 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
                 SUF(gemm)(n, d, w[l], -1, xk, w[l], 1, dWc[l], d, 0, AM, d);
                 SUF(gemm)(n, d, w[l], -1, xk, w[l], 1, dSc[l], d, 0, AS, d);
                 for (int64_t i = 0; i < n; i++) {
-                    S sM = 0, sS = 0;
-                    const S cm = cM[i], cs = cS[i];
-                    _Pragma("omp simd reduction(+:sM, sS)")
-                    for (int64_t j = 0; j < d; j++) {
-                        const S dl = delta[l][i * d + j];
-                        sM += AM[i * d + j] * dl;
-                        sS += AS[i * d + j] * dl;
-                        ddelta[l][i * d + j] = cm * AM[i * d + j] + cs * AS[i * d + j];
-                    }
+                    S sM, sS;
+                    const S cm = cM[i], cs = cS[i], *am_ = AM + i * d, *as_ = AS + i * d;
+                    SUF(dot2)(d, delta[l] + i * d, am_, as_, &sM, &sS);
+                    S *dd = ddelta[l] + i * d;
+                    for (int64_t j = 0; j < d; j++) dd[j] = cm * am_[j] + cs * as_[j];
                     dcn[2 * i] += sM;
                     dcn[2 * i + 1] += sS;
                 }
