@@ -125,13 +125,15 @@ def test_token_read_sees_the_earlier_tokens_of_its_chunk(widths, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("T,chunk,widths,act,clip", [(41, 8, [6], "silu", 2.0), (29, 1, [], "silu", 3.5),
-                                                     (37, 5, [7, 4], "gelu", 2.5)])
-def test_inner_grad_clip_matches_naive(T, chunk, widths, act, clip, backend, poisoned):
+@pytest.mark.parametrize("T,chunk,widths,act,clip,Dk,Dv", [
+    (41, 8, [6], "silu", 2.0, 5, 4), (29, 1, [], "silu", 3.5, 5, 4), (37, 5, [7, 4], "gelu", 2.5, 5, 4),
+    # widths past one float64 vector (8) with scalar tails: the C chain's vector norms and dot products
+    (45, 16, [37], "silu", 6.8, 19, 17)])
+def test_inner_grad_clip_matches_naive(T, chunk, widths, act, clip, Dk, Dv, backend, poisoned):
     """The per-token clip of the inner gradient (all layers' norm, per batch row and head) in
     both chains against the token loop, where autograd differentiates through the norm: outputs,
     final state and every gradient; clip levels at which some tokens are clipped and some not."""
-    B, H, Dk, Dv = 2, 3, 5, 4
+    B, H = 2, 3
     leaves, weights, momentum = make_inputs(B, T, H, Dk, Dv, widths, batched_state=True, momentum=True)
     norms = _grad_norms(leaves, weights, act)  # the test must exercise both branches of the clip
     assert 0.2 < (norms > clip).double().mean() < 0.8

@@ -47,6 +47,23 @@ static void SUF(activation)(int act, const S *z, int64_t n, S *f, S *d1, S *d2) 
 #undef GELU_S
 }
 
+/* *s1 = <x, y1>, *s2 = <x, y2> over d elements, in vector accumulators (gcc leaves a scalar
+   reduction loop scalar without -ffast-math, even under omp simd when the loop also stores). */
+static inline void SUF(dot2)(int64_t d, const S *x, const S *y1, const S *y2, S *s1, S *s2) {
+    VEC a1 = {0}, a2 = {0};
+    int64_t j = 0;
+    for (; j + NV <= d; j += NV) {
+        const VEC xv = *(const UVEC *)(x + j);
+        a1 += xv * *(const UVEC *)(y1 + j);
+        a2 += xv * *(const UVEC *)(y2 + j);
+    }
+    S r1 = 0, r2 = 0;
+    for (int64_t e = 0; e < NV; e++) { r1 += a1[e]; r2 += a2[e]; }
+    for (; j < d; j++) { r1 += x[j] * y1[j]; r2 += x[j] * y2[j]; }
+    *s1 = r1;
+    *s2 = r2;
+}
+
 /* Per-task scratch: a bump allocator over one block. */
 typedef struct { S *p; } SUF(arena);
 static S *SUF(take)(SUF(arena) *a, int64_t n) { S *r = a->p; a->p += (n + 15) / 16 * 16; return r; }
@@ -136,18 +153,23 @@ static void SUF(chunk_forward)(int64_t L, const int64_t *w, int64_t n, int act, 
 
 /* Per-token clip of the inner gradient (clip > 0): g_i = sum_l x_{i,l}^T delta_{i,l} has
    |g_i|^2 = sum_l |x_{i,l}|^2 |delta_{i,l}|^2 (outer products); sq[i] receives it and sc[i] the
-   scale clip / max(|g_i|, clip). X[l] holds the query rows first, so the key rows start at n w_l. */
-static void SUF(clip_scale)(int64_t L, const int64_t *w, int64_t n, S clip, S *const *X, S *const *delta, S *sq,
-                            S *sc) {
+   scale clip / max(|g_i|, clip). X[l] holds the query rows first, so the key rows start at n w_l.
+   xn, dn [L][b] receive the per-layer squared norms |x_{i,l}|^2, |delta_{i,l}|^2 (the backward
+   reuses them). The norms are vector reductions (omp simd): their summation order is not the
+   sequential one, the same rounding-level freedom as any blocked dot product. */
+static void SUF(clip_scale)(int64_t L, const int64_t *w, int64_t n, int64_t b, S clip, S *const *X,
+                            S *const *delta, S *xn, S *dn, S *sq, S *sc) {
     for (int64_t i = 0; i < n; i++) sq[i] = 0;
     for (int64_t l = 0; l < L; l++) {
-        const int64_t d = w[l + 1];
-        const S *xk = X[l] + n * w[l];
+        const int64_t d = w[l + 1], wl = w[l];
+        const S *xk = X[l] + n * wl, *dl = delta[l];
         for (int64_t i = 0; i < n; i++) {
-            S xn = 0, dn = 0;
-            for (int64_t j = 0; j < w[l]; j++) xn += xk[i * w[l] + j] * xk[i * w[l] + j];
-            for (int64_t j = 0; j < d; j++) dn += delta[l][i * d + j] * delta[l][i * d + j];
-            sq[i] += xn * dn;
+            S x2 = 0, d2 = 0;
+            _Pragma("omp simd reduction(+:x2)") for (int64_t j = 0; j < wl; j++) x2 += xk[i * wl + j] * xk[i * wl + j];
+            _Pragma("omp simd reduction(+:d2)") for (int64_t j = 0; j < d; j++) d2 += dl[i * d + j] * dl[i * d + j];
+            xn[l * b + i] = x2;
+            dn[l * b + i] = d2;
+            sq[i] += x2 * d2;
         }
     }
     for (int64_t i = 0; i < n; i++) sc[i] = sq[i] > clip * clip ? clip / sqrt(sq[i]) : (S)1;
@@ -273,13 +295,13 @@ static void SUF(token_read_bwd)(SUF(tread) *r, int64_t L, const int64_t *w, int6
         const int64_t d = w[l + 1];
         const S *H = r->Hq[l], *xk = X[l] + n * w[l];
         for (int64_t t = 0; t < n; t++) {
-            S sa = 0, sb = 0;
+            S sa, sb;
+            const S *g = dz + t * d, at = r->a[t], bt = r->bS[t];
+            SUF(dot2)(d, g, r->Z1[l] + t * d, r->Z2[l] + t * d, &sa, &sb);
+            S *azt = az + t * d, *bzt = bz + t * d;
             for (int64_t j = 0; j < d; j++) {
-                const S g = dz[t * d + j];
-                sa += g * r->Z1[l][t * d + j];
-                sb += g * r->Z2[l][t * d + j];
-                az[t * d + j] = r->a[t] * g;
-                bz[t * d + j] = r->bS[t] * g;
+                azt[j] = at * g[j];
+                bzt[j] = bt * g[j];
             }
             da[t] += sa;
             dbS[t] += sb;
@@ -360,7 +382,8 @@ void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *th, cons
     for (int64_t l = 0; l <= L; l++) wmax = w[l] > wmax ? w[l] : wmax;
     for (int64_t l = 0; l < L; l++) sz[l] = w[l] * w[l + 1];
     const int64_t N = (T + b - 1) / b;
-    const int64_t scratch = 8 * (L + 2) * (2 * b * wmax + 16) + wmax * wmax + 16 * b + 256 + TREAD_SCRATCH(L, b, wmax);
+    const int64_t scratch = 8 * (L + 2) * (2 * b * wmax + 16) + wmax * wmax + 16 * b + 256 + TREAD_SCRATCH(L, b, wmax)
+                            + 2 * (L * b + 16);
     _Pragma("omp parallel for num_threads(nthreads) schedule(static)")
     for (int64_t task = 0; task < B * H; task++) {
         const int64_t bi = task / H, h = task % H;
@@ -379,6 +402,7 @@ void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *th, cons
         S *gth = SUF(take)(&a, b), *get = SUF(take)(&a, b), *gal = SUF(take)(&a, b);
         S *u = SUF(take)(&a, b), *uw = SUF(take)(&a, b), *cM = SUF(take)(&a, b), *cS = SUF(take)(&a, b);
         S *csq = SUF(take)(&a, b), *csc = SUF(take)(&a, b);
+        S *cxn = SUF(take)(&a, L * b), *cdn = SUF(take)(&a, L * b);
         SUF(tread) r;
         SUF(tread_init)(&r, &a, L, w, b, wmax);
         for (int64_t i = 0; i < b; i++) csc[i] = 1;
@@ -396,7 +420,7 @@ void SUF(titans_chunk_fwd)(const S *q, const S *k, const S *v, const S *th, cons
             SUF(coefficients)(n, gth, get, gal, u, uw, cM, cS, &am, &bm, &bs);
             SUF(chunk_forward)(L, w, n, act, vb, Wc, X, Z, delta, P, WTs, read);
             if (clip > 0) {
-                SUF(clip_scale)(L, w, n, (S)clip, X, delta, csq, csc);
+                SUF(clip_scale)(L, w, n, b, (S)clip, X, delta, cxn, cdn, csq, csc);
                 for (int64_t i = 0; i < n; i++) { cM[i] *= csc[i]; cS[i] *= csc[i]; }
             }
             if (read) {  /* y_t = M_t(q_t) from the chunk-start state, before the update below */
@@ -468,7 +492,7 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
     const int64_t N = (T + b - 1) / b;
     const int64_t scratch = 16 * (L + 2) * (2 * b * wmax + 16) + 4 * szsum + (L + 2) * (wmax * wmax + 16)
                             + 24 * (b + 16) + 64 + TREAD_SCRATCH(L, b, wmax) + 4 * b * (wmax + 16) + 3 * b * (b + 16)
-                            + wmax * wmax + 8 * (b + 16) + 256;
+                            + wmax * wmax + 8 * (b + 16) + 256 + 2 * (L * b + 16);
     _Pragma("omp parallel for num_threads(nthreads) schedule(static)")
     for (int64_t task = 0; task < B * H; task++) {
         const int64_t bi = task / H, h = task % H;
@@ -498,6 +522,7 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
         S *du = SUF(take)(&a, b), *dw = SUF(take)(&a, b), *gdth = SUF(take)(&a, b), *gdet = SUF(take)(&a, b);
         S *gdal = SUF(take)(&a, b);
         S *csq = SUF(take)(&a, b), *csc = SUF(take)(&a, b), *cM0 = SUF(take)(&a, b), *cS0 = SUF(take)(&a, b);
+        S *cxn = SUF(take)(&a, L * b), *cdn = SUF(take)(&a, L * b);
         SUF(tread) r;
         SUF(tread_init)(&r, &a, L, w, b, wmax);
         S *rdz = SUF(take)(&a, b * wmax), *raz = SUF(take)(&a, b * wmax), *rbz = SUF(take)(&a, b * wmax);
@@ -547,7 +572,7 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
             SUF(transpose)(W[0], w[0], w[1], WT[0]);
             for (int64_t i = 0; i < n; i++) du[i] = dw[i] = gdth[i] = rdsc[i] = 0;
             if (clip > 0) {  /* the update used c' = c s (clip_scale); keep c for the scale's gradient */
-                SUF(clip_scale)(L, w, n, (S)clip, X, delta, csq, csc);
+                SUF(clip_scale)(L, w, n, b, (S)clip, X, delta, cxn, cdn, csq, csc);
                 for (int64_t i = 0; i < n; i++) {
                     cM0[i] = cM[i]; cS0[i] = cS[i];
                     cM[i] *= csc[i]; cS[i] *= csc[i];
@@ -577,26 +602,27 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
                 SUF(gemm)(n, d, w[l], -1, xk, w[l], 1, dWc[l], d, 0, AM, d);
                 SUF(gemm)(n, d, w[l], -1, xk, w[l], 1, dSc[l], d, 0, AS, d);
                 for (int64_t i = 0; i < n; i++) {
-                    S sM = 0, sS = 0;
-                    const S cm = cM[i], cs = cS[i];
-                    _Pragma("omp simd reduction(+:sM, sS)")
-                    for (int64_t j = 0; j < d; j++) {
-                        const S dl = delta[l][i * d + j];
-                        sM += AM[i * d + j] * dl;
-                        sS += AS[i * d + j] * dl;
-                        ddelta[l][i * d + j] = cm * AM[i * d + j] + cs * AS[i * d + j];
-                    }
+                    S sM, sS;
+                    const S cm = cM[i], cs = cS[i], *am_ = AM + i * d, *as_ = AS + i * d;
+                    SUF(dot2)(d, delta[l] + i * d, am_, as_, &sM, &sS);
+                    S *dd = ddelta[l] + i * d;
+                    for (int64_t j = 0; j < d; j++) dd[j] = cm * am_[j] + cs * as_[j];
                     dcn[2 * i] += sM;
                     dcn[2 * i + 1] += sS;
                 }
                 /* dA = -(c_M delta) dW'^T - (c_S delta) dS'^T, formed transposed (dA^T = -dW' (c_M
                    delta)^T - ...: the [n x d] factors are transposed, not the [w_l x d] states) */
                 S *cdMT = cd, *cdST = cd + n * d;
-                for (int64_t i = 0; i < n; i++)
-                    for (int64_t j = 0; j < d; j++) {
-                        cdMT[j * n + i] = cM[i] * delta[l][i * d + j];
-                        cdST[j * n + i] = cS[i] * delta[l][i * d + j];
+                /* delta^T through the register transpose, then each row scaled by c (contiguous) */
+                SUF(transpose)(delta[l], n, d, cdST);
+                for (int64_t j = 0; j < d; j++) {
+                    S *rm = cdMT + j * n, *rs = cdST + j * n;
+                    _Pragma("omp simd") for (int64_t i = 0; i < n; i++) {
+                        const S x = rs[i];
+                        rm[i] = cM[i] * x;
+                        rs[i] = cS[i] * x;
                     }
+                }
                 SUF(gemm)(w[l], n, d, -1, dWc[l], d, 1, cdMT, n, 0, dAT, n);
                 SUF(gemm)(w[l], n, d, -1, dSc[l], d, 1, cdST, n, 1, dAT, n);
                 SUF(transpose)(dAT, w[l], n, dA[l]);
@@ -628,11 +654,12 @@ void SUF(titans_chunk_bwd)(const S *q, const S *k, const S *v, const S *th, cons
                     const S *xk = X[l] + n * w[l];
                     for (int64_t i = 0; i < n; i++) {
                         if (csq[i] == 0) continue;
-                        S xn = 0, dn = 0;
-                        for (int64_t j = 0; j < w[l]; j++) xn += xk[i * w[l] + j] * xk[i * w[l] + j];
-                        for (int64_t j = 0; j < d; j++) dn += delta[l][i * d + j] * delta[l][i * d + j];
-                        for (int64_t j = 0; j < d; j++) ddelta[l][i * d + j] += csq[i] * xn * delta[l][i * d + j];
-                        for (int64_t j = 0; j < w[l]; j++) dA[l][i * w[l] + j] += csq[i] * dn * xk[i * w[l] + j];
+                        /* the norms clip_scale left (xn, dn of this layer and row) */
+                        const S fx = csq[i] * cxn[l * b + i], fd = csq[i] * cdn[l * b + i];
+                        S *ddl = ddelta[l] + i * d, *dal_ = dA[l] + i * w[l];
+                        const S *dl = delta[l] + i * d, *xr = xk + i * w[l];
+                        _Pragma("omp simd") for (int64_t j = 0; j < d; j++) ddl[j] += fx * dl[j];
+                        _Pragma("omp simd") for (int64_t j = 0; j < w[l]; j++) dal_[j] += fd * xr[j];
                     }
                 }
                 for (int64_t i = 0; i < n; i++) { cM[i] = cM0[i]; cS[i] = cS0[i]; }
