@@ -1,7 +1,8 @@
 """Sharded start: initial weights that depend on the seed and the parameter's name, never the layout.
 
 A model is built on the meta device (no memory), the layout applied (TP, EP, FSDP2, pipeline
-stages: all of them work on meta), the parameters allocated with `to_empty`, and then
+stages: all of them work on meta), the parameters allocated with `to_empty` (keeping their
+gradient hooks: `to_empty_keeping_hooks`), and then
 `init_model_weights` fills each rank's shards. The values equal the single-process start for the
 same seed whatever the layout, because each *unit* draws from its own generator seeded by the
 run's seed and the unit's fully qualified name (`unit_seed`):
