@@ -262,7 +262,12 @@ def plan(model_cfg, *, gpus: int, gpu_mem_gb: float, nodes: int = 1, micro: int 
         bw = inter_gbs if nodes > 1 and lay.tp * lay.pp < gpus else intra_gbs
         est = estimate(stats, model_cfg, lay, micro=micro, seq_len=seq_len, global_batch=global_batch,
                        overhead_gb=overhead_gb, peak_tflops=peak_tflops, mfu=mfu, bw_gbs=bw)
-        rows.append((est, est.total <= gpu_mem_gb * 2**30))
+        fits = est.total <= gpu_mem_gb * 2**30
+        if lay.engine.startswith("zero"):
+            # ZeRO starts from the whole float32 model on every rank (trainer/deepspeed_step.py):
+            # it fits only if that does, whatever its partitions would need afterwards.
+            fits = fits and stats.total * F32 + overhead_gb * 2**30 <= gpu_mem_gb * 2**30
+        rows.append((est, fits))
     rows.sort(key=lambda r: (not r[1], r[0].step_s if r[1] else r[0].total))
     return rows
 
@@ -277,6 +282,9 @@ def format_plan(rows, model_cfg, limit: int = 12) -> str:
             est.params, est.grads, est.optim, est.working, est.activations, est.logits)) +
             f"{est.total / gib:9.2f}  {'yes ' if fits else 'no  '}  {est.step_s:.3f}")
     lines.append("(GiB per rank; step time from FLOPs at the given MFU and peak plus communication; estimates)")
+    if any(est.layout.engine.startswith("zero") for est, _ in rows[:limit]):
+        lines.append("(zero1-3 start from the whole float32 model on every rank: they fit only if it does; FSDP2 "
+                     "starts sharded)")
     return "\n".join(lines)
 
 

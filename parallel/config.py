@@ -27,7 +27,8 @@ class ParallelConfig:
     ep: int = 1
     # Data-parallel engine: ddp | fsdp | deepspeed.
     dp_backend: str = "ddp"
-    # ZeRO stage when dp_backend=deepspeed.
+    # ZeRO stage when dp_backend=deepspeed. ZeRO starts from the whole model on every rank (not a
+    # sharded start); FSDP2 (dp_backend=fsdp) is the path for models larger than one device.
     zero_stage: int = 1
     # Process-group backend: auto (nccl on GPU, gloo on CPU) | gloo | nccl.
     backend: str = "auto"

@@ -1,7 +1,8 @@
 """Sharded start: initial weights that depend on the seed and the parameter's name, never the layout.
 
 A model is built on the meta device (no memory), the layout applied (TP, EP, FSDP2, pipeline
-stages: all of them work on meta), the parameters allocated with `to_empty`, and then
+stages: all of them work on meta), the parameters allocated with `to_empty` (keeping their
+gradient hooks: `to_empty_keeping_hooks`), and then
 `init_model_weights` fills each rank's shards. The values equal the single-process start for the
 same seed whatever the layout, because each *unit* draws from its own generator seeded by the
 run's seed and the unit's fully qualified name (`unit_seed`):
@@ -186,10 +187,27 @@ def seed_source(model_cfg, seed: int):
         return None if t is None else t.detach()
 
     return source
+def to_empty_keeping_hooks(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model.to_empty(device=device)`, keeping the parameters' gradient hooks (`register_hook`).
+
+    `Module.to_empty` replaces a DTensor parameter's storage with `torch.utils.swap_tensors`: the
+    Python object keeps its `_backward_hooks` dict, but the autograd hook that calls it stays on
+    the old tensor, so hooks registered before (`finalize_grads`' redistribution of tensor-parallel
+    gradients, parallel/tp_styles.py) and hooks registered after are silently never called (torch
+    2.13). Without them a vocab-parallel embedding's gradient stayed Replicate [V, C] while its
+    pipeline twin's was Shard(0) [V/tp, C], and the tied-embedding all-reduce aborted in gloo
+    ("6144 vs 3072"). The dicts are detached and their hooks registered again on the new tensors."""
+    hooks = [(p, list(p._backward_hooks.values())) for p in model.parameters() if p._backward_hooks is not None]
+    model.to_empty(device=device)
+    for p, fns in hooks:
+        p._backward_hooks = None
+        for fn in fns:
+            p.register_hook(fn)
+    return model
 
 
 def materialize(model: nn.Module, model_cfg, seed: int, device: torch.device) -> nn.Module:
     """Allocate a meta-built (possibly parallelised) model's local shards on `device` and initialise them."""
-    model.to_empty(device=device)
+    to_empty_keeping_hooks(model, device)
     init_model_weights(model, model_cfg, seed)
     return model

@@ -47,7 +47,14 @@ class DeepSpeedTrainStep(TrainStep):
             dist.init_process_group("nccl" if info.device.type == "cuda" else "gloo", store=dist.HashStore(),
                                     rank=0, world_size=1, device_id=info.device if info.device.type == "cuda" else None)
         self.autocast = autocast_for(info.device, t.dtype)
+        # Not a sharded start: every rank builds and initialises the whole model before ZeRO
+        # partitions it (docs/design.md, "Sharded start"); FSDP2 is the path for models that do not fit.
         self.raw_model = build_plain_model(job, info.device)
+        if info.is_main:
+            n = sum(p.numel() for p in self.raw_model.parameters())
+            print(f"[start] dp_backend=deepspeed: every rank holds the whole model at start ({n * 4 / 2**30:.2f} GiB "
+                  f"float32) before ZeRO-{job.parallel.zero_stage} partitions it; for a model that does not fit one "
+                  f"device use parallel.dp_backend=fsdp (sharded start)", flush=True)
         # The client torch AdamW with the trainer's param groups (never a DeepSpeed-config optimizer).
         self.optimizer = build_optimizer(self.raw_model, job.optim)
         self.grad_accum = t.global_batch_size // (t.micro_batch_size * dims.dp)

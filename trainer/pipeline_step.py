@@ -1,9 +1,9 @@
 """The pipeline-parallel step (parallel.pp > 1): the trainer seam of trainer/step.py over stages.
 
-Each pipeline rank builds the full model with the run's seed (every rank gets the single-process
-initial weights, parallel/init.py), keeps a pruned copy per stage it holds
+Each pipeline rank builds the full model on meta, keeps a pruned copy per stage it holds
 (`parallel.pipeline.build_stage_module`), applies tensor parallelism / FSDP2 to each stage as the
-plain step does to the whole model, and runs the
+plain step does to the whole model, then allocates and initialises only its shards with the values
+of the single-process start (sharded start, parallel/init.py), and runs the
 step's accumulation micro-batches through a `torch.distributed.pipelining` schedule:
 
 - loss: our cross-entropy on the last stage divided by the number of micro-batches, so the
@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage
 
-from titanforge.models.registry import collect_metrics
+from titanforge.models.registry import build_model, collect_metrics
 from titanforge.parallel import parallelize
 from titanforge.parallel.mesh import LayoutError, check_model_layout
 from titanforge.parallel.pipeline import (
@@ -50,7 +50,7 @@ from titanforge.parallel.grad_norm import grad_norm_squared, scale_grads_
 from titanforge.parallel.tp_loss import tp_cross_entropy
 from titanforge.trainer.dist import all_reduce
 from titanforge.trainer.optim import build_optimizer
-from titanforge.trainer.step import TrainStep, autocast_for, build_plain_model
+from titanforge.trainer.step import TrainStep, autocast_for, sharded_init_fn
 
 
 class PipelineTrainStep(TrainStep):
@@ -72,13 +72,9 @@ class PipelineTrainStep(TrainStep):
         self.has_first, self.has_last = 0 in self.stage_ids, self.n_stages - 1 in self.stage_ids
         self.aux_scale = AuxLossScale(1.0 / self.n_micro)
 
-        # Every rank builds the full model (per-unit seeds: the single-process values) and cuts its
-        # stages from it. The sharded start (meta build, stages, layout, then only this rank's
-        # shards: parallel/init.py) gave stages equal to one process (checked with
-        # tests/parallel/init_worker.py while it was wired here), but tests/parallel/test_pipeline.py's 4-rank
-        # launch then aborted in the first steps with a gloo size mismatch ("6144 vs 3072", gone
-        # under TORCH_DISTRIBUTED_DEBUG=DETAIL); until that is traced the pipeline keeps this path.
-        full = build_plain_model(job, info.device)
+        # Sharded start: the full model and its stages are built on meta; each stage allocates and
+        # initialises only this rank's shards after its layout (parallel/init.py).
+        full = build_model(job.model, device="meta")
         # DDP wraps the module (and reduces over all ranks); across stage replicas the gradients are
         # averaged over mesh["dp"] after the schedule instead (`average_grads`).
         self.manual_dp = dims.dp > 1 and cfg.dp_backend != "fsdp"
@@ -88,7 +84,8 @@ class PipelineTrainStep(TrainStep):
             m = build_stage_module(full, s, self.n_stages)
             apply_aux_loss_grads(m, self.aux_scale)
             m = parallelize(m, job.model.family, stage_dims, mesh, cfg, info.device,
-                            activation_checkpointing=t.activation_checkpointing, compile=t.compile)
+                            activation_checkpointing=t.activation_checkpointing, compile=t.compile,
+                            init_fn=sharded_init_fn(job, info.device))
             if dims.tp > 1:
                 apply_stage_boundaries(m, mesh["tp"])
             self.modules.append(m)

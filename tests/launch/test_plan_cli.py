@@ -43,3 +43,20 @@ def test_cli_prints_a_table_and_rejects_bad_flags(capsys):
     assert "1,235.8M parameters" in out and "fits" in out
     assert main(["plan", str(CONFIGS / "llama-1b.yaml"), "--gpus", "6", "--gpu-mem", "80", "--nodes", "4"]) == 2
     assert "--gpus 6 must be a positive multiple of --nodes 4" in capsys.readouterr().err
+
+
+def test_zero_layouts_need_the_whole_model_at_start():
+    """ZeRO starts from the whole float32 model on every rank (no sharded start): Llama 1B (4.6 GiB)
+    on 4 GiB GPUs does not fit under ZeRO-3 although its partitions would (3.3 GiB); FSDP2 does.
+    With 8 GiB the whole model fits and ZeRO-3 does too."""
+    cfg = load_config(CONFIGS / "llama-1b.yaml").model
+
+    def dp8(mem):
+        rows = plan(cfg, gpus=8, gpu_mem_gb=mem, global_batch=8, micro=1, seq_len=256, overhead_gb=0.0)
+        return {est.layout.engine: (est, fits) for est, fits in rows if est.layout.dp == 8 and not est.layout.ac}
+
+    small = dp8(4.0)
+    zero3, fits = small["zero3"]
+    assert zero3.total < 4.0 * 2**30 and not fits
+    assert small["fsdp"][1]
+    assert dp8(8.0)["zero3"][1]

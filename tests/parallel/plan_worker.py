@@ -1,5 +1,5 @@
-"""torchrun worker (4 gloo ranks): measured peak memory per rank of real training steps, per layout,
-for the planner's check (tests/parallel/test_plan.py).
+"""Part of start_worker.py's 4-rank launch: measured peak memory per rank of real training steps,
+per layout, for the planner's check (tests/parallel/test_plan.py). It runs first, in a fresh process.
 
 For each family and layout: the trainer's step object is built (sharded start) and trains 2
 AdamW steps; the peak is VmHWM (reset with /proc/self/clear_refs before the build) minus the RSS
@@ -7,8 +7,6 @@ at that moment, so it counts what this layout allocated: weights, gradients, opt
 buffers, activations. A tiny warm-up run of each family comes first, so code paged in by the
 first forward/backward is not charged to the first layout. The run's MALLOC_MMAP_THRESHOLD_ keeps
 freed blocks from staying in the heap (see tests/parallel/test_sharded_init.py).
-
-argv: OUT_JSON.
 """
 
 from __future__ import annotations
@@ -16,13 +14,10 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import gc
-import json
-import sys
 
 import torch
 import torch.distributed as dist
 
-from fsdp_cases import worker_main
 from titanforge.launch.config import JobConfig
 from titanforge.models.common.moe import MoEConfig
 from titanforge.models.config import ModelConfig
@@ -30,7 +25,6 @@ from titanforge.models.jamba.config import JambaConfig
 from titanforge.parallel import ParallelDims, build_mesh
 from titanforge.parallel.config import ParallelConfig
 from titanforge.trainer.config import TrainConfig
-from titanforge.trainer.dist import DistInfo
 from titanforge.trainer.step import build_train_step
 
 SEQ, MICRO, GLOBAL = 64, 2, 8
@@ -92,25 +86,13 @@ def run(cfg, pcfg: dict, info, world: int) -> float:
     return peak
 
 
-def main() -> None:
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    info = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+def measure_layouts(info, world: int) -> list[dict]:
+    """This rank's peak per family and layout (a warm-up run of each family first)."""
     results = []
     for family, layouts in PLAN_CHECK_LAYOUTS.items():
         cfg = plan_check_model(family)
         tiny = dataclasses.replace(cfg, n_layers=2, d_model=32, n_heads=2, n_kv_heads=2, ffn_hidden=64, vocab_size=128)
         run(tiny, {"dp_backend": "fsdp"}, info, world)
         for name, pcfg in layouts:
-            results.append({"family": family, "layout": name, "rank": rank, "peak": run(cfg, pcfg, info, world)})
-    gathered = [None] * world
-    dist.all_gather_object(gathered, results)
-    if rank == 0:
-        with open(sys.argv[1], "w") as f:
-            json.dump([r for part in gathered for r in part], f)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    worker_main(main)
+            results.append({"family": family, "layout": name, "rank": info.rank, "peak": run(cfg, pcfg, info, world)})
+    return results

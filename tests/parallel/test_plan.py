@@ -1,6 +1,7 @@
 """`titanforge plan`'s memory estimates (launch/plan.py) against measured peaks of real runs.
 
-One 4-rank launch (tests/parallel/plan_worker.py) trains 2 AdamW steps per layout: Llama under
+The first phase of the 4-rank launch shared with test_sharded_init.py (tests/parallel/start_worker.py,
+run in a fresh process; plan_worker.py) trains 2 AdamW steps per layout: Llama under
 FSDP2 dp=4, tp=2 x dp=2 and pp=2 x dp=2 (FSDP2), Jamba under FSDP2 dp=4, DDP dp=4 and ep=2 (FSDP2),
 and reports each rank's peak memory. The planner's estimate for the same model, batch and layout
 (overhead 0: the measurement excludes the runtime, see the worker) is compared with the largest
@@ -12,7 +13,6 @@ memory between steps (a measurement artefact; the planner models live tensors).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +22,6 @@ from titanforge.launch.plan import Layout, estimate, model_stats
 
 sys.path.insert(0, str(Path(__file__).parent))
 import plan_worker as pw  # noqa: E402
-from test_sharded_init import _torchrun  # noqa: E402
 
 pytestmark = pytest.mark.slow
 AIM = 0.20
@@ -32,10 +31,8 @@ LAYOUTS = {"fsdp": Layout(4, 1, 1, 1, "fsdp", False), "ddp": Layout(4, 1, 1, 1, 
 
 
 @pytest.fixture(scope="module")
-def measured(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("plan") / "plan.json"
-    _torchrun(4, "plan_worker.py", str(out), mmap_threshold=16384)
-    return json.loads(out.read_text())
+def measured(start_launch) -> list[dict]:
+    return start_launch["plan"]
 
 
 def test_plan_memory_matches_measured_peaks(measured):

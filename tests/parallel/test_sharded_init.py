@@ -1,25 +1,21 @@
 """Sharded start (parallel/init.py): every layout starts from the single-process weights, and a
 model larger than a rank's memory budget starts and trains under FSDP2.
 
-Launches: one 4-rank run of tests/parallel/init_worker.py (every family and variant under fsdp,
-tp (dp x tp), pp (pp x tp, and pp with DDP; the pipeline still cuts its stages from a full model
-per rank, trainer/pipeline_step.py), ep (with FSDP2 and with DDP): exact equality with
-`build_plain_model`), and tests/parallel/memory_worker.py on 4 ranks and on 1 rank under the same
-enforced budget (RLIMIT_DATA).
+The 4-rank launch shared with test_plan.py (tests/parallel/start_worker.py, conftest.py): the
+memory-budget runs of memory_worker.py (4 ranks under FSDP2; the one-process start on rank 0 under
+the same enforced budget, RLIMIT_DATA), then init_worker.py's cases: every family and variant
+under fsdp, tp (dp x tp) and pp x tp; pp x dp (FSDP2) for the four families; pp x dp (DDP) for
+Llama and Jamba; ep (with FSDP2 and with DDP) for Jamba. Checked: exact equality with
+`build_plain_model`, only the rank's shards ever allocated, and (pp x tp) gradients placed like
+their parameters after a backward.
 
 Memory measurement: glibc raises its mmap threshold as large blocks are freed, after which freed
 all-gather buffers stay in the heap and RSS climbs to ~1.4 GB per rank on this model without any
-live tensor growing; the launches fix the threshold (MALLOC_MMAP_THRESHOLD_) so RSS follows live
-memory. On a GPU the caching allocator plays that role.
+live tensor growing; the launch fixes the threshold (MALLOC_MMAP_THRESHOLD_, 16 KiB) so RSS
+follows live memory. On a GPU the caching allocator plays that role.
 """
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,20 +23,9 @@ import torch
 from titanforge.models.config import ModelConfig
 from titanforge.parallel.init import ROW_BLOCK, init_model_weights, unit_seed
 from titanforge.models.registry import build_model
+from memory_worker import BUDGET_MB  # noqa: E402 (tests/parallel is on sys.path: conftest.py)
 
-HERE = Path(__file__).parent
 pytestmark = pytest.mark.slow
-# The memory worker's budget per rank, MB over what the process holds before the model is built.
-BUDGET_MB = 265
-
-
-def _torchrun(nproc: int, script: str, *args: str, mmap_threshold: int = 131072) -> None:
-    cmd = [sys.executable, "-P", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           str(HERE / script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MALLOC_MMAP_THRESHOLD_": str(mmap_threshold)}
-    proc = subprocess.run(cmd, cwd=HERE.parents[1], env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode:
-        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
 
 
 def test_unit_seeds_and_row_blocks_are_the_layout_free_part():
@@ -69,15 +54,13 @@ def test_unit_seeds_and_row_blocks_are_the_layout_free_part():
 
 
 @pytest.fixture(scope="module")
-def init_results(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("sharded_init") / "init.json"
-    _torchrun(4, "init_worker.py", str(out))
-    return json.loads(out.read_text())
+def init_results(start_launch) -> list[dict]:
+    return start_launch["init"]
 
 
 def test_sharded_start_equals_single_process_start(init_results):
     combos = {(r["layout"], r["model"]) for r in init_results}
-    assert {layout for layout, _ in combos} == {"fsdp", "tp", "pp", "pp_ddp", "ep", "ep_ddp"}
+    assert {layout for layout, _ in combos} == {"fsdp", "tp", "pp_tp", "pp_fsdp", "pp_ddp", "ep", "ep_ddp"}
     assert {m for _, m in combos} >= {"llama", "titans", "titans-mag", "titans-mal", "titans-lmm", "ttt", "ttt-mlp",
                                       "jamba"}
     for r in init_results:
@@ -89,20 +72,16 @@ def test_sharded_start_equals_single_process_start(init_results):
             assert r["n_held"] == r["n_tensors"], where
         else:
             assert r["n_held"] < r["n_tensors"], where  # a pipeline rank holds its stage only
+        # Only the rank's shards were ever allocated, and they are less than the whole model.
+        assert r["allocated"] == r["local"] < r["whole"], (where, r)
+        assert r["bad_grad_placements"] == ([] if r["layout"] == "pp_tp" else None), (where, r)
+    pp_fsdp = [r for r in init_results if r["layout"] == "pp_fsdp"]
+    # A stage sharded over dp=2: well under half the model per rank (the tied embedding's twin aside).
+    assert all(r["local"] < 0.4 * r["whole"] for r in pp_fsdp if r["model"] == "llama"), pp_fsdp
 
 
-@pytest.fixture(scope="module")
-def memory_runs(tmp_path_factory) -> dict[int, list[dict]]:
-    out = tmp_path_factory.mktemp("sharded_mem")
-    runs = {}
-    for n in (4, 1):
-        _torchrun(n, "memory_worker.py", str(BUDGET_MB), str(out / f"mem{n}.json"))
-        runs[n] = json.loads((out / f"mem{n}.json").read_text())
-    return runs
-
-
-def test_model_larger_than_the_budget_starts_and_trains_under_fsdp2(memory_runs):
-    four, one = memory_runs[4], memory_runs[1]
+def test_model_larger_than_the_budget_starts_and_trains_under_fsdp2(start_launch):
+    four, one = start_launch["memory"]["four"], [start_launch["memory"]["one"]]
     assert four[0]["weights_mb"] > BUDGET_MB * 1.08
     for r in four:
         assert r["stage"] == "done", r

@@ -97,6 +97,8 @@ def test_zero_stage_matches_ddp_and_one_process(runs, stage):
 def test_zero_runs_validate_and_write_deepspeed_checkpoints(runs):
     stdout = (runs[3] / "stdout.txt").read_text()
     assert "[val] step 3" in stdout and "[val] step 6" in stdout
+    # Not a sharded start, and the run says so (docs/design.md, "Sharded start").
+    assert "every rank holds the whole model at start" in stdout and "parallel.dp_backend=fsdp" in stdout
     ckpts = sorted(p.name for p in (runs[3] / "checkpoints").iterdir())
     assert ckpts == ["step_00000002", "step_00000004", "step_00000006"]
     last = runs[3] / "checkpoints" / "step_00000006"

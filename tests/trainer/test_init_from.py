@@ -2,7 +2,8 @@
 
 A small Llama and a small Jamba are created by `transformers` itself (random weights,
 `save_pretrained`), trained for one step on 2 gloo ranks from `init.from=<that directory>` (Llama
-under FSDP2, dp=2; Jamba with its experts sharded ep=2 and FSDP2 for the rest), with lr 0 so the
+as two pipeline stages, pp=2, each rank reading only its stage's weights; Jamba with its experts
+sharded ep=2 and FSDP2 for the rest), with lr 0 so the
 weights pass through the step unchanged; the step-1 checkpoint is exported (`export_checkpoint`,
 CPU, one process) and loaded back by `from_pretrained`: its logits must equal the original
 model's exactly (float32; any weight read into the wrong shard, transposed or dropped changes them:
@@ -54,6 +55,8 @@ def _overrides(family: str, data: Path, out: Path, src: Path) -> list[str]:
         o.update({f"model.jamba.{k}": (f'"{v}"' if k == "layer_pattern" else v) for k, v in JAMBA_SECTION.items()})
         o.update({"model.jamba.moe.n_experts": 4, "model.jamba.moe.top_k": 2, "model.jamba.moe.topk_norm": "none",
                   "model.jamba.moe.z_loss_coef": 0.0, "model.jamba.moe.load_balance_coef": 0.0, "parallel.ep": 2})
+    else:
+        o["parallel.pp"] = 2
     o.update({"data.path": data, "output_dir": out, "init.from": src, "parallel.dp_backend": "fsdp",
               "train.steps": 1, "train.global_batch_size": 4, "train.micro_batch_size": 2, "train.val_every": 0,
               "optim.lr": 0.0, "optim.warmup_steps": 1, "checkpoint.every": 1, "wandb.mode": "disabled"})
