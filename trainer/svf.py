@@ -201,7 +201,7 @@ class SVFStart:
     def __call__(self, model: nn.Module) -> nn.Module:
         import time
 
-        from titanforge.parallel.init import fill_from_full, init_model_weights, plain_name
+        from titanforge.parallel.init import fill_from_full, init_model_weights, plain_name, to_empty_keeping_hooks
         from titanforge.trainer.init_from import load_model_weights
 
         svf = {plain_name(n): m for n, m in model.named_modules() if isinstance(m, SVFLinear)}
@@ -211,7 +211,7 @@ class SVFStart:
                              f"matrices (missing {sorted(set(svf) - set(self.z_init))[:3]}, unexpected "
                              f"{sorted(set(self.z_init) - set(svf))[:3]}); were they trained with the same "
                              f"finetune.targets?")
-        model.to_empty(device=self.device)
+        to_empty_keeping_hooks(model, self.device)  # keeps tensor parallelism's gradient hooks
         init_model_weights(model, self.job.model, self.job.train.seed, exempt=own)
         if self.src:
             load_model_weights(model, self.source, self.src, skip=own)
