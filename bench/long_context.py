@@ -1,7 +1,8 @@
 """Do the memories remember? Five models, the same parameter count and training tokens, trained on
 a recall mixture and evaluated at 1x, 2x, 4x and 8x the attention window.
 
-    .venv/bin/python -P bench/long_context.py                 # the committed run (see README)
+    .venv/bin/python -P bench/long_context.py --steps 1600 --batch 8 --lr 1e-2 --fraction 1.0 \
+        --samples 6 --parallel                                # the committed run (see README)
     .venv/bin/python -P bench/long_context.py --steps 20      # a quick look
 
 Models (presets of configs/, resized): Titans MAC (attention inside segments of W tokens, the
