@@ -1,7 +1,8 @@
 """Do the memories remember? Five models, the same parameter count and training tokens, trained on
 a recall mixture and evaluated at 1x, 2x, 4x and 8x the attention window.
 
-    .venv/bin/python -P bench/long_context.py                 # the committed run (see README)
+    .venv/bin/python -P bench/long_context.py --steps 1600 --batch 8 --lr 1e-2 --fraction 1.0 \
+        --samples 6 --parallel                                # the committed run (see README)
     .venv/bin/python -P bench/long_context.py --steps 20      # a quick look
 
 Models (presets of configs/, resized): Titans MAC (attention inside segments of W tokens, the
@@ -125,6 +126,10 @@ def main() -> int:
         cmd = [*py, "train", str(ROOT / "configs" / f"{preset}.yaml"), *[f"{k}={v}" for k, v in over.items()]]
         runs[name] = {"preset": preset, "d_model": over["model.d_model"], "parameters": n}
         jobs.append((name, cmd, out))
+    # The host's load (1-minute average) before and after training: on a shared machine the
+    # seconds below depend on it.
+    load_before = os.getloadavg()[0]
+    t_train = time.perf_counter()
     if args.parallel:
         # All trainings at once, one thread each (a shared machine: each gets its share of the cores).
         from concurrent.futures import ThreadPoolExecutor
@@ -133,6 +138,7 @@ def main() -> int:
             secs = list(pool.map(lambda j: sh(j[1], work / f"{j[0]}.log", 1), jobs))
     else:
         secs = [sh(cmd, work / f"{name}.log", args.threads) for name, cmd, _ in jobs]
+    train_wall, load_after = time.perf_counter() - t_train, os.getloadavg()[0]
     for (name, _, out), sec in zip(jobs, secs):
         rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
         losses = [r["loss"] for r in rows if r.get("loss") is not None]
@@ -160,7 +166,10 @@ def main() -> int:
     record = {"benchmark": "long_context", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "command": " ".join(["python -P bench/long_context.py", *sys.argv[1:]]),
               "machine": {"cpu": cpu_model(), "threads": 1 if args.parallel else args.threads,
-                          "cores_visible": os.cpu_count(), "trainings_concurrent": bool(args.parallel)},
+                          "cores_visible": os.cpu_count(), "trainings_concurrent": bool(args.parallel),
+                          "load_1min_before_training": round(load_before, 2),
+                          "load_1min_after_training": round(load_after, 2)},
+              "train_wall_seconds": round(train_wall, 1),
               "window": W, "train_length": 4 * W, "eval_lengths": lengths, "suites": SUITES,
               "mixture": {"tasks": SUITES, "fraction": args.fraction, "loss": "answer tokens of task rows"},
               "steps": args.steps, "batch": args.batch, "lr": args.lr, "eval_samples_per_cell": args.samples,
